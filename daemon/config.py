@@ -1,0 +1,146 @@
+"""fssd.toml, decoded with msgspec into typed structs: decoding is validation.
+
+A bad file stops fssd with one line that names the file and the key
+(`$.volume[0].size`), exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+from ipc.units import parse_size
+
+DEFAULT_CONFIG = "/etc/fssd/fssd.toml"
+MAX_DEVICES = 64
+
+
+class ConfigError(Exception):
+    """One clear line: '<file>: <what is wrong> - at `$.key`'."""
+
+
+class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    rundir: str = "/run/fssd"
+    # fss0 .. fss{devices-1}, as NetBSD's `pseudo-device fss 4`.
+    devices: int = 4
+    # Members of this group may change things over the control socket; root always may.
+    group: str | None = None
+    # Restart back-off: a worker that dies more than this often within a minute is given up.
+    max_restarts: int = 5
+
+    def __post_init__(self):
+        if not 1 <= self.devices <= MAX_DEVICES:
+            raise ValueError(f"devices must be between 1 and {MAX_DEVICES}")
+        if not os.path.isabs(self.rundir):
+            raise ValueError("rundir must be an absolute path")
+        if self.max_restarts < 1:
+            raise ValueError("max_restarts must be at least 1")
+
+
+class VolumeSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    path: str
+    # Create a sparse image of this size when `path` is missing.
+    size: int | str | None = None
+    # Where the administrator mounts the volume's file system (for fssconfig and VSS).
+    mountpoint: str | None = None
+
+    def __post_init__(self):
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name.startswith("fss"):
+            raise ValueError("name must be letters, digits, '-', '_' or '.', and must not start with 'fss'")
+        if not os.path.isabs(self.path):
+            raise ValueError("path must be an absolute path")
+        if self.size is not None:
+            parse_size(self.size)
+        if self.mountpoint is not None and not os.path.isabs(self.mountpoint):
+            raise ValueError("mountpoint must be an absolute path")
+
+    @property
+    def size_bytes(self) -> int | None:
+        return None if self.size is None else parse_size(self.size)
+
+
+class VssSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    enabled: bool = True
+    # Seconds each phase (CHECK, FREEZE, THAW) may take, as hv_vss.
+    timeout: float = 15.0
+    # A freeze no THAW ends within this many seconds is thawed by the broker.
+    freeze_max: float = 10.0
+    # Mounts to FIFREEZE; None = the configured mountpoints of the volumes.
+    freeze: list[str] | None = None
+    # qemu-ga fsfreeze-hook.d compatible directory of executables; None = no hooks.
+    hooks_dir: str | None = None
+    # Serve the Hyper-V VSS channel (e.g. /dev/vmbus/hv_vss); None = off.
+    hyperv_device: str | None = None
+
+    def __post_init__(self):
+        if not 0 < self.timeout <= 3600:
+            raise ValueError("timeout must be between 0 and 3600 seconds")
+        if not 0 < self.freeze_max <= 3600:
+            raise ValueError("freeze_max must be between 0 and 3600 seconds")
+        for m in self.freeze or []:
+            if not os.path.isabs(m):
+                raise ValueError(f"freeze entry {m!r} must be an absolute path")
+            if os.path.realpath(m) == "/":
+                raise ValueError("fssd never freezes /")
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    daemon: DaemonSection = DaemonSection()
+    volume: list[VolumeSection] = []
+    vss: VssSection = VssSection()
+
+    def freeze_mounts(self) -> list[str]:
+        """What the broker may freeze: [vss] freeze, else every volume's mountpoint (never /)."""
+        mounts = self.vss.freeze if self.vss.freeze is not None else [v.mountpoint for v in self.volume if v.mountpoint]
+        return [m for m in mounts if os.path.realpath(m) != "/"]
+
+
+def _check_volumes(cfg: Config) -> None:
+    seen: set[str] = set()
+    for i, vol in enumerate(cfg.volume):
+        where = f"`$.volume[{i}]`"
+        if vol.name in seen:
+            raise ConfigError(f"duplicate volume name {vol.name!r} - at {where}.name")
+        seen.add(vol.name)
+        if os.path.exists(vol.path):
+            if not os.access(vol.path, os.R_OK | os.W_OK):
+                raise ConfigError(f"volume image {vol.path} is not readable and writable - at {where}.path")
+        elif vol.size is None:
+            raise ConfigError(f"volume image {vol.path} does not exist and no size is given to create it - at {where}.path")
+        elif not os.path.isdir(os.path.dirname(vol.path)):
+            raise ConfigError(f"directory of volume image {vol.path} does not exist - at {where}.path")
+
+
+def load(path: str, rundir_override: str | None = None) -> Config:
+    """Read and validate; raises ConfigError with the file name and the key."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        cfg = msgspec.toml.decode(raw, type=Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        _check_volumes(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if rundir_override:
+        cfg = msgspec.structs.replace(cfg, daemon=msgspec.structs.replace(cfg.daemon, rundir=rundir_override))
+    return cfg
+
+
+def create_missing_images(cfg: Config) -> None:
+    """Sparse image files for volumes whose path is missing and a size is given."""
+    for vol in cfg.volume:
+        if not os.path.exists(vol.path) and vol.size_bytes is not None:
+            fd = os.open(vol.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, vol.size_bytes)
+            finally:
+                os.close(fd)

@@ -1,0 +1,56 @@
+"""Blocking I/O for framed messages on a Unix socket, with file descriptors.
+
+The bytes are framed by ipc.framing; this module only moves them (and
+SCM_RIGHTS descriptors, for backing stores the supervisor hands to workers).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Any
+
+from ipc.framing import FrameCodec, FrameError
+
+__all__ = ["Channel", "FrameError"]
+
+
+class Channel:
+    """One end of a socketpair or a connected stream socket. send() is thread-safe."""
+
+    def __init__(self, sock: socket.socket, decode_type: Any):
+        self.sock = sock
+        self._codec = FrameCodec(decode_type)
+        self._pending: list[tuple[Any, list[int]]] = []
+        self._send_lock = threading.Lock()
+
+    def send(self, msg: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
+        data = self._codec.encode(msg)
+        with self._send_lock:
+            if fds:
+                # Descriptors ride on the first byte(s) of the frame.
+                n = socket.send_fds(self.sock, [data], list(fds))
+                if n < len(data):
+                    self.sock.sendall(data[n:])
+            else:
+                self.sock.sendall(data)
+
+    def recv(self, timeout: float | None = None) -> tuple[Any, list[int]] | None:
+        """Next message and the descriptors that came with it; None on EOF."""
+        if self._pending:
+            return self._pending.pop(0)
+        self.sock.settimeout(timeout)
+        fds: list[int] = []
+        while True:
+            data, newfds, _flags, _addr = socket.recv_fds(self.sock, 65536, 16)
+            fds.extend(newfds)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                return None
+            msgs = self._codec.feed(data)
+            if msgs:
+                first = (msgs[0], fds)
+                self._pending.extend((m, []) for m in msgs[1:])
+                return first

@@ -1,0 +1,64 @@
+"""Every global name fssd creates (shared memory, message queues) derives from here.
+
+POSIX IPC names live in one flat namespace per host, so each fssd instance
+prefixes its names with a short hash of its run directory: several instances
+(tests run in parallel) never collide, and a restarted instance finds and
+removes what a killed one left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+DEFAULT_RUNDIR = "/run/fssd"
+RUNDIR_ENV = "FSSD_RUNDIR"
+
+
+def resolve_rundir(cli_value: str | None) -> str:
+    """`-r RUNDIR`, else $FSSD_RUNDIR, else /run/fssd (every client tool)."""
+    return cli_value or os.environ.get(RUNDIR_ENV) or DEFAULT_RUNDIR
+
+
+def instance_prefix(rundir: str) -> str:
+    """`fssd.<8 hex>`: stable for one run directory, distinct between them."""
+    real = os.path.realpath(rundir)
+    return "fssd." + hashlib.sha256(real.encode()).hexdigest()[:8]
+
+
+def control_socket(rundir: str) -> str:
+    return os.path.join(rundir, "control.sock")
+
+
+def export_socket(rundir: str, export: str) -> str:
+    return os.path.join(rundir, export + ".sock")
+
+
+def nbd_uri(rundir: str, export: str) -> str:
+    return f"nbd+unix:///{export}?socket={export_socket(rundir, export)}"
+
+
+def map_name(prefix: str, device: str) -> str:
+    """Shared-memory cluster map of snapshot `device` (fss0 ...)."""
+    return f"/{prefix}.{device}"
+
+
+def broker_queue(prefix: str) -> str:
+    """The VSS broker's inbox."""
+    return f"/{prefix}.vss"
+
+
+def app_queue(prefix: str, name: str, pid: int) -> str:
+    """A registered VSS application's own queue (created by the application)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:32]
+    return f"/{prefix}.app.{safe}.{pid}"
+
+
+def reply_queue(prefix: str, pid: int) -> str:
+    """A requestor's (vssadm, the supervisor) private reply queue."""
+    return f"/{prefix}.req.{pid}"
+
+
+def owned_by(prefix: str, posix_name: str) -> bool:
+    """True if a name found in /dev/shm or /dev/mqueue belongs to this instance."""
+    return posix_name.lstrip("/").startswith(prefix + ".")

@@ -1,0 +1,73 @@
+"""Messages on the socketpair between the supervisor and each worker.
+
+Every worker inherits one end of a socketpair (`--channel-fd N`). EOF on it
+means the supervisor is gone: the worker finishes what is in flight and exits.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class _Msg(msgspec.Struct, tag_field="t", frozen=True):
+    pass
+
+
+# supervisor -> worker
+
+
+class AttachSnapshot(_Msg, tag="attach"):
+    """Volume worker: barrier, then copy-on-write into this map. The backing-store fd rides along."""
+
+    device: str
+    map_name: str
+
+
+class DetachSnapshot(_Msg, tag="detach"):
+    device: str
+
+
+class Stop(_Msg, tag="stop"):
+    pass
+
+
+# worker -> supervisor
+
+
+class Ready(_Msg, tag="ready"):
+    kind: str  # "volume" | "snapshot" | "broker"
+    pid: int
+
+
+class Attached(_Msg, tag="attached"):
+    device: str
+    barrier_us: int  # how long writes were held at the barrier
+
+
+class Detached(_Msg, tag="detached"):
+    device: str
+
+
+class Refused(_Msg, tag="refused"):
+    device: str
+    errno: int
+    reason: str
+
+
+class ClientsChanged(_Msg, tag="clients"):
+    """A snapshot worker's NBD client count changed (unconfig-on-close)."""
+
+    device: str
+    count: int
+
+
+class VssState(_Msg, tag="vss"):
+    """The broker's phase: idle, checking, freezing, frozen, thawing; frozen mounts listed."""
+
+    state: str
+    detail: str = ""
+    frozen: list[str] = []
+
+
+ToWorker = AttachSnapshot | DetachSnapshot | Stop
+FromWorker = Ready | Attached | Detached | Refused | ClientsChanged | VssState
