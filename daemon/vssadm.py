@@ -1,0 +1,74 @@
+"""vssadm: ask this host's VSS broker to check, freeze, thaw, or show its state.
+
+    vssadm [-r RUNDIR] check|freeze|thaw|status|list [--json] [-t TIMEOUT]
+
+Exit 0 when the broker answers OK, 1 on FAIL or when fssd is not running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import msgspec
+
+from ipc.names import broker_queue, instance_prefix, resolve_rundir
+from ipc.vss_client import BrokerNotRunning, Requestor, VssError
+from ipc.vssproto import REQUEST_OPS, VssReply
+
+
+def _since(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def format_reply(r: VssReply) -> str:
+    lines = []
+    if r.op in ("check", "freeze", "thaw"):
+        line = f"{r.op}: {'OK' if r.ok else 'FAIL'}"
+        if r.reason:
+            line += f": {r.reason}"
+        line += f" ({r.elapsed_ms:.1f} ms"
+        if r.op == "thaw" and r.window_ms:
+            line += f", frozen for {r.window_ms:.1f} ms"
+        lines.append(line + ")")
+    if r.op in ("status", "list"):
+        lines.append(f"state: {r.state} since {_since(r.since)}")
+        lines.append(f"frozen: {' '.join(r.frozen) if r.frozen else '(none)'}")
+        lines.append(f"applications: {len(r.apps)}{' (truncated)' if r.truncated else ''}")
+    if r.op == "list" and r.apps:
+        lines.append(f"{'NAME':<20} {'PID':>7} {'STATE':<10} {'LAST OP':<8} {'MS':>9}  LAST ANSWER")
+        for a in r.apps:
+            lines.append(f"{a.name:<20} {a.pid:>7} {a.state:<10} {a.last_op or '-':<8} {a.last_ms:>9.1f}  {a.last_answer or '-'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vssadm", description="Talk to the fssd VSS broker.")
+    ap.add_argument("-r", "--rundir", help="fssd run directory (default $FSSD_RUNDIR or /run/fssd)")
+    ap.add_argument("op", choices=REQUEST_OPS)
+    ap.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
+    ap.add_argument("-t", "--timeout", type=float, default=None,
+                    help="seconds per phase (default: the broker's [vss] timeout)")
+    args = ap.parse_args(argv)
+    if args.timeout is not None and not 0 < args.timeout <= 3600:
+        ap.error("timeout must be between 0 and 3600 seconds")
+    rundir = resolve_rundir(args.rundir)
+    prefix = instance_prefix(rundir)
+    try:
+        reply = Requestor(prefix).request(args.op, args.timeout)
+    except BrokerNotRunning:
+        print(f"vssadm: fssd is not running (no broker at {rundir})", file=sys.stderr)
+        return 1
+    except VssError as e:
+        print(f"vssadm: {args.op}: {e} (broker queue {broker_queue(prefix)})", file=sys.stderr)
+        return 1
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(reply).decode(), indent=2))
+    else:
+        print(format_reply(reply))
+    return 0 if reply.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Thin I/O around posix_ipc.MessageQueue: create, open, send, receive, remove.
+
+No parsing here (ipc.vssproto does that). Facts this relies on
+(ecosystem.md section 1): the umask applies to the mode given at creation, so
+the mode is set again with fchmod; every receive() allocates max_message_size
+bytes, so queues stay small; names outlive their creator, so whoever owns a
+name unlinks it, and stale ones are found by prefix under /dev/mqueue.
+"""
+
+from __future__ import annotations
+
+import os
+
+import posix_ipc
+
+from ipc.names import owned_by
+
+MQUEUE_DIR = "/dev/mqueue"
+
+Queue = posix_ipc.MessageQueue
+
+
+class NoQueue(Exception):
+    """The named queue does not exist (its owner is not running)."""
+
+
+class QueueFull(Exception):
+    """The receiver does not keep up (or is gone but its queue remains)."""
+
+
+def create(name: str, mode: int = 0o600, max_messages: int = 10, max_message_size: int = 1024,
+           replace: bool = True) -> Queue:
+    """A new queue for reading. A leftover of the same name (a dead owner, pid reuse) is replaced."""
+    try:
+        mq = Queue(name, posix_ipc.O_CREX, mode=mode, max_messages=max_messages, max_message_size=max_message_size)
+    except posix_ipc.ExistentialError:
+        if not replace:
+            raise
+        unlink(name)
+        mq = Queue(name, posix_ipc.O_CREX, mode=mode, max_messages=max_messages, max_message_size=max_message_size)
+    try:
+        os.fchmod(mq.mqd, mode)  # undo the umask
+    except BaseException:
+        close(mq, unlink_name=True)
+        raise
+    return mq
+
+
+def open_writer(name: str) -> Queue:
+    """Open someone else's queue write-only (needs only w permission)."""
+    try:
+        return Queue(name, read=False, write=True)
+    except posix_ipc.ExistentialError:
+        raise NoQueue(name) from None
+
+
+def send(mq: Queue, data: bytes, timeout: float | None = 0.0) -> None:
+    """Send; timeout 0 = never block, None = block forever. Raises QueueFull."""
+    while True:
+        try:
+            mq.send(data, timeout=timeout)
+            return
+        except posix_ipc.BusyError:
+            raise QueueFull(mq.name) from None
+        except posix_ipc.SignalError:
+            continue  # a handler ran (e.g. SIGTERM sets a flag); the send still has to happen
+
+
+def receive(mq: Queue, timeout: float | None = 0.0) -> bytes | None:
+    """One message, or None if none came within timeout (0 = poll)."""
+    try:
+        data, _prio = mq.receive(timeout=timeout)
+    except (posix_ipc.BusyError, posix_ipc.SignalError):
+        return None  # timed out, or a signal handler ran: the caller's loop decides
+    return data
+
+
+def close(mq: Queue | None, unlink_name: bool = False) -> None:
+    """Close, optionally remove the name; never raises (cleanup paths)."""
+    if mq is None:
+        return
+    if unlink_name:
+        unlink(mq.name)
+    try:
+        mq.close()
+    except posix_ipc.Error:
+        pass
+
+
+def unlink(name: str) -> bool:
+    """Remove a queue name; False if it was already gone."""
+    try:
+        posix_ipc.unlink_message_queue(name)
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+def exists(name: str) -> bool:
+    try:
+        Queue(name, read=False, write=True).close()
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+    except posix_ipc.PermissionsError:
+        return True
+
+
+def list_names(prefix: str, mqueue_dir: str = MQUEUE_DIR) -> list[str]:
+    """Queue names of this instance, if the mqueue file system is mounted (else [])."""
+    try:
+        entries = os.listdir(mqueue_dir)
+    except OSError:
+        return []
+    return sorted("/" + e for e in entries if owned_by(prefix, e))
+
+
+def cleanup(prefix: str, keep: tuple[str, ...] = (), mqueue_dir: str = MQUEUE_DIR) -> list[str]:
+    """Unlink every queue of this instance a killed run left behind; returns the names removed."""
+    return [n for n in list_names(prefix, mqueue_dir) if n not in keep and unlink(n)]
