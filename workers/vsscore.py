@@ -138,6 +138,8 @@ class BrokerCore:
             return self._reply(txn, False, f"busy: file systems are frozen since {self.since:.3f}; thaw first")
         self.txn = txn
         if op == "thaw":
+            if self.state == "frozen":
+                txn.window_ms = (now - self.frozen_at) * 1000
             self._set_state("thawing", "file systems")
             self._thaw_fs(txn)
         self._start_phase(txn)
@@ -329,9 +331,6 @@ class BrokerCore:
 
     def _thaw_fs(self, txn: Txn | None) -> None:
         """FITHAW first, then hooks thaw (before the applications hear THAW)."""
-        was_frozen = self.state == "frozen"
-        if was_frozen and txn is not None:
-            txn.window_ms = (self.clock() - self.frozen_at) * 1000
         failed = self.p.thaw(self.frozen) if self.frozen else []
         if failed:
             msg = "FITHAW failed on " + " ".join(failed)

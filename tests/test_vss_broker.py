@@ -1,0 +1,283 @@
+"""The broker's state machine with a fake clock and a fake platform (no I/O)."""
+
+import pytest
+
+from ipc.names import app_queue
+from ipc.vssproto import Answer, Register, Registered, Request, Unregister, VssRequest
+from workers.vsscore import BrokerCore
+
+PREFIX = "fssd.test0001"
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+class FakePlatform:
+    def __init__(self):
+        self.sent = []  # (queue, msg)
+        self.replies = []  # (reply_to, VssReply)
+        self.calls = []  # ("freeze", mounts) ("thaw", mounts) ("hooks", action) in order
+        self.states = []
+        self.alive = set()
+        self.unlinked = []
+        self.freeze_error = None
+        self.hook_error = None
+        self.bad_mounts = {}
+
+    def open_app(self, queue):
+        return None
+
+    def send_app(self, queue, msg):
+        self.sent.append((queue, msg))
+        self.calls.append(("send", queue, getattr(msg, "op", "registered")))
+        return None
+
+    def close_app(self, queue, unlink):
+        if unlink:
+            self.unlinked.append(queue)
+
+    def reply(self, reply_to, reply):
+        self.replies.append((reply_to, reply))
+
+    def pid_alive(self, pid):
+        return pid in self.alive
+
+    def check_mount(self, mount):
+        return self.bad_mounts.get(mount)
+
+    def freeze(self, mounts):
+        self.calls.append(("freeze", tuple(mounts)))
+        return self.freeze_error
+
+    def thaw(self, mounts):
+        self.calls.append(("thaw", tuple(mounts)))
+        return []
+
+    def run_hooks(self, action, timeout):
+        self.calls.append(("hooks", action))
+        return self.hook_error if action == "freeze" else None
+
+    def state(self, state, detail, frozen):
+        self.states.append(state)
+
+    # helpers
+    def requests_to(self, queue):
+        return [m for q, m in self.sent if q == queue and isinstance(m, Request)]
+
+
+@pytest.fixture
+def env():
+    clock, p = Clock(), FakePlatform()
+    core = BrokerCore(p, PREFIX, ["/mnt/a", "/mnt/b"], timeout=1.0, freeze_max=10.0, clock=clock,
+                      wall=lambda: 5.0, msgid_base=100)
+    return core, p, clock
+
+
+def register(core, p, name, pid):
+    p.alive.add(pid)
+    q = app_queue(PREFIX, name, pid)
+    core.handle(Register(name, pid, q))
+    assert (q, Registered(name)) in p.sent
+    return q
+
+
+def req(core, op, msgid=1, timeout=None):
+    core.handle(VssRequest(msgid, op, f"/{PREFIX}.req.77.{msgid}", 77, timeout))
+
+
+def last_reply(p):
+    return p.replies[-1][1]
+
+
+def answer_all(core, p, op, ok=True, names=None):
+    for q, m in list(p.sent):
+        if isinstance(m, Request) and m.op == op:
+            name, pid = q.rsplit(".", 2)[-2], int(q.rsplit(".", 1)[-1])
+            if names is None or name in names:
+                core.handle(Answer(m.msgid, name, pid, ok if names is None else names[name][0],
+                                   "" if names is None else names[name][1]))
+
+
+def test_full_sequence_orders_apps_hooks_and_mounts(env):
+    core, p, clock = env
+    qa, qb = register(core, p, "a", 10), register(core, p, "b", 11)
+    req(core, "check", 1)
+    assert not p.replies  # waiting for both apps
+    answer_all(core, p, "check")
+    r = last_reply(p)
+    assert r.ok and r.op == "check" and r.msgid == 1
+    req(core, "freeze", 2)
+    clock.t += 0.01
+    answer_all(core, p, "freeze")
+    assert last_reply(p).ok and core.state == "frozen"
+    # apps FREEZE, then hooks freeze, then FIFREEZE
+    kinds = [c[0] if c[0] != "send" else c[2] for c in p.calls]
+    i_freeze = max(i for i, k in enumerate(kinds) if k == "freeze" and p.calls[i][0] == "send")
+    assert p.calls[i_freeze + 1] == ("hooks", "freeze") and p.calls[i_freeze + 2] == ("freeze", ("/mnt/a", "/mnt/b"))
+    p.calls.clear()
+    clock.t += 0.5
+    req(core, "thaw", 3)
+    # FITHAW first, then hooks thaw, then apps THAW
+    assert p.calls[0] == ("thaw", ("/mnt/a", "/mnt/b")) and p.calls[1] == ("hooks", "thaw")
+    assert {c[1] for c in p.calls[2:]} == {qa, qb} and all(c[2] == "thaw" for c in p.calls[2:])
+    answer_all(core, p, "thaw")
+    r = last_reply(p)
+    assert r.ok and r.op == "thaw" and r.window_ms == pytest.approx(500, abs=1) and core.state == "idle"
+    assert p.states[-1] == "idle" and "frozen" in p.states
+
+
+def test_freeze_app_failure_thaws_and_fails_with_reason(env):
+    core, p, clock = env
+    register(core, p, "good", 10)
+    register(core, p, "bad", 11)
+    req(core, "freeze", 5)
+    answer_all(core, p, "freeze", names={"bad": (False, "cannot flush")})
+    r = last_reply(p)
+    assert not r.ok and "bad[11] FREEZE failed: cannot flush" in r.reason
+    assert not any(c[0] == "freeze" for c in p.calls), "no FIFREEZE after an app failed"
+    assert core.state == "idle"
+    thaws = [q for q, m in p.sent if isinstance(m, Request) and m.op == "thaw"]
+    assert len(thaws) == 2, "every app is told THAW"
+
+
+def test_timeout_fails_phase_and_late_answer_is_dropped(env):
+    core, p, clock = env
+    register(core, p, "slow", 10)
+    req(core, "freeze", 6)
+    (freeze_req,) = p.requests_to(app_queue(PREFIX, "slow", 10))
+    assert core.next_wakeup() <= clock.t + 1.0
+    clock.t += 0.99
+    core.tick()
+    assert not p.replies
+    clock.t += 0.02
+    core.tick()
+    r = last_reply(p)
+    assert not r.ok and "did not answer FREEZE within 1 s" in r.reason
+    assert r.apps[0].last_answer == "timeout" and r.apps[0].state == "thawing"  # told THAW after the failure
+    # The next transaction; the old answer arrives late and must not count.
+    req(core, "check", 7)
+    core.handle(Answer(freeze_req.msgid, "slow", 10, True))
+    assert len(p.replies) == 1, "late answer must not complete CHECK"
+    check_req = p.requests_to(app_queue(PREFIX, "slow", 10))[-1]
+    core.handle(Answer(check_req.msgid, "slow", 10, True))
+    assert last_reply(p).ok and last_reply(p).msgid == 7
+
+
+def test_busy_while_in_progress_and_while_frozen(env):
+    core, p, clock = env
+    register(core, p, "a", 10)
+    req(core, "freeze", 1)
+    req(core, "check", 2)
+    r = last_reply(p)
+    assert r.msgid == 2 and not r.ok and "busy" in r.reason
+    req(core, "list", 3)
+    assert last_reply(p).ok and last_reply(p).state == "freezing"
+    answer_all(core, p, "freeze")
+    req(core, "freeze", 4)
+    assert not last_reply(p).ok and "frozen" in last_reply(p).reason
+
+
+def test_freeze_max_thaws_on_its_own(env):
+    core, p, clock = env
+    register(core, p, "a", 10)
+    req(core, "freeze", 1)
+    answer_all(core, p, "freeze")
+    assert core.state == "frozen" and core.next_wakeup() <= clock.t + 10.0
+    clock.t += 9.9
+    core.tick()
+    assert core.state == "frozen"
+    clock.t += 0.2
+    core.tick()
+    assert core.state == "idle" and ("thaw", ("/mnt/a", "/mnt/b")) in p.calls
+    assert p.requests_to(app_queue(PREFIX, "a", 10))[-1].op == "thaw"
+
+
+def test_mount_freeze_failure_runs_thaw_hooks_and_tells_apps(env):
+    core, p, clock = env
+    register(core, p, "a", 10)
+    p.freeze_error = "/mnt/b: FIFREEZE failed: Operation not supported"
+    req(core, "freeze", 1)
+    answer_all(core, p, "freeze")
+    r = last_reply(p)
+    assert not r.ok and "/mnt/b" in r.reason and core.frozen == []
+    i = p.calls.index(("freeze", ("/mnt/a", "/mnt/b")))
+    assert p.calls[i + 1] == ("hooks", "thaw") and p.calls[i + 2][2] == "thaw"
+
+
+def test_hook_failure_fails_freeze_before_fifreeze(env):
+    core, p, clock = env
+    p.hook_error = "hook /h/10-db freeze: exit status 3"
+    req(core, "freeze", 1)  # no apps: straight to hooks
+    assert not last_reply(p).ok and "exit status 3" in last_reply(p).reason
+    assert not any(c[0] == "freeze" for c in p.calls) and ("hooks", "thaw") in p.calls
+
+
+def test_check_reports_unfreezable_mount(env):
+    core, p, clock = env
+    p.bad_mounts["/mnt/b"] = "/mnt/b: file system type tmpfs cannot be frozen"
+    req(core, "check", 1)
+    assert not last_reply(p).ok and "tmpfs" in last_reply(p).reason
+
+
+def test_dead_app_is_unregistered_and_queue_unlinked(env):
+    core, p, clock = env
+    q = register(core, p, "ghost", 10)
+    register(core, p, "live", 11)
+    req(core, "check", 1, timeout=5.0)
+    p.alive.discard(10)
+    clock.t += 0.5
+    core.tick()  # not yet time to reap
+    clock.t += 0.6
+    core.tick()
+    assert q in p.unlinked and ("ghost", 10) not in core.apps
+    answer_all(core, p, "check", names={"live": (True, "")})
+    assert last_reply(p).ok, "a dead app is not waited for"
+    assert [a.name for a in last_reply(p).apps] == ["live"]
+
+
+def test_unregister_and_bogus_register_queue(env):
+    core, p, clock = env
+    register(core, p, "a", 10)
+    core.handle(Unregister("a", 10))
+    assert not core.apps
+    p.alive.add(12)
+    core.handle(Register("evil", 12, f"/{PREFIX}.vss"))  # someone else's queue
+    assert not core.apps and not any(q == f"/{PREFIX}.vss" for q, _ in p.sent)
+    core.handle(VssRequest(1, "freeze", f"/{PREFIX}.app.a.10", 12))  # not a reply queue
+    assert not p.replies and core.txn is None
+
+
+def test_request_timeout_overrides_phase_timeout(env):
+    core, p, clock = env
+    register(core, p, "a", 10)
+    req(core, "check", 1, timeout=0.2)
+    assert p.requests_to(app_queue(PREFIX, "a", 10))[-1].timeout == 0.2
+    clock.t += 0.21
+    core.tick()
+    assert not last_reply(p).ok
+
+
+def test_shutdown_while_frozen_thaws_and_tells_apps(env):
+    core, p, clock = env
+    register(core, p, "a", 10)
+    req(core, "freeze", 1)
+    answer_all(core, p, "freeze")
+    core.shutdown("broker stopping")
+    assert ("thaw", ("/mnt/a", "/mnt/b")) in p.calls and core.state == "idle"
+    assert p.requests_to(app_queue(PREFIX, "a", 10))[-1].op == "thaw"
+
+
+def test_thaw_failure_of_an_app_is_reported_but_fs_thawed(env):
+    core, p, clock = env
+    register(core, p, "a", 10)
+    req(core, "freeze", 1)
+    answer_all(core, p, "freeze")
+    req(core, "thaw", 2)
+    answer_all(core, p, "thaw", ok=False)
+    r = last_reply(p)
+    assert not r.ok and r.reason.startswith("file systems thawed") and r.frozen == []
