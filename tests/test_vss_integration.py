@@ -1,0 +1,385 @@
+"""The real broker process, real queues, real appvss processes, real FIFREEZE.
+
+Every test makes its own ext4 image, loop-mounts it in a tmp dir and freezes
+only that; fixtures thaw, unmount, detach, kill and unlink in all cases (a
+frozen file system left behind hangs the machine).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import msgspec
+import pytest
+
+from ipc import hyperv, mqueue
+from ipc.channel import Channel
+from ipc.names import app_queue, broker_queue, instance_prefix
+from ipc.vss_client import Application, BrokerNotRunning, Requestor
+from ipc.workermsg import FromWorker, Ready, Stop, VssState
+from workers import freeze
+from workers.broker import BrokerSettings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+PY = sys.executable
+
+
+def wait_for(cond, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.02)  # polling interval of a real condition, not a readiness guess
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def run(*cmd, check=True):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+@pytest.fixture
+def ext4(tmp_path):
+    img, mnt = tmp_path / "vol.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    run("mkfs.ext4", "-q", "-F", str(img))
+    run("mount", "-o", "loop", str(img), str(mnt))
+    try:
+        yield str(mnt)
+    finally:
+        for _ in range(4):  # nested freezes need one FITHAW each
+            if freeze.thaw_all([str(mnt)]) or not freeze.thaw_one(str(mnt)):
+                break
+        run("umount", str(mnt), check=False)
+        for line in run("losetup", "-j", str(img), check=False).stdout.splitlines():
+            run("losetup", "-d", line.split(":")[0], check=False)
+
+
+def is_frozen(mnt) -> bool:
+    """A write blocks on a frozen file system; returns the writer for joining after THAW."""
+    p = subprocess.Popen(["sh", "-c", f"echo x >> {mnt}/probe"])
+    try:
+        p.wait(timeout=0.3)
+        return False
+    except subprocess.TimeoutExpired:
+        is_frozen.blocked.append(p)
+        return True
+
+
+is_frozen.blocked = []
+
+
+class BrokerProc:
+    def __init__(self, tmp_path, **kw):
+        self.rundir = str(tmp_path / "run")
+        os.makedirs(self.rundir, exist_ok=True)
+        self.prefix = instance_prefix(self.rundir)
+        self.settings = BrokerSettings(prefix=self.prefix, rundir=self.rundir, **kw)
+        self.mine, theirs = socket.socketpair()
+        self.chan = Channel(self.mine, FromWorker)
+        self.log = open(tmp_path / "broker.log", "ab")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "workers.broker", "--channel-fd", str(theirs.fileno()),
+             msgspec.json.encode(self.settings).decode()],
+            pass_fds=(theirs.fileno(),), cwd=ROOT, env=ENV, stderr=self.log)
+        theirs.close()
+        self.states = []
+        msg = self.next_msg(Ready)
+        assert msg.kind == "broker" and msg.pid == self.proc.pid
+
+    def next_msg(self, kind, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.chan.recv(timeout=max(0.01, deadline - time.monotonic()))
+            assert got is not None, "broker closed its channel"
+            if isinstance(got[0], VssState):
+                self.states.append(got[0])
+            if isinstance(got[0], kind):
+                return got[0]
+        raise AssertionError(f"no {kind.__name__} from the broker")
+
+    def req(self, op, **kw):
+        return Requestor(self.prefix).request(op, **kw)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def brokers(tmp_path):
+    made = []
+
+    def start(**kw):
+        b = BrokerProc(tmp_path, **kw)
+        made.append(b)
+        return b
+
+    try:
+        yield start
+    finally:
+        for b in made:
+            b.kill()
+            freeze.thaw_all(b.settings.freeze_mounts)
+            mqueue.unlink(broker_queue(b.prefix))
+            b.mine.close()
+            b.log.close()
+        for p in is_frozen.blocked:
+            p.kill()
+            p.wait()
+        is_frozen.blocked.clear()
+
+
+@pytest.fixture
+def apps():
+    procs = []
+
+    def start(broker, name, *opts, w="0.1"):
+        p = subprocess.Popen([PY, "-m", "daemon.appvss", "-n", "-w", w, "--name", name, "-r", broker.rundir, *opts],
+                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+        procs.append((p, broker.prefix, name))
+        line = p.stdout.readline()  # appvss prints this once the broker acknowledged it
+        assert line.startswith(f"appvss: registered {name}"), line
+        return p
+
+    try:
+        yield start
+    finally:
+        for p, prefix, name in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            mqueue.unlink(app_queue(prefix, name, p.pid))
+
+
+def test_three_appvss_in_turn_and_together(brokers, apps, ext4):
+    b = brokers(timeout=0.6, freeze_max=10.0, freeze_mounts=[ext4])
+    # The good one: every phase OK, the mount frozen between FREEZE and THAW.
+    good = apps(b, "good")
+    assert b.req("check").ok
+    r = b.req("freeze")
+    assert r.ok and r.frozen == [ext4] and r.state == "frozen"
+    assert is_frozen(ext4)
+    r = b.req("thaw")
+    assert r.ok and r.window_ms > 0 and r.frozen == []
+    assert not freeze.thaw_one(ext4), "thawed: FITHAW says not frozen"
+    for p in is_frozen.blocked:
+        assert p.wait(timeout=5) == 0  # the blocked writer went through
+    good.terminate()
+    assert good.wait(timeout=5) == 0
+    # -f 1: the freeze answer comes too late; FREEZE fails, nothing stays frozen.
+    apps(b, "late", "-f", "1")
+    r = b.req("freeze")
+    assert not r.ok and "late" in r.reason and "did not answer FREEZE" in r.reason
+    assert r.frozen == [] and not freeze.thaw_one(ext4)
+    lst = b.req("list")
+    (late,) = [a for a in lst.apps if a.name == "late"]
+    assert late.last_answer == "timeout"
+    # -f 2: the application refuses; FREEZE fails with its reason.
+    apps(b, "bad", "-f", "2")
+    b2 = b.req("list")
+    wait_for(lambda: {a.name: a for a in b.req("list").apps}["late"].last_answer == "OK", 5, "late app thawed")
+    r = b.req("freeze", timeout=2.0)  # long enough for "late" to have answered its THAW; "bad" fails fast
+    assert not r.ok and "bad[" in r.reason and "freeze failure simulation" in r.reason
+    assert not freeze.thaw_one(ext4)
+    # Every application was told THAW afterwards and answered it.
+    def all_thawed():
+        table = {a.name: a for a in b.req("list").apps}
+        return all(a.last_op == "thaw" and a.last_answer == "OK" for a in table.values()) and table
+    table = wait_for(all_thawed, 5, "every app thawed")
+    assert set(table) == {"late", "bad"} and b2.state == "idle"
+
+
+def test_broker_sigkill_while_frozen_supervisor_thaws(brokers, apps, ext4):
+    b = brokers(timeout=1.0, freeze_mounts=[ext4])
+    apps(b, "good")
+    assert b.req("freeze").ok
+    b.proc.kill()
+    b.proc.wait()
+    assert is_frozen(ext4), "FIFREEZE outlives its holder"
+    t0 = time.monotonic()
+    assert freeze.thaw_all([ext4]) == []  # what the supervisor does on the broker's death
+    assert time.monotonic() - t0 < 1.0
+    assert not freeze.thaw_one(ext4)
+    for p in is_frozen.blocked:
+        assert p.wait(timeout=5) == 0
+
+
+def test_requestor_dies_after_freeze_broker_thaws_within_freeze_max(brokers, ext4):
+    b = brokers(timeout=1.0, freeze_max=1.0, freeze_mounts=[ext4])
+    code = ("import sys; from ipc.vss_client import Requestor; "
+            f"sys.exit(0 if Requestor({b.prefix!r}).request('freeze').ok else 1)")
+    assert subprocess.run([PY, "-c", code], cwd=ROOT, env=ENV, timeout=10).returncode == 0
+    t0 = time.monotonic()
+    assert is_frozen(ext4)
+    wait_for(lambda: b.req("status").state == "idle", 3.0, "broker thaws on its own")
+    assert time.monotonic() - t0 < 1.0 + 1.0
+    assert not freeze.thaw_one(ext4)
+    # The supervisor hears about it on the channel.
+    while not any(s.state == "idle" and "freeze_max" in s.detail for s in b.states):
+        b.next_msg(VssState, timeout=2.0)
+
+
+def test_hyperv_stand_in_byte_for_byte(brokers, apps, tmp_path):
+    path = str(tmp_path / "hv.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    srv.settimeout(5)
+    b = brokers(timeout=1.0, hyperv_device="unix:" + path)
+    kernel, _ = srv.accept()
+    kernel.settimeout(5)
+
+    def recv12():
+        buf = b""
+        while len(buf) < 12:
+            chunk = kernel.recv(12 - len(buf))
+            assert chunk, "broker closed the channel"
+            buf += chunk
+        return buf
+
+    try:
+        assert recv12() == bytes([hyperv.VSS_OP_REGISTER1]) + bytes(11)
+        kernel.sendall(hyperv.VSS_OP_REGISTER1.to_bytes(4, "little"))
+        apps(b, "good")
+        for op in (hyperv.VSS_OP_HOT_BACKUP, hyperv.VSS_OP_FREEZE, hyperv.VSS_OP_THAW, hyperv.VSS_OP_GET_DM_INFO):
+            msg = hyperv.request_message(op, flags=5 if op == hyperv.VSS_OP_HOT_BACKUP else 0)
+            kernel.sendall(msg)
+            ans = recv12()
+            assert ans == hyperv.HV_S_OK.to_bytes(4, "little") + msg[4:], op
+        apps(b, "bad", "-f", "2")
+        kernel.sendall(hyperv.request_message(hyperv.VSS_OP_HOT_BACKUP))
+        assert hyperv.parse_answer(recv12()) == hyperv.HV_S_OK
+        kernel.sendall(hyperv.request_message(hyperv.VSS_OP_FREEZE))
+        assert hyperv.parse_answer(recv12()) == hyperv.HV_E_FAIL
+        kernel.sendall(hyperv.request_message(hyperv.VSS_OP_THAW))
+        assert hyperv.parse_answer(recv12()) == hyperv.HV_S_OK
+    finally:
+        kernel.close()
+        srv.close()
+
+
+STOCK_HOOK = """#!/bin/sh
+# qemu-ga fsfreeze-hook.d style script, unchanged: argv[1] is freeze or thaw.
+case "$1" in
+    freeze) echo "freeze $(date +%s)" >> "{log}"; echo flushed ;;
+    thaw)   echo "thaw" >> "{log}" ;;
+    *)      exit 1 ;;
+esac
+exit 0
+"""
+
+
+def test_hooks_order_skip_rules_and_failure(brokers, apps, ext4, tmp_path):
+    hooks_dir, log = tmp_path / "fsfreeze-hook.d", tmp_path / "hooks.log"
+    hooks_dir.mkdir()
+    for name, body, mode in [
+        ("10-stock", STOCK_HOOK.format(log=log), 0o755),
+        ("20-probe", f"#!/bin/sh\necho \"$1 20 $(cat /proc/self/mountinfo | grep -c {ext4})\" >> {log}\n", 0o755),
+        ("30-fail.sample", "#!/bin/sh\nexit 1\n", 0o755),  # skipped by name
+        ("40-noexec", "#!/bin/sh\nexit 1\n", 0o644),  # skipped: not executable
+        ("50-old~", "#!/bin/sh\nexit 1\n", 0o755),
+    ]:
+        p = hooks_dir / name
+        p.write_text(body)
+        p.chmod(mode)
+    b = brokers(timeout=2.0, freeze_mounts=[ext4], hooks_dir=str(hooks_dir))
+    apps(b, "good")
+    assert b.req("freeze").ok
+    assert is_frozen(ext4)
+    assert b.req("thaw").ok
+    lines = log.read_text().split("\n")
+    assert lines[0].startswith("freeze ") and lines[1] == "freeze 20 1" and lines[2:4] == ["thaw", "thaw 20 1"]
+    # A hook failing on freeze fails FREEZE before any FIFREEZE, and thaw hooks still run.
+    bad = hooks_dir / "15-veto"
+    bad.write_text("#!/bin/sh\n[ \"$1\" = freeze ] && { echo 'database busy' >&2; exit 3; }\nexit 0\n")
+    bad.chmod(0o755)
+    log.write_text("")
+    r = b.req("freeze")
+    assert not r.ok and "15-veto freeze: exit status 3: database busy" in r.reason
+    assert not freeze.thaw_one(ext4)
+    assert log.read_text().split("\n")[:3] == [log.read_text().split("\n")[0], "thaw", "thaw 20 1"]
+
+
+def test_check_refuses_unfreezable_and_root_never_frozen(brokers, tmp_path):
+    b = brokers(timeout=1.0, freeze_mounts=[str(tmp_path)])
+    r = b.req("check")
+    assert not r.ok and "not a mount point" in r.reason
+    assert "fssd never freezes /" in freeze.check_freezable("/")
+    with pytest.raises(freeze.FreezeError, match="refusing"):
+        freeze.freeze_all(["/"])
+
+
+def test_malformed_messages_dead_apps_busy_and_stop(brokers, apps):
+    b = brokers(timeout=1.0)
+    inbox = mqueue.open_writer(broker_queue(b.prefix))
+    try:
+        for junk in (b"\xc1\xc1", b"\x81\xa1t\xa5nosuch", msgspec.msgpack.encode({"t": "answer", "msgid": 1})):
+            mqueue.send(inbox, junk, timeout=1)
+        with pytest.raises(ValueError):
+            mqueue.send(inbox, b"x" * 2000, timeout=1)  # the kernel refuses oversized messages
+    finally:
+        mqueue.close(inbox)
+    assert b.req("status").ok, "broker still serving after garbage"
+    slow = apps(b, "slow", "-c", "1", w="0.3")
+    victim = apps(b, "victim")
+    q = app_queue(b.prefix, "victim", victim.pid)
+    assert mqueue.exists(q)
+    victim.kill()
+    victim.wait()
+    wait_for(lambda: "victim" not in {a.name for a in b.req("list").apps}, 3, "dead app reaped")
+    assert not mqueue.exists(q), "dead app's queue unlinked"
+    # A request during another is answered busy, not dropped.
+    import threading
+    first = {}
+    t = threading.Thread(target=lambda: first.update(r=b.req("check")))
+    t.start()
+    wait_for(lambda: b.req("status").state == "checking", 3, "check in progress")
+    r = b.req("freeze")
+    assert not r.ok and r.reason.startswith("busy")
+    t.join(10)
+    assert not first["r"].ok and "slow" in first["r"].reason
+    slow.kill()
+    b.chan.send(Stop())
+    assert b.proc.wait(timeout=5) == 0
+    assert not mqueue.exists(broker_queue(b.prefix))
+    with pytest.raises(BrokerNotRunning):
+        Requestor(b.prefix).request("status")
+
+
+def test_vssadm_cli(brokers, apps, tmp_path):
+    out = subprocess.run([PY, "-m", "daemon.vssadm", "-r", str(tmp_path / "nowhere"), "status"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"vssadm: fssd is not running (no broker at {tmp_path / 'nowhere'})"
+    b = brokers(timeout=1.0)
+    apps(b, "db")
+    out = subprocess.run([PY, "-m", "daemon.vssadm", "-r", b.rundir, "check"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("check: OK")
+    out = subprocess.run([PY, "-m", "daemon.vssadm", "-r", b.rundir, "list", "--json"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True)
+    doc = msgspec.json.decode(out.stdout)
+    assert out.returncode == 0 and doc["apps"][0]["name"] == "db" and doc["apps"][0]["last_answer"] == "OK"
+
+
+def test_application_library_in_process(brokers):
+    b = brokers(timeout=1.0)
+    with Application(b.prefix, "lib") as app:
+        import threading
+        res = {}
+        t = threading.Thread(target=lambda: res.update(r=b.req("check")))
+        t.start()
+        req = app.receive(timeout=5)
+        assert req is not None and req.op == "check"
+        app.answer(req, False, "not today")
+        t.join(5)
+        assert not res["r"].ok and "lib[" in res["r"].reason and "not today" in res["r"].reason
+    assert not mqueue.exists(app_queue(b.prefix, "lib", os.getpid()))
