@@ -28,15 +28,35 @@ def parse_size(value: int | str) -> int:
 
 
 def humanize(n: int) -> str:
-    """NetBSD humanize_number(3) style as fssconfig -v prints it: '64K', '1.2M', '512'."""
-    units = ["", "K", "M", "G", "T", "P"]
-    value = float(n)
+    """NetBSD humanize_number(buf, 5, n, "", HN_AUTOSCALE, HN_B | HN_NOSPACE), as fssconfig -v prints
+    sizes: no decimals, at most three digits and a letter (65536 -> '64K', 512 -> '512B')."""
+    v = n * 100
     i = 0
-    while value >= 1024 and i < len(units) - 1:
-        value /= 1024
+    while v >= 100000 - 50 and i < 6:
+        v //= 1024
         i += 1
-    if i == 0:
-        return str(n)
-    if value < 10 and value != int(value):
-        return f"{value:.1f}{units[i]}"
-    return f"{int(round(value))}{units[i]}"
+    return f"{(v + 50) // 100}{'BKMGTPE'[i]}"
+
+
+_STRSUF = {"b": 512, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "w": 4}
+
+
+def strsuftoll(desc: str, text: str, lo: int, hi: int) -> int:
+    """NetBSD strsuftoll(3): a number with one optional suffix b k m g t w, or a product with x/*."""
+    for sep in ("x", "*"):
+        if sep in text:
+            a, b = text.split(sep, 1)
+            return strsuftoll(desc, str(strsuftoll(desc, a, 0, 1 << 62) * strsuftoll(desc, b, 0, 1 << 62)), lo, hi)
+    t = text.strip()
+    mult = 1
+    if t and t[-1].lower() in _STRSUF:
+        mult = _STRSUF[t[-1].lower()]
+        t = t[:-1]
+    if not t.isdigit():
+        raise ValueError(f"{desc} `{text}': illegal number")
+    n = int(t) * mult
+    if n < lo:
+        raise ValueError(f"{desc} {n} is less than {lo}.")
+    if n > hi:
+        raise ValueError(f"{desc} {n} is greater than {hi}.")
+    return n

@@ -1,0 +1,49 @@
+# fssd: everything from a fresh Debian 12 machine where you are root.
+#   make test    system packages + .venv, then the whole suite
+#   make demo    the main job end to end
+#   make bench   benchmarks against nbdkit and qemu-storage-daemon
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+APT_PACKAGES := libnbd-bin nbdfuse qemu-utils fuse3 e2fsprogs util-linux kmod procps systemd udev
+BENCH_PACKAGES := nbdkit fio qemu-system-common
+STAMP_APT := $(VENV)/.apt-stamp
+STAMP_VENV := $(VENV)/.venv-stamp
+
+.PHONY: all deps venv test demo bench clean
+all: test
+
+$(STAMP_APT):
+	@mkdir -p $(VENV)
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+$(STAMP_VENV): pyproject.toml
+	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
+	@$(VPY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+deps: $(STAMP_APT)
+venv: $(STAMP_VENV)
+
+test: deps venv
+	$(VPY) -m pytest -q
+
+demo: deps venv
+	$(VPY) -m daemon.demo
+
+bench: deps venv
+	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	bash bench/run.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+include etc/install.mk

@@ -1,0 +1,196 @@
+"""fssconfig: configure, unconfigure and list fssd snapshot devices, as NetBSD's fssconfig(8).
+
+usage: fssconfig [-Ccxv] device path backup [cluster [size]]
+       fssconfig -u [-v] device
+       fssconfig -l [-v] [--json] [device]
+       fssconfig --volumes [--json]
+common: -r RUNDIR (else $FSSD_RUNDIR, else /run/fssd)
+"""
+
+from __future__ import annotations
+
+import errno
+import getopt
+import os
+import sys
+import time
+
+import msgspec
+
+from daemon.client import ControlClient, NotRunning
+from ipc import control, names
+from ipc.units import humanize, strsuftoll
+
+PROG = "fssconfig"
+USAGE = """usage: fssconfig [-Ccxv] [-r rundir] device path backup [cluster [size]]
+       fssconfig -u [-v] [-r rundir] device
+       fssconfig -l [-v] [--json] [-r rundir] [device]
+       fssconfig --volumes [--json] [-r rundir]"""
+
+
+class Usage(Exception):
+    pass
+
+
+def _die(msg: str, status: int = 1) -> int:
+    print(f"{PROG}: {msg}", file=sys.stderr)
+    return status
+
+
+def format_snapshot(s: control.SnapshotInfo, verbose: bool) -> str:
+    """NetBSD's list(): `fss0: data` / `fss0: data, taken ..., 16384 cluster of 64K, 128K backup`."""
+    if not s.in_use:
+        return f"{s.device}: not in use"
+    line = f"{s.device}: {s.volume}"
+    if verbose:
+        line += ", taken " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.taken))
+        if s.unconfig_on_close:
+            line += ", unconfig on close"
+        line += f", {s.cluster_count} cluster of {humanize(s.cluster_size)}, {humanize(s.bs_clusters * s.cluster_size)} backup"
+    if s.state == "invalid":
+        line += f", invalid: {s.error}"
+    elif s.state != "active":
+        line += f", {s.state}"
+    if verbose:
+        limit = f" of {humanize(s.bs_limit_clusters * s.cluster_size)}" if s.bs_limit_clusters else ""
+        line += (
+            f"\n    pid {s.pid or '-'}, up {_duration(s.uptime)}, {s.restarts} restart(s)"
+            f"{', last error: ' + s.last_error if s.last_error else ''}, {s.clients} client(s)"
+            f"\n    {s.uri}\n    backing store {s.backup}{limit}, {s.copies} cluster(s) copied"
+        )
+    return line
+
+
+def _duration(sec: float) -> str:
+    sec = int(sec)
+    if sec < 60:
+        return f"{sec}s"
+    if sec < 3600:
+        return f"{sec // 60}m{sec % 60:02d}s"
+    return f"{sec // 3600}h{sec % 3600 // 60:02d}m"
+
+
+def _json(obj) -> str:
+    return msgspec.json.format(msgspec.json.encode(obj)).decode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except Usage as e:
+        if str(e):
+            print(f"{PROG}: {e}", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return 1
+    except NotRunning as e:
+        return _die(str(e))
+    except ValueError as e:
+        return _die(str(e))
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        opts, args = getopt.getopt(argv, "Cclr:uvx", ["json", "volumes", "rundir=", "help"])
+    except getopt.GetoptError as e:
+        raise Usage(str(e)) from None
+    action = None
+    verbose = unlink = uoc = consistent = as_json = False
+    rundir = None
+    for o, v in opts:
+        if o in ("-l", "-u", "--volumes"):
+            if action is not None:
+                raise Usage("")
+            action = o
+        elif o == "-c":
+            uoc = True
+        elif o == "-C":
+            consistent = True
+        elif o == "-v":
+            verbose = True
+        elif o == "-x":
+            unlink = True
+        elif o == "--json":
+            as_json = True
+        elif o in ("-r", "--rundir"):
+            rundir = v
+        elif o == "--help":
+            raise Usage("")
+    client = ControlClient(names.resolve_rundir(rundir))
+    if action in ("-l", "-u", "--volumes") and (unlink or uoc or consistent):
+        raise Usage("")
+
+    if action == "--volumes":
+        if args:
+            raise Usage("")
+        reply = _expect(client.request(control.ListVolumes()), control.Volumes)
+        if as_json:
+            print(_json(reply.volumes))
+        else:
+            for v in reply.volumes:
+                mp = f", mounted at {v.mountpoint}" if v.mountpoint else ""
+                print(f"{v.name}: {v.path}, {humanize(v.size)} ({v.size} bytes){mp}, {v.uri}")
+        return 0
+
+    if action == "-l":
+        if len(args) > 1:
+            raise Usage("")
+        reply = _expect(client.request(control.ListSnapshots(args[0] if args else None)), control.Snapshots)
+        if as_json:
+            print(_json(reply.snapshots))
+        else:
+            for s in reply.snapshots:
+                print(format_snapshot(s, verbose))
+        return 0
+
+    if action == "-u":
+        if len(args) != 1:
+            raise Usage("")
+        device = args[0]
+        if verbose:
+            listed = client.request(control.ListSnapshots(device))
+            if isinstance(listed, control.Snapshots):
+                for s in listed.snapshots:
+                    print(format_snapshot(s, True))
+        _expect(client.request(control.Unconfigure(device)), control.Unconfigured, device)
+        return 0
+
+    # configure (the default action)
+    if len(args) < 3 or len(args) > 5:
+        raise Usage("")
+    device, path, backup = args[:3]
+    cluster = strsuftoll("cluster size", args[3], 0, 2**31 - 1) if len(args) > 3 else 0
+    size = strsuftoll("bs size", args[4], 0, 2**63 - 1) if len(args) > 4 else None
+    if "/" in path:
+        path = os.path.abspath(path)
+    req = control.Configure(
+        device=device,
+        path=path,
+        backup=os.path.abspath(backup),
+        cluster=cluster,
+        size=size,
+        unconfig_on_close=uoc,
+        unlink=unlink,
+        consistent=consistent,
+    )
+    reply = _expect(client.request(req), control.Configured, device)
+    if consistent:
+        print(f"{device}: application-consistent snapshot, freeze window {reply.freeze_window_ms:.1f} ms, barrier {reply.barrier_us} us")
+    if verbose:
+        print(format_snapshot(reply.snapshot, True))
+    return 0
+
+
+def _expect(reply, kind, device: str | None = None):
+    if isinstance(reply, control.Error):
+        msg = reply.message
+        if device and not msg.startswith(device) and reply.errno == errno.EPERM:
+            msg = f"{device}: {msg}"
+        raise ValueError(msg)
+    if not isinstance(reply, kind):
+        raise ValueError(f"unexpected answer from fssd: {type(reply).__name__}")
+    return reply
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Worker processes as the supervisor sees them: spawn, channel, exit, restart with back-off.
+
+Each worker is `python -m workers.<kind> SETTINGS_JSON` with one end of a
+socketpair (the channel) and whatever descriptors it serves (listening socket,
+backing stores) inherited through pass_fds. Exits are noticed through a pidfd
+in the event loop, so a SIGKILLed worker is seen at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from ipc import workermsg
+from ipc.framing import FrameCodec, FrameError
+
+log = logging.getLogger("supervisor")
+
+READY_TIMEOUT = 20.0
+# Restarts within this window count toward giving up.
+RESTART_WINDOW = 60.0
+
+
+class WorkerGone(Exception):
+    pass
+
+
+class Worker:
+    """One supervised process. `spawn_args(channel_fd)` returns (module, settings_json, fds)."""
+
+    def __init__(
+        self,
+        kind: str,
+        key: str,
+        spawn_args: Callable[[int], tuple[str, str, list[int]]],
+        on_message: Callable[["Worker", Any, list[int]], None],
+        on_exit: Callable[["Worker", int], None],
+        env: dict[str, str],
+    ):
+        self.kind = kind
+        self.key = key
+        self.spawn_args = spawn_args
+        self.on_message = on_message
+        self.on_exit = on_exit
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self.pidfd: int | None = None
+        self.codec = FrameCodec(workermsg.FromWorker)
+        self.started = 0.0
+        self.restarts = 0
+        self.recent: collections.deque[float] = collections.deque()
+        self.last_error = ""
+        self.stopping = False
+        self.ready: asyncio.Future | None = None
+        self.pending: dict[str, asyncio.Future] = {}
+        self.restart_handle: asyncio.TimerHandle | None = None
+        self.exited: asyncio.Event = asyncio.Event()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def title(self) -> str:
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                return f.read().split(b"\0")[0].decode(errors="replace").strip()
+        except OSError:
+            return f"fssd: {self.kind} {self.key}"
+
+    async def start(self) -> None:
+        """Spawn and wait for its Ready message."""
+        loop = asyncio.get_running_loop()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        module, settings, fds = self.spawn_args(child.fileno())
+        self.ready = loop.create_future()
+        self.exited = asyncio.Event()
+        self.codec = FrameCodec(workermsg.FromWorker)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", module, settings],
+                pass_fds=[child.fileno(), *fds],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                cwd="/",
+            )
+        finally:
+            child.close()
+        self.started = time.monotonic()
+        self.sock = parent
+        parent.setblocking(False)
+        loop.add_reader(parent.fileno(), self._readable)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        loop.add_reader(self.pidfd, self._exited)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.ready), READY_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.last_error = f"not ready within {READY_TIMEOUT:.0f} s"
+            self.kill()
+            raise WorkerGone(f"{self.kind} {self.key}: {self.last_error}") from None
+
+    def send(self, msg: Any, fds: list[int] = ()) -> None:
+        if self.sock is None:
+            raise WorkerGone(f"{self.kind} {self.key} is not running")
+        data = self.codec.encode(msg)
+        self.sock.setblocking(True)
+        try:
+            if fds:
+                n = socket.send_fds(self.sock, [data], list(fds))
+                if n < len(data):
+                    self.sock.sendall(data[n:])
+            else:
+                self.sock.sendall(data)
+        except OSError as e:
+            raise WorkerGone(f"{self.kind} {self.key}: {e}") from None
+        finally:
+            self.sock.setblocking(False)
+
+    async def call(self, msg: Any, key: str, fds: list[int] = (), timeout: float = 30.0) -> Any:
+        """Send and await the reply keyed by `key` (a device name)."""
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[key] = fut
+        try:
+            self.send(msg, fds)
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.pending.pop(key, None)
+
+    def _readable(self) -> None:
+        try:
+            data, fds, _f, _a = socket.recv_fds(self.sock, 65536, 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            return
+        try:
+            msgs = self.codec.feed(data)
+        except FrameError as e:
+            log.error("%s %s (pid %d) sent garbage: %s", self.kind, self.key, self.pid, e)
+            for fd in fds:
+                os.close(fd)
+            self.kill()
+            return
+        for i, m in enumerate(msgs):
+            if isinstance(m, workermsg.Ready) and self.ready and not self.ready.done():
+                self.ready.set_result(m)
+            self.on_message(self, m, fds if i == 0 else [])
+
+    def _exited(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        self.pidfd = None
+        status = self.proc.wait()
+        if self.sock is not None:
+            try:
+                loop.remove_reader(self.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            self.sock.close()
+            self.sock = None
+        if status < 0:
+            self.last_error = f"killed by {signal.Signals(-status).name}"
+        elif status:
+            self.last_error = f"exited with status {status}"
+        gone = WorkerGone(f"{self.kind} {self.key} (pid {self.proc.pid}) {self.last_error or 'exited'}")
+        if self.ready and not self.ready.done():
+            self.ready.set_exception(gone)
+            self.ready.exception()  # mark retrieved: start() may already have given up
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(gone)
+        self.exited.set()
+        self.on_exit(self, status)
+
+    def note_restart(self, max_restarts: int) -> float | None:
+        """Record a restart; the back-off delay, or None when it died too often to go on."""
+        now = time.monotonic()
+        self.recent.append(now)
+        while self.recent and now - self.recent[0] > RESTART_WINDOW:
+            self.recent.popleft()
+        if len(self.recent) > max_restarts:
+            return None
+        self.restarts += 1
+        return min(0.1 * 2 ** (len(self.recent) - 1), 5.0)
+
+    def kill(self) -> None:
+        if self.alive:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Ask it to finish what is in flight and exit; kill it if it won't."""
+        self.stopping = True
+        if self.restart_handle:
+            self.restart_handle.cancel()
+        if not self.alive:
+            return
+        try:
+            self.send(workermsg.Stop())
+        except WorkerGone:
+            pass
+        try:
+            await asyncio.wait_for(self.exited.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s %s (pid %d) did not stop in %.0f s; killing it", self.kind, self.key, self.pid, timeout)
+            self.kill()
+            await self.exited.wait()

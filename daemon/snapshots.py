@@ -1,0 +1,332 @@
+"""Snapshot devices fss0..fssN-1: configure, unconfigure, status (the supervisor's half).
+
+Configuring is serialised (as NetBSD's fss_creating): open the backing store,
+create the all-clear map in shared memory, optionally CHECK + FREEZE through
+the VSS broker, ask the volume worker for the barrier, THAW, then start the
+`fssN` worker that serves the snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from daemon import backing
+from daemon.procs import Worker, WorkerGone
+from ipc import control, names, workermsg
+from ipc.clustermap import FLAG_UNCONFIG_ON_CLOSE, ClusterMap, MapState, choose_cluster_size, table_clusters
+from workers.snapshot import SnapshotSettings
+
+if TYPE_CHECKING:
+    from daemon.supervisor import Supervisor
+
+log = logging.getLogger("supervisor")
+
+ATTACH_TIMEOUT = 30.0
+
+
+class ControlError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.errno = code
+
+
+class Snapshot:
+    def __init__(self, device: str, volume: str, store: backing.BackingStore, cmap: ClusterMap, unconfig_on_close: bool):
+        self.device = device
+        self.volume = volume
+        self.store = store
+        self.map = cmap
+        self.unconfig_on_close = unconfig_on_close
+        self.listener: socket.socket | None = None
+        self.worker: Worker | None = None
+        self.had_clients = False
+        self.clients = 0
+        self.backup_shown = "(unlinked)" if store.unlink_now else store.path
+
+    @property
+    def taken_utc(self) -> str:
+        return datetime.fromtimestamp(self.map.created_ns / 1e9, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class SnapshotManager:
+    def __init__(self, sup: "Supervisor"):
+        self.sup = sup
+        self.snaps: dict[str, Snapshot] = {}
+        self.lock = asyncio.Lock()
+        self.vss_requestor_factory = None  # set lazily: the VSS client library
+
+    # -- queries -------------------------------------------------------------------
+
+    def devices(self) -> list[str]:
+        return [f"fss{i}" for i in range(self.sup.cfg.daemon.devices)]
+
+    def devices_of(self, volume: str) -> list[str]:
+        return sorted(d for d, s in self.snaps.items() if s.volume == volume)
+
+    def attached_for(self, volume: str) -> list[tuple[str, str, int]]:
+        """What a (re)started volume worker must protect: (device, map name, backing fd)."""
+        return [(s.device, s.map.name, s.store.fd) for s in self.snaps.values() if s.volume == volume and s.map.state == MapState.ACTIVE]
+
+    def workers(self) -> list[Worker]:
+        return [s.worker for s in self.snaps.values() if s.worker]
+
+    def summary(self) -> str:
+        n = len(self.snaps)
+        bad = sum(1 for s in self.snaps.values() if not s.map.valid)
+        return f"{n} snapshot(s)" + (f", {bad} invalid" if bad else "")
+
+    def info(self, device: str) -> control.SnapshotInfo:
+        s = self.snaps.get(device)
+        if s is None:
+            return control.SnapshotInfo(device=device, in_use=False)
+        m = s.map
+        vol = self.sup.volumes.get(s.volume)
+        w = s.worker
+        state = "invalid" if not m.valid else {MapState.CREATING: "creating", MapState.ACTIVE: "active"}.get(m.state, m.state.name.lower())
+        return control.SnapshotInfo(
+            device=device,
+            in_use=True,
+            volume=s.volume,
+            volume_path=vol.section.path if vol else "",
+            mountpoint=vol.section.mountpoint if vol else None,
+            state=state,
+            error=m.error,
+            taken=m.created_ns / 1e9,
+            unconfig_on_close=s.unconfig_on_close,
+            cluster_size=m.cluster_size,
+            cluster_count=m.cluster_count,
+            bs_clusters=m.bs_next,
+            bs_limit_clusters=m.bs_limit,
+            copies=m.copies,
+            backup=s.backup_shown,
+            uri=names.nbd_uri(self.sup.rundir, device),
+            pid=w.pid if w and w.alive else 0,
+            uptime=time.monotonic() - w.started if w and w.alive else 0.0,
+            restarts=w.restarts if w else 0,
+            last_error=w.last_error if w else "",
+            clients=s.clients,
+        )
+
+    # -- configure -------------------------------------------------------------------
+
+    async def configure(self, req: control.Configure) -> control.Configured:
+        if req.device not in self.devices():
+            raise ControlError(errno.ENXIO, f"{req.device}: Device not configured (devices are fss0..fss{self.sup.cfg.daemon.devices - 1})")
+        async with self.lock:
+            if req.device in self.snaps:
+                raise ControlError(errno.EBUSY, f"{req.device}: Device busy")
+            vol = self.sup.find_volume(req.path)
+            if vol is None:
+                raise ControlError(errno.ENOENT, f"{req.path}: no such volume (give a volume name, its mountpoint or its image path)")
+            if vol.worker is None or not vol.worker.alive:
+                raise ControlError(errno.EAGAIN, f"{vol.section.name}: volume worker is not running; try again")
+            name = vol.section.name
+            try:
+                backing.check_location(req.backup, vol.section.path, vol.section.mountpoint, self.sup.cfg.freeze_mounts())
+                store = backing.open_store(req.backup, req.device, req.unlink)
+            except backing.BackingError as e:
+                raise ControlError(e.errno, str(e)) from None
+            try:
+                return await self._configure(req, vol, name, store)
+            except BaseException:
+                backing.discard(store)
+                raise
+
+    async def _configure(self, req: control.Configure, vol, name: str, store: backing.BackingStore) -> control.Configured:
+        try:
+            csize = choose_cluster_size(req.cluster, vol.size, store.block_size)
+        except ValueError as e:
+            raise ControlError(errno.EINVAL, f"cluster size: {e}") from None
+        count = (vol.size + csize - 1) // csize
+        tclusters = table_clusters(count, csize)
+        if store.is_device:
+            limit = store.device_size // csize
+        elif req.size is not None:
+            limit = req.size // csize
+        else:
+            limit = tclusters + count  # room for every cluster: never full
+        if limit <= tclusters:
+            raise ControlError(errno.ENOSPC, f"{req.backup}: backing store of {limit * csize} bytes cannot even hold the table ({tclusters * csize} bytes)")
+        if not store.is_device:
+            try:
+                os.ftruncate(store.fd, 0)
+                os.ftruncate(store.fd, tclusters * csize)  # the table's room; copies are appended
+            except OSError as e:
+                raise ControlError(e.errno or errno.EIO, f"truncate {store.path}: {e.strerror}") from None
+        map_name = names.map_name(self.sup.prefix, req.device)
+        ClusterMap.unlink(map_name)
+        flags = FLAG_UNCONFIG_ON_CLOSE if req.unconfig_on_close else 0
+        cmap = ClusterMap.create(map_name, csize, vol.size, limit, flags)
+        snap = Snapshot(req.device, name, store, cmap, req.unconfig_on_close)
+        window_ms = None
+        try:
+            if req.consistent:
+                held, window_ms = await self._consistent_barrier(vol.worker, snap)
+            else:
+                held = await self._barrier(vol.worker, snap)
+            self.snaps[req.device] = snap
+            if store.unlink_now:
+                try:
+                    os.unlink(store.path)
+                except FileNotFoundError:
+                    pass
+            await self._start_worker(snap)
+        except BaseException:
+            self.snaps.pop(req.device, None)
+            await self._detach(vol.worker, req.device)
+            cmap.close()
+            ClusterMap.unlink(map_name)
+            self._close_listener(snap)
+            raise
+        log.info(
+            "%s: snapshot of %s created (barrier %d us%s), %d clusters of %d, backing store %s",
+            req.device, name, held, f", freeze window {window_ms:.1f} ms" if window_ms is not None else "", count, csize, snap.backup_shown,
+        )
+        self.sup.update_status()
+        return control.Configured(self.info(req.device), held, window_ms)
+
+    async def _barrier(self, worker: Worker, snap: Snapshot) -> int:
+        try:
+            reply = await worker.call(workermsg.AttachSnapshot(snap.device, snap.map.name), snap.device, [snap.store.fd], ATTACH_TIMEOUT)
+        except (WorkerGone, asyncio.TimeoutError) as e:
+            raise ControlError(errno.EIO, f"{snap.device}: volume worker did not take the snapshot: {e or 'timeout'}") from None
+        if isinstance(reply, workermsg.Refused):
+            raise ControlError(reply.errno, f"{snap.device}: {reply.reason}")
+        return reply.barrier_us
+
+    async def _consistent_barrier(self, worker: Worker, snap: Snapshot) -> tuple[int, float]:
+        """CHECK, FREEZE, barrier, THAW: the freeze window is the snapshot's instant."""
+        if not self.sup.cfg.vss.enabled or self.sup.broker is None or not self.sup.broker.alive:
+            raise ControlError(errno.EOPNOTSUPP, "application-consistent snapshot needs the VSS broker ([vss] enabled)")
+        from ipc.vss_client import Requestor
+
+        timeout = self.sup.cfg.vss.timeout
+        requestor = Requestor(self.sup.prefix)
+
+        def ask(op: str):
+            return requestor.request(op, timeout)
+
+        check = await asyncio.to_thread(ask, "check")
+        if not check.ok:
+            raise ControlError(errno.EAGAIN, f"VSS CHECK failed: {check.reason}")
+        t0 = time.perf_counter()
+        freeze = await asyncio.to_thread(ask, "freeze")
+        if not freeze.ok:
+            raise ControlError(errno.EAGAIN, f"VSS FREEZE failed: {freeze.reason}")
+        try:
+            held = await self._barrier(worker, snap)
+        finally:
+            thaw = await asyncio.to_thread(ask, "thaw")
+            window = (time.perf_counter() - t0) * 1000
+            if not thaw.ok:
+                log.error("%s: VSS THAW reported failure: %s", snap.device, thaw.reason)
+        return held, window
+
+    async def _detach(self, worker: Worker | None, device: str) -> None:
+        if worker is None or not worker.alive:
+            return
+        try:
+            await worker.call(workermsg.DetachSnapshot(device), device, timeout=ATTACH_TIMEOUT)
+        except (WorkerGone, asyncio.TimeoutError) as e:
+            log.warning("%s: volume worker did not confirm the detach: %s", device, e)
+
+    def _close_listener(self, snap: Snapshot) -> None:
+        if snap.listener is not None:
+            snap.listener.close()
+            snap.listener = None
+            try:
+                os.unlink(names.export_socket(self.sup.rundir, snap.device))
+            except FileNotFoundError:
+                pass
+
+    async def _start_worker(self, snap: Snapshot) -> None:
+        snap.listener = self.sup._listen(snap.device)
+        vol = self.sup.volumes[snap.volume]
+
+        def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
+            settings = SnapshotSettings(
+                device=snap.device,
+                volume=snap.volume,
+                volume_path=vol.section.path,
+                map_name=snap.map.name,
+                bs_fd=snap.store.fd,
+                listen_fd=snap.listener.fileno(),
+                channel_fd=chan_fd,
+                taken=snap.taken_utc,
+                debug=self.sup.debug,
+                use_syslog=self.sup.use_syslog,
+            )
+            return "workers.snapshot", msgspec.json.encode(settings).decode(), [snap.store.fd, snap.listener.fileno()]
+
+        snap.worker = Worker("snapshot", snap.device, spawn_args, self.sup.on_worker_message, self.sup.on_worker_exit, self.sup.env)
+        try:
+            await snap.worker.start()
+        except WorkerGone as e:
+            raise ControlError(errno.EIO, f"{snap.device}: snapshot worker failed to start: {e}") from None
+
+    # -- unconfigure -----------------------------------------------------------------
+
+    async def unconfigure(self, device: str) -> None:
+        if device not in self.devices():
+            raise ControlError(errno.ENXIO, f"{device}: Device not configured")
+        async with self.lock:
+            snap = self.snaps.get(device)
+            if snap is None:
+                raise ControlError(errno.ENXIO, f"{device}: Device not configured")
+            await self._remove(snap)
+
+    async def _remove(self, snap: Snapshot) -> None:
+        snap.map.state = MapState.DESTROYING
+        if snap.worker:
+            await snap.worker.stop()
+        vol = self.sup.volumes.get(snap.volume)
+        await self._detach(vol.worker if vol else None, snap.device)
+        self._close_listener(snap)
+        self.snaps.pop(snap.device, None)
+        name = snap.map.name
+        snap.map.close()
+        ClusterMap.unlink(name)
+        backing.discard(snap.store)
+        log.info("%s: snapshot of %s removed", snap.device, snap.volume)
+        self.sup.update_status()
+
+    async def unconfigure_all(self) -> None:
+        async with self.lock:
+            for snap in list(self.snaps.values()):
+                await self._remove(snap)
+
+    # -- events from workers ---------------------------------------------------------
+
+    def clients_changed(self, device: str, count: int) -> None:
+        snap = self.snaps.get(device)
+        if snap is None:
+            return
+        snap.clients = count
+        if count:
+            snap.had_clients = True
+        elif snap.unconfig_on_close and snap.had_clients and not self.sup.shutting_down:
+            log.info("%s: last client closed; unconfiguring (unconfig on close)", device)
+            asyncio.ensure_future(self._unconfig_on_close(device))
+
+    async def _unconfig_on_close(self, device: str) -> None:
+        try:
+            await self.unconfigure(device)
+        except ControlError:
+            pass  # already gone
+
+    def worker_gave_up(self, worker: Worker) -> None:
+        snap = self.snaps.get(worker.key)
+        if snap is None:
+            return
+        if snap.map.set_error(f"worker failed repeatedly ({worker.last_error})"):
+            log.error("%s: snapshot invalid: worker failed repeatedly (%s)", snap.device, worker.last_error)
+        self.sup.update_status()

@@ -1,0 +1,425 @@
+"""fssd: the supervisor. Holds the config, the control socket, the shared-memory
+maps, the listening sockets and the backing-store descriptors; spawns and
+restarts the workers; never does data I/O itself.
+
+    fssd [-c CONFIG] [-r RUNDIR] [-d] [-s]      run in the foreground
+    fssd [-r RUNDIR] --status                    print the running daemon's status as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import msgspec
+import setproctitle
+
+from daemon import config as configmod
+from daemon.control_server import ControlServer
+from daemon.notify import Notifier, child_env
+from daemon.procs import Worker, WorkerGone
+from daemon.snapshots import SnapshotManager
+from ipc import logfmt, names, workermsg
+from ipc.control import VolumeInfo, VssInfo, WorkerInfo
+from workers.volume import AttachedSnapshot, VolumeSettings
+
+log = logging.getLogger("supervisor")
+
+STOP_TIMEOUT = 15.0
+
+
+class VolumeState:
+    def __init__(self, section: configmod.VolumeSection, size: int, listener: socket.socket):
+        self.section = section
+        self.size = size
+        self.listener = listener
+        self.worker: Worker | None = None
+        self.failed = False  # gave up restarting
+
+
+class Supervisor:
+    def __init__(self, cfg: configmod.Config, config_path: str, debug: bool, use_syslog: bool):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.debug = debug
+        self.use_syslog = use_syslog
+        self.rundir = cfg.daemon.rundir
+        self.prefix = names.instance_prefix(self.rundir)
+        self.started = time.monotonic()
+        self.volumes: dict[str, VolumeState] = {}
+        self.broker: Worker | None = None
+        self.vss_state = workermsg.VssState("stopped")
+        self.notifier = Notifier.from_env()
+        self.env = child_env(dict(os.environ))
+        self.snaps = SnapshotManager(self)
+        self.control = ControlServer(self)
+        self.stop_event = asyncio.Event()
+        self.shutting_down = False
+        self._watchdog: asyncio.Task | None = None
+
+    # -- volumes --------------------------------------------------------------------
+
+    def _listen(self, export: str) -> socket.socket:
+        path = names.export_socket(self.rundir, export)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        os.chmod(path, 0o660)
+        s.listen(128)
+        s.set_inheritable(False)
+        return s
+
+    async def start_volume(self, section: configmod.VolumeSection) -> None:
+        size = os.stat(section.path).st_size
+        if size == 0 and os.path.exists(section.path):
+            fd = os.open(section.path, os.O_RDONLY)
+            try:
+                size = os.lseek(fd, 0, os.SEEK_END)  # block devices report st_size 0
+            finally:
+                os.close(fd)
+        st = VolumeState(section, size, self._listen(section.name))
+        self.volumes[section.name] = st
+
+        def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
+            attached = self.snaps.attached_for(section.name)
+            settings = VolumeSettings(
+                name=section.name,
+                path=section.path,
+                size=st.size,
+                listen_fd=st.listener.fileno(),
+                channel_fd=chan_fd,
+                snapshots=[AttachedSnapshot(d, m, fd) for d, m, fd in attached],
+                debug=self.debug,
+                use_syslog=self.use_syslog,
+            )
+            return "workers.volume", msgspec.json.encode(settings).decode(), [st.listener.fileno(), *(a[2] for a in attached)]
+
+        st.worker = Worker("volume", section.name, spawn_args, self.on_worker_message, self.on_worker_exit, self.env)
+        await st.worker.start()
+        log.info("volume %s: serving %s (%d bytes) at %s (pid %d)", section.name, section.path, size, names.nbd_uri(self.rundir, section.name), st.worker.pid)
+
+    async def stop_volume(self, name: str) -> None:
+        st = self.volumes.pop(name)
+        if st.worker:
+            await st.worker.stop(STOP_TIMEOUT)
+        st.listener.close()
+        try:
+            os.unlink(names.export_socket(self.rundir, name))
+        except FileNotFoundError:
+            pass
+        log.info("volume %s: stopped", name)
+
+    def find_volume(self, path: str) -> VolumeState | None:
+        """By name, configured mountpoint, or image path (fssconfig's `path`)."""
+        if path in self.volumes:
+            return self.volumes[path]
+        real = os.path.realpath(path)
+        for st in self.volumes.values():
+            if os.path.realpath(st.section.path) == real:
+                return st
+            if st.section.mountpoint and os.path.realpath(st.section.mountpoint) == real:
+                return st
+        return None
+
+    # -- the broker -----------------------------------------------------------------
+
+    async def start_broker(self) -> None:
+        if not self.cfg.vss.enabled:
+            return
+        from workers.broker import BrokerSettings  # the VSS half; imported only when enabled
+
+        vss = self.cfg.vss
+
+        def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
+            settings = BrokerSettings(
+                prefix=self.prefix,
+                rundir=self.rundir,
+                timeout=vss.timeout,
+                freeze_max=vss.freeze_max,
+                freeze_mounts=self.cfg.freeze_mounts(),
+                hooks_dir=vss.hooks_dir,
+                hyperv_device=vss.hyperv_device,
+                debug=self.debug,
+            )
+            return "workers.broker", msgspec.json.encode(settings).decode(), []
+
+        self.broker = Worker("broker", "vss", spawn_args, self.on_worker_message, self.on_worker_exit, self.env)
+        await self.broker.start()
+        self.vss_state = workermsg.VssState("idle")
+        log.info("vss broker: ready (pid %d), freezes %s", self.broker.pid, ", ".join(self.cfg.freeze_mounts()) or "nothing")
+
+    def thaw_everything(self, why: str) -> None:
+        """FIFREEZE outlives its holder: whoever dies frozen, the supervisor thaws."""
+        from workers.freeze import thaw_all
+
+        mounts = self.cfg.freeze_mounts()
+        if not mounts:
+            return
+        t0 = time.monotonic()
+        thaw_all(mounts)
+        log.warning("%s: thawed %s in %.0f ms", why, ", ".join(mounts), (time.monotonic() - t0) * 1000)
+
+    # -- worker events ----------------------------------------------------------------
+
+    def on_worker_message(self, worker: Worker, msg, fds: list[int]) -> None:
+        for fd in fds:  # workers never hand descriptors up
+            os.close(fd)
+        if isinstance(msg, (workermsg.Attached, workermsg.Detached, workermsg.Refused)):
+            fut = worker.pending.get(msg.device)
+            if fut and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, workermsg.ClientsChanged):
+            self.snaps.clients_changed(msg.device, msg.count)
+        elif isinstance(msg, workermsg.VssState):
+            changed = msg.state != self.vss_state.state
+            self.vss_state = msg
+            if changed:
+                self.update_status()
+
+    def on_worker_exit(self, worker: Worker, status: int) -> None:
+        if worker.kind == "broker":
+            # Before anything else: a broker that died holding a freeze must not leave it.
+            self.thaw_everything(f"vss broker (pid {worker.pid}) {worker.last_error or 'exited'}")
+            self.vss_state = workermsg.VssState("restarting" if not worker.stopping else "stopped")
+        if worker.stopping or self.shutting_down:
+            return
+        log.error("%s %s (pid %d) %s", worker.kind, worker.key, worker.pid, worker.last_error or "exited")
+        delay = worker.note_restart(self.cfg.daemon.max_restarts)
+        if delay is None:
+            if worker.kind == "snapshot":
+                self.snaps.worker_gave_up(worker)
+                return
+            delay = 30.0  # the live volume and the broker matter too much to give up on
+            log.critical("%s %s keeps dying; retrying every %.0f s", worker.kind, worker.key, delay)
+        loop = asyncio.get_running_loop()
+        worker.restart_handle = loop.call_later(delay, lambda: asyncio.ensure_future(self._restart(worker)))
+        log.info("%s %s: restarting in %.1f s (restart %d)", worker.kind, worker.key, delay, worker.restarts)
+
+    async def _restart(self, worker: Worker) -> None:
+        if worker.stopping or self.shutting_down:
+            return
+        try:
+            await worker.start()
+            log.info("%s %s: restarted (pid %d)", worker.kind, worker.key, worker.pid)
+            if worker.kind == "broker":
+                self.vss_state = workermsg.VssState("idle")
+            self.update_status()
+        except (WorkerGone, OSError) as e:
+            log.error("%s %s: restart failed: %s", worker.kind, worker.key, e)
+
+    # -- status --------------------------------------------------------------------------
+
+    def volume_info(self, st: VolumeState) -> VolumeInfo:
+        w = st.worker
+        return VolumeInfo(
+            name=st.section.name,
+            path=st.section.path,
+            size=st.size,
+            uri=names.nbd_uri(self.rundir, st.section.name),
+            mountpoint=st.section.mountpoint,
+            pid=w.pid if w and w.alive else 0,
+            uptime=time.monotonic() - w.started if w and w.alive else 0.0,
+            restarts=w.restarts if w else 0,
+            last_error=w.last_error if w else "",
+            snapshots=self.snaps.devices_of(st.section.name),
+        )
+
+    def worker_infos(self) -> list[WorkerInfo]:
+        ws = [st.worker for st in self.volumes.values() if st.worker]
+        ws += self.snaps.workers()
+        if self.broker:
+            ws.append(self.broker)
+        now = time.monotonic()
+        return [WorkerInfo(w.title(), w.kind, w.pid, w.alive, now - w.started if w.alive else 0.0, w.restarts, w.last_error) for w in ws]
+
+    def vss_info(self) -> VssInfo:
+        return VssInfo(self.cfg.vss.enabled, self.vss_state.state, self.vss_state.detail, list(self.vss_state.frozen), self.cfg.freeze_mounts())
+
+    def update_status(self) -> None:
+        active = self.snaps.summary()
+        self.notifier.status(f"{len(self.volumes)} volume(s); {active}; vss {self.vss_state.state}")
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval / 2)
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        try:
+            configmod.create_missing_images(self.cfg)
+            for section in self.cfg.volume:
+                await self.start_volume(section)
+            await self.start_broker()
+            await self.control.start()
+        except (WorkerGone, OSError, ImportError) as e:
+            log.critical("start-up failed: %s", e)
+            await self.shutdown()
+            return 1
+        self.notifier.ready()
+        self.update_status()
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            self._watchdog = asyncio.ensure_future(self._watchdog_loop(interval))
+        log.info("ready: %d volume(s), control socket %s", len(self.volumes), names.control_socket(self.rundir))
+        await self.stop_event.wait()
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        self.shutting_down = True
+        self.notifier.stopping()
+        log.info("stopping")
+        if self._watchdog:
+            self._watchdog.cancel()
+        await self.control.stop()
+        await self.snaps.unconfigure_all()
+        if self.broker:
+            await self.broker.stop(STOP_TIMEOUT)
+        for name in list(self.volumes):
+            await self.stop_volume(name)
+        cleanup_names(self.prefix)
+        log.info("stopped")
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config; a bad one is logged and the old one kept."""
+        self.notifier.reloading()
+        try:
+            new = configmod.load(self.config_path, rundir_override=self.rundir)
+            configmod.create_missing_images(new)
+        except (configmod.ConfigError, OSError) as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            self.notifier.ready()
+            return
+        if new.daemon != self.cfg.daemon:
+            log.warning("reload: [daemon] changes need a restart; kept the running values")
+            new = msgspec.structs.replace(new, daemon=self.cfg.daemon)
+        old_vols = {v.name: v for v in self.cfg.volume}
+        new_vols = {v.name: v for v in new.volume}
+        kept = []
+        for name, old in old_vols.items():
+            if name not in new_vols or new_vols[name] != old:
+                if self.snaps.devices_of(name):
+                    log.error("reload: volume %s has snapshots (%s); not removed or changed", name, ", ".join(self.snaps.devices_of(name)))
+                    kept.append(old)
+                    continue
+                await self.stop_volume(name)
+        merged = [old_vols[v.name] if v.name in {k.name for k in kept} else v for v in new.volume]
+        merged += [k for k in kept if k.name not in new_vols]
+        new = msgspec.structs.replace(new, volume=merged)
+        old_vss, old_mounts = self.cfg.vss, self.cfg.freeze_mounts()
+        self.cfg = new
+        for v in new.volume:
+            if v.name not in self.volumes:
+                try:
+                    await self.start_volume(v)
+                except (WorkerGone, OSError) as e:
+                    log.error("reload: volume %s failed to start: %s", v.name, e)
+        if new.vss != old_vss or new.freeze_mounts() != old_mounts:
+            if self.vss_state.state not in ("idle", "stopped", "restarting"):
+                log.warning("reload: VSS settings change waits: the broker is %s", self.vss_state.state)
+            else:
+                if self.broker:
+                    await self.broker.stop(STOP_TIMEOUT)
+                    self.broker = None
+                    self.vss_state = workermsg.VssState("stopped")
+                try:
+                    await self.start_broker()
+                except (WorkerGone, OSError) as e:
+                    log.error("reload: vss broker failed to start: %s", e)
+                log.info("reload: VSS settings applied")
+        log.info("reloaded %s: %d volume(s)", self.config_path, len(self.volumes))
+        self.notifier.ready()
+        self.update_status()
+
+
+def cleanup_names(prefix: str) -> None:
+    """Remove every shared-memory and queue name of this instance (also a killed one's)."""
+    for d in ("/dev/shm", "/dev/mqueue"):
+        try:
+            entries = os.listdir(d)
+        except OSError:
+            continue
+        for e in entries:
+            if names.owned_by(prefix, e):
+                try:
+                    os.unlink(os.path.join(d, e))
+                except OSError:
+                    pass
+
+
+def _lock_rundir(rundir: str) -> int:
+    os.makedirs(rundir, mode=0o755, exist_ok=True)
+    fd = os.open(os.path.join(rundir, "fssd.pid"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise SystemExit(f"fssd: already running with run directory {rundir} (pid {other or '?'})")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _print_status(rundir: str) -> int:
+    from daemon.client import ControlClient, NotRunning
+    from ipc.control import Status
+
+    try:
+        reply = ControlClient(rundir).request(Status())
+    except NotRunning as e:
+        print(f"fssd: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(reply)).decode() + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fssd", description="copy-on-write snapshots of live volumes, served over NBD")
+    p.add_argument("-c", "--config", default=configmod.DEFAULT_CONFIG, help="configuration file (default %(default)s)")
+    p.add_argument("-r", "--rundir", help="run directory (overrides [daemon] rundir)")
+    p.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    p.add_argument("-s", "--syslog", action="store_true", help="log to syslog instead of stderr")
+    p.add_argument("--status", action="store_true", help="print the running daemon's status as JSON and exit")
+    args = p.parse_args(argv)
+    if args.status:
+        return _print_status(names.resolve_rundir(args.rundir))
+    logfmt.setup("supervisor", args.debug, args.syslog)
+    try:
+        cfg = configmod.load(args.config, rundir_override=args.rundir)
+    except configmod.ConfigError as e:
+        print(f"fssd: {e}", file=sys.stderr)
+        return 2
+    lock_fd = _lock_rundir(cfg.daemon.rundir)
+    setproctitle.setproctitle("fssd: supervisor")
+    cleanup_names(names.instance_prefix(cfg.daemon.rundir))
+    sup = Supervisor(cfg, os.path.abspath(args.config), args.debug, args.syslog)
+    try:
+        return asyncio.run(sup.run())
+    finally:
+        try:
+            os.unlink(os.path.join(cfg.daemon.rundir, "fssd.pid"))
+        except FileNotFoundError:
+            pass
+        os.close(lock_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Control socket messages: fssconfig / vssadm / `fssd --status` <-> supervisor.
+
+Framed by ipc.framing (u32 length + msgpack). Every request gets exactly one
+reply: the matching result, or `Error(errno, message)`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class _Msg(msgspec.Struct, tag_field="t", frozen=True, omit_defaults=True):
+    pass
+
+
+# -- requests --------------------------------------------------------------------
+
+
+class ListSnapshots(_Msg, tag="list"):
+    device: str | None = None
+
+
+class ListVolumes(_Msg, tag="volumes"):
+    pass
+
+
+class Configure(_Msg, tag="configure"):
+    device: str
+    path: str  # volume name, its mountpoint or its image path
+    backup: str  # file, directory or raw block device
+    cluster: int = 0  # 0 = default (64 KiB), rounded up as fss does
+    size: int | None = None  # backing-store limit in bytes; None = room for every cluster
+    unconfig_on_close: bool = False
+    unlink: bool = False  # -x
+    consistent: bool = False  # -C: CHECK, FREEZE, barrier, THAW
+
+
+class Unconfigure(_Msg, tag="unconfigure"):
+    device: str
+
+
+class Status(_Msg, tag="status"):
+    pass
+
+
+Request = ListSnapshots | ListVolumes | Configure | Unconfigure | Status
+
+
+# -- replies -----------------------------------------------------------------------
+
+
+class Error(_Msg, tag="error"):
+    errno: int
+    message: str
+
+
+class SnapshotInfo(msgspec.Struct, frozen=True):
+    device: str
+    in_use: bool
+    volume: str = ""
+    volume_path: str = ""
+    mountpoint: str | None = None
+    state: str = "not in use"  # creating | active | invalid | not in use
+    error: str = ""
+    taken: float = 0.0  # seconds since the epoch
+    unconfig_on_close: bool = False
+    cluster_size: int = 0
+    cluster_count: int = 0
+    bs_clusters: int = 0  # clusters in the backing store: table + copies (fss's fsg_bs_size)
+    bs_limit_clusters: int = 0
+    copies: int = 0
+    backup: str = ""  # path, or "(unlinked)"
+    uri: str = ""
+    pid: int = 0
+    uptime: float = 0.0
+    restarts: int = 0
+    last_error: str = ""
+    clients: int = 0
+
+
+class VolumeInfo(msgspec.Struct, frozen=True):
+    name: str
+    path: str
+    size: int
+    uri: str
+    mountpoint: str | None = None
+    pid: int = 0
+    uptime: float = 0.0
+    restarts: int = 0
+    last_error: str = ""
+    snapshots: list[str] = []
+
+
+class WorkerInfo(msgspec.Struct, frozen=True):
+    name: str  # process title
+    kind: str
+    pid: int
+    alive: bool
+    uptime: float
+    restarts: int
+    last_error: str = ""
+
+
+class VssInfo(msgspec.Struct, frozen=True):
+    enabled: bool
+    state: str = "idle"
+    detail: str = ""
+    frozen: list[str] = []
+    freeze_mounts: list[str] = []
+
+
+class Snapshots(_Msg, tag="snapshots"):
+    snapshots: list[SnapshotInfo]
+
+
+class Volumes(_Msg, tag="volumes"):
+    volumes: list[VolumeInfo]
+
+
+class Configured(_Msg, tag="configured"):
+    snapshot: SnapshotInfo
+    barrier_us: int
+    freeze_window_ms: float | None = None
+
+
+class Unconfigured(_Msg, tag="unconfigured"):
+    device: str
+
+
+class StatusReply(_Msg, tag="statusreply"):
+    pid: int
+    rundir: str
+    config: str
+    uptime: float
+    volumes: list[VolumeInfo]
+    snapshots: list[SnapshotInfo]
+    workers: list[WorkerInfo]
+    vss: VssInfo
+
+
+Reply = Error | Snapshots | Volumes | Configured | Unconfigured | StatusReply

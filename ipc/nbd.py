@@ -1,0 +1,593 @@
+"""The NBD protocol, server side, sans-IO (after h11): bytes in, events out.
+
+One `ServerConnection` per client. The caller owns the socket:
+
+    conn = ServerConnection(exports)
+    sock.sendall(conn.greeting())
+    conn.receive_data(sock.recv(...))
+    for ev in conn.events(): ...           # Request, BadRequest, Disconnect, ...
+    sock.sendall(conn.data_to_send())      # option replies produced by the handshake
+    sock.sendall(conn.simple_reply(cookie))  # transmission replies, built on demand
+
+The handshake (fixed newstyle only) is answered inside the connection; the
+caller sees `Ready` when transmission starts. In transmission every request
+passes `_validate` (each command's constraints in one place, as nbdkit's
+validate_request) and comes out either as a `Request` the caller can execute
+without checking anything again, or as a `BadRequest` naming the errno and the
+reason. Anything that leaves the stream unparseable (wrong magic, an option
+too long to hold) puts the connection in the ERROR state: a `ProtocolError`
+event, and the caller closes the socket.
+
+Spec: NetworkBlockDevice/nbd doc/proto.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Callable, NamedTuple
+
+# --- magic numbers -----------------------------------------------------------
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY_MAGIC = 0x0003E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# handshake flags (server) and client flags
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+CLIENT_FLAGS_KNOWN = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+
+# options
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
+
+# option replies
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_META_CONTEXT = 4
+REP_ERR_UNSUP = 0x80000001
+REP_ERR_POLICY = 0x80000002
+REP_ERR_INVALID = 0x80000003
+REP_ERR_UNKNOWN = 0x80000006
+REP_ERR_TOO_BIG = 0x80000009
+
+# info types
+INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_DESCRIPTION = 2
+INFO_BLOCK_SIZE = 3
+
+# transmission flags
+TF_HAS_FLAGS = 1 << 0
+TF_READ_ONLY = 1 << 1
+TF_SEND_FLUSH = 1 << 2
+TF_SEND_FUA = 1 << 3
+TF_SEND_TRIM = 1 << 5
+TF_SEND_WRITE_ZEROES = 1 << 6
+TF_SEND_DF = 1 << 7
+TF_CAN_MULTI_CONN = 1 << 8
+TF_SEND_CACHE = 1 << 10
+TF_SEND_FAST_ZERO = 1 << 11
+
+# commands
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_CACHE = 5
+CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
+CMD_NAMES = {0: "READ", 1: "WRITE", 2: "DISC", 3: "FLUSH", 4: "TRIM", 5: "CACHE", 6: "WRITE_ZEROES", 7: "BLOCK_STATUS"}
+
+# command flags
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
+CMD_FLAG_FAST_ZERO = 1 << 4
+
+# structured reply chunks
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = 32769
+
+# errors (errno values on the wire)
+EPERM = 1
+EIO = 5
+ENOMEM = 12
+EINVAL = 22
+ENOSPC = 28
+EOVERFLOW = 75
+ENOTSUP = 95
+ESHUTDOWN = 108
+
+# base:allocation status bits
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
+BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION_ID = 1
+
+# --- limits (each with its precedent) -----------------------------------------
+
+# Block sizes advertised in NBD_INFO_BLOCK_SIZE: what qemu-storage-daemon
+# advertises (1 / 4096 / 32 MiB); the spec says any payload <= 32 MiB SHOULD be
+# accepted whatever the advertised maximum.
+MIN_BLOCK = 1
+PREFERRED_BLOCK = 4096
+MAX_PAYLOAD = 32 * 1024 * 1024
+# Option data: strings are at most 4096 bytes (spec); INFO/GO/META_CONTEXT
+# carry a name plus a few queries. nbdkit refuses options over 64 KiB too.
+MAX_OPTION = 64 * 1024
+# Strings in options (export names, queries): the spec's MUST limit.
+MAX_STRING = 4096
+# Options before GO: a client that never stops negotiating is a loop, not a
+# client. nbdkit allows 32 per connection; be a little more generous.
+MAX_OPTIONS = 128
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_OPT_HDR = struct.Struct(">QII")  # IHAVEOPT, option, length
+_OPT_REPLY = struct.Struct(">QIII")  # magic, option, type, length
+_REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+_SIMPLE = struct.Struct(">IIQ")  # magic, error, cookie
+_CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+_CHUNK_DATA = struct.Struct(">IHHQIQ")  # chunk header + offset
+
+
+# --- exports ---------------------------------------------------------------------
+
+
+class Export(NamedTuple):
+    name: str
+    size: int
+    read_only: bool
+    description: str = ""
+
+
+# --- events ------------------------------------------------------------------------
+
+
+class Ready(NamedTuple):
+    """Handshake finished: transmission on this export."""
+
+    export: Export
+
+
+class Request(NamedTuple):
+    """A validated request; `data` is the payload of a WRITE, else b""."""
+
+    cmd: int
+    flags: int
+    cookie: int
+    offset: int
+    length: int
+    data: bytes
+
+
+class BadRequest(NamedTuple):
+    """A request refused by validation: reply `errno` (the payload was consumed)."""
+
+    cmd: int
+    cookie: int
+    errno: int
+    reason: str
+
+
+class Disconnect(NamedTuple):
+    """NBD_CMD_DISC or NBD_OPT_ABORT: finish in-flight work, send what is queued, close."""
+
+    reason: str
+
+
+class ProtocolError(NamedTuple):
+    """The stream cannot be followed any more: send what is queued, then close."""
+
+    reason: str
+
+
+class State(enum.Enum):
+    CLIENT_FLAGS = 1
+    OPTIONS = 2
+    TRANSMISSION = 3
+    CLOSED = 4
+    ERROR = 5
+
+
+Lookup = Callable[[str], "Export | None"]
+
+
+class ServerConnection:
+    """One client connection's protocol state."""
+
+    def __init__(self, exports: list[Export]):
+        self._exports = {e.name: e for e in exports}
+        self.state = State.CLIENT_FLAGS
+        self.export: Export | None = None
+        self.structured = False
+        self.no_zeroes = False
+        self.meta_base_allocation = False
+        self.options_seen = 0
+        self._buf = bytearray()
+        self._pos = 0
+        self._out: list[bytes] = []
+        # Bytes of a refused WRITE's payload still to skip, and its event.
+        self._discard = 0
+        self._discard_event: BadRequest | None = None
+
+    # -- bytes in / bytes out ------------------------------------------------------
+
+    def greeting(self) -> bytes:
+        return _U64.pack(NBDMAGIC) + _U64.pack(IHAVEOPT) + _U16.pack(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    def data_to_send(self) -> bytes:
+        """Handshake replies produced so far (transmission replies are built by the caller's calls)."""
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def events(self) -> list:
+        """Every event the buffered bytes make; leaves a partial message buffered."""
+        out: list = []
+        try:
+            while self.state not in (State.CLOSED, State.ERROR):
+                if self.state is State.TRANSMISSION:
+                    ev = self._next_request()
+                elif self.state is State.OPTIONS:
+                    ev = self._next_option()
+                else:
+                    ev = self._client_flags()
+                if ev is None:
+                    break
+                if ev is not True:
+                    out.append(ev)
+        except _Fatal as e:
+            self.state = State.ERROR
+            out.append(ProtocolError(str(e)))
+        finally:
+            if self._pos:
+                del self._buf[: self._pos]
+                self._pos = 0
+        return out
+
+    def _take(self, n: int) -> memoryview | None:
+        if len(self._buf) - self._pos < n:
+            return None
+        view = memoryview(self._buf)[self._pos : self._pos + n]
+        self._pos += n
+        return view
+
+    # -- handshake -------------------------------------------------------------------
+
+    def _client_flags(self):
+        raw = self._take(4)
+        if raw is None:
+            return None
+        (flags,) = _U32.unpack(raw)
+        raw.release()
+        if flags & ~CLIENT_FLAGS_KNOWN:
+            raise _Fatal(f"client flags {flags:#x} have unknown bits")
+        if not flags & FLAG_FIXED_NEWSTYLE:
+            # Plain newstyle clients cannot be told about errors; the spec lets us drop them.
+            raise _Fatal("client does not support fixed newstyle negotiation")
+        self.no_zeroes = bool(flags & FLAG_NO_ZEROES)
+        self.state = State.OPTIONS
+        return True
+
+    def _next_option(self):
+        if len(self._buf) - self._pos < _OPT_HDR.size:
+            return None
+        magic, opt, length = _OPT_HDR.unpack_from(self._buf, self._pos)
+        if magic != IHAVEOPT:
+            raise _Fatal(f"bad option magic {magic:#x}")
+        if length > MAX_OPTION:
+            raise _Fatal(f"option {opt} carries {length} bytes, over the limit of {MAX_OPTION}")
+        if len(self._buf) - self._pos < _OPT_HDR.size + length:
+            return None
+        self._pos += _OPT_HDR.size
+        data = bytes(self._take(length))
+        self.options_seen += 1
+        if self.options_seen > MAX_OPTIONS:
+            raise _Fatal(f"more than {MAX_OPTIONS} options; giving up on this client")
+        handler = self._OPTION_HANDLERS.get(opt)
+        if handler is None:
+            self._opt_reply(opt, REP_ERR_UNSUP, f"option {opt} is not supported".encode())
+            return True
+        return handler(self, opt, data)
+
+    def _opt_reply(self, opt: int, rep: int, payload: bytes = b"") -> None:
+        self._out.append(_OPT_REPLY.pack(OPT_REPLY_MAGIC, opt, rep, len(payload)) + payload)
+
+    def _lookup(self, name: str) -> Export | None:
+        exp = self._exports.get(name)
+        # The default export "" is the only export of this socket (nbdkit and qemu-nbd do the same).
+        if exp is None and name == "" and len(self._exports) == 1:
+            exp = next(iter(self._exports.values()))
+        return exp
+
+    def transmission_flags(self, exp: Export) -> int:
+        flags = TF_HAS_FLAGS | TF_CAN_MULTI_CONN | TF_SEND_CACHE | TF_SEND_FLUSH
+        if exp.read_only:
+            flags |= TF_READ_ONLY
+        else:
+            flags |= TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO
+        if self.structured:
+            flags |= TF_SEND_DF
+        return flags
+
+    def _opt_export_name(self, opt: int, data: bytes):
+        name = _decode_string(data)
+        exp = self._lookup(name) if name is not None else None
+        if exp is None:
+            # EXPORT_NAME has no way to say no: the spec's answer is to hang up.
+            raise _Fatal(f"unknown export {data[:64]!r} requested with NBD_OPT_EXPORT_NAME")
+        reply = _U64.pack(exp.size) + _U16.pack(self.transmission_flags(exp))
+        if not self.no_zeroes:
+            reply += bytes(124)
+        self._out.append(reply)
+        return self._start(exp)
+
+    def _start(self, exp: Export) -> Ready:
+        self.export = exp
+        self.state = State.TRANSMISSION
+        return Ready(exp)
+
+    def _opt_abort(self, opt: int, data: bytes):
+        self._opt_reply(opt, REP_ACK)
+        self.state = State.CLOSED
+        return Disconnect("client sent NBD_OPT_ABORT")
+
+    def _opt_list(self, opt: int, data: bytes):
+        if data:
+            self._opt_reply(opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
+            return True
+        for exp in self._exports.values():
+            name = exp.name.encode()
+            self._opt_reply(opt, REP_SERVER, _U32.pack(len(name)) + name + exp.description.encode())
+        self._opt_reply(opt, REP_ACK)
+        return True
+
+    def _opt_starttls(self, opt: int, data: bytes):
+        self._opt_reply(opt, REP_ERR_UNSUP, b"TLS is not supported; use the Unix socket's permissions")
+        return True
+
+    def _opt_info_go(self, opt: int, data: bytes):
+        if len(data) < 6:
+            self._opt_reply(opt, REP_ERR_INVALID, b"option data too short")
+            return True
+        (namelen,) = _U32.unpack_from(data, 0)
+        if namelen > MAX_STRING or 4 + namelen + 2 > len(data):
+            self._opt_reply(opt, REP_ERR_INVALID, b"export name length does not fit the option")
+            return True
+        name = _decode_string(data[4 : 4 + namelen])
+        (n,) = _U16.unpack_from(data, 4 + namelen)
+        if 4 + namelen + 2 + 2 * n != len(data):
+            self._opt_reply(opt, REP_ERR_INVALID, b"number of info requests does not match the option length")
+            return True
+        wanted = set(struct.unpack_from(f">{n}H", data, 4 + namelen + 2))
+        exp = self._lookup(name) if name is not None else None
+        if exp is None:
+            self._opt_reply(opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
+            return True
+        self._opt_reply(opt, REP_INFO, _U16.pack(INFO_EXPORT) + _U64.pack(exp.size) + _U16.pack(self.transmission_flags(exp)))
+        if INFO_NAME in wanted:
+            self._opt_reply(opt, REP_INFO, _U16.pack(INFO_NAME) + exp.name.encode())
+        if INFO_DESCRIPTION in wanted and exp.description:
+            self._opt_reply(opt, REP_INFO, _U16.pack(INFO_DESCRIPTION) + exp.description.encode())
+        if INFO_BLOCK_SIZE in wanted:
+            self._opt_reply(opt, REP_INFO, _U16.pack(INFO_BLOCK_SIZE) + struct.pack(">III", MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD))
+        self._opt_reply(opt, REP_ACK)
+        if opt == OPT_GO:
+            return self._start(exp)
+        return True
+
+    def _opt_structured_reply(self, opt: int, data: bytes):
+        if data:
+            self._opt_reply(opt, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
+        elif self.structured:
+            self._opt_reply(opt, REP_ERR_INVALID, b"structured replies are already negotiated")
+        else:
+            self.structured = True
+            self._opt_reply(opt, REP_ACK)
+        return True
+
+    def _opt_meta_context(self, opt: int, data: bytes):
+        if opt == OPT_SET_META_CONTEXT and not self.structured:
+            self._opt_reply(opt, REP_ERR_INVALID, b"NBD_OPT_SET_META_CONTEXT needs structured replies first")
+            return True
+        parsed = _parse_meta_queries(data)
+        if parsed is None:
+            self._opt_reply(opt, REP_ERR_INVALID, b"malformed meta context request")
+            return True
+        name, queries = parsed
+        if self._lookup(name) is None:
+            self._opt_reply(opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
+            return True
+        if opt == OPT_LIST_META_CONTEXT:
+            if not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries):
+                self._opt_reply(opt, REP_META_CONTEXT, _U32.pack(0) + BASE_ALLOCATION.encode())
+        else:
+            self.meta_base_allocation = BASE_ALLOCATION in queries
+            if self.meta_base_allocation:
+                self._opt_reply(opt, REP_META_CONTEXT, _U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode())
+        self._opt_reply(opt, REP_ACK)
+        return True
+
+    _OPTION_HANDLERS = {
+        OPT_EXPORT_NAME: _opt_export_name,
+        OPT_ABORT: _opt_abort,
+        OPT_LIST: _opt_list,
+        OPT_STARTTLS: _opt_starttls,
+        OPT_INFO: _opt_info_go,
+        OPT_GO: _opt_info_go,
+        OPT_STRUCTURED_REPLY: _opt_structured_reply,
+        OPT_LIST_META_CONTEXT: _opt_meta_context,
+        OPT_SET_META_CONTEXT: _opt_meta_context,
+    }
+
+    # -- transmission ----------------------------------------------------------------
+
+    def _next_request(self):
+        buf = self._buf
+        if self._discard:
+            n = min(self._discard, len(buf) - self._pos)
+            self._pos += n
+            self._discard -= n
+            if self._discard:
+                return None
+            ev, self._discard_event = self._discard_event, None
+            return ev
+        if len(buf) - self._pos < 28:
+            return None
+        magic, flags, cmd, cookie, offset, length = _REQUEST.unpack_from(buf, self._pos)
+        if magic != REQUEST_MAGIC:
+            raise _Fatal(f"bad request magic {magic:#x}")
+        if cmd == CMD_WRITE:
+            err = self._validate(cmd, flags, offset, length)
+            if err is None:
+                if len(buf) - self._pos < 28 + length:
+                    return None
+                start = self._pos + 28
+                self._pos = start + length
+                with memoryview(buf) as view:  # one copy, and no export left to block the next resize
+                    data = bytes(view[start : start + length])
+                return Request(cmd, flags, cookie, offset, length, data)
+            # Refused: skip the payload without holding it, then report.
+            self._pos += 28
+            self._discard = length
+            self._discard_event = BadRequest(cmd, cookie, err[0], err[1])
+            return self._next_request() if self._discard else self._discard_event
+        self._pos += 28
+        if cmd == CMD_DISC:
+            self.state = State.CLOSED
+            return Disconnect("client sent NBD_CMD_DISC")
+        err = self._validate(cmd, flags, offset, length)
+        if err is not None:
+            return BadRequest(cmd, cookie, err[0], err[1])
+        return Request(cmd, flags, cookie, offset, length, b"")
+
+    def _validate(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str] | None:
+        """Every command's constraints, in one place. None = valid, else (errno, reason)."""
+        exp = self.export
+        name = CMD_NAMES.get(cmd, f"command {cmd}")
+        allowed = CMD_FLAG_FUA if not exp.read_only else 0
+        if cmd == CMD_WRITE_ZEROES:
+            allowed |= CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO
+        elif cmd == CMD_READ and self.structured:
+            allowed |= CMD_FLAG_DF
+        elif cmd == CMD_BLOCK_STATUS:
+            allowed |= CMD_FLAG_REQ_ONE
+        if exp.read_only:
+            # Clients set FUA on any command once it is advertised; tolerate it as a no-op.
+            allowed |= CMD_FLAG_FUA
+        if cmd not in CMD_NAMES:
+            return EINVAL, f"unknown command {cmd}"
+        if flags & ~allowed:
+            return EINVAL, f"{name}: unsupported flags {flags & ~allowed:#x}"
+        if cmd == CMD_FLUSH:
+            if offset or length:
+                return EINVAL, "FLUSH: offset and length must be 0"
+            return None
+        if exp.read_only and cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
+            return EPERM, f"{name}: export {exp.name} is read-only"
+        if length == 0:
+            return EINVAL, f"{name}: length 0"
+        if cmd in (CMD_READ, CMD_WRITE) and length > MAX_PAYLOAD:
+            if cmd == CMD_READ and self.structured:
+                return EOVERFLOW, f"READ: length {length} over the maximum payload {MAX_PAYLOAD}"
+            return EINVAL, f"{name}: length {length} over the maximum payload {MAX_PAYLOAD}"
+        if offset + length > exp.size:
+            if cmd == CMD_WRITE:
+                return ENOSPC, f"WRITE: {offset}+{length} is past the end ({exp.size})"
+            return EINVAL, f"{name}: {offset}+{length} is past the end ({exp.size})"
+        if cmd == CMD_BLOCK_STATUS and not self.meta_base_allocation:
+            return EINVAL, "BLOCK_STATUS: no metadata context was negotiated"
+        if flags & CMD_FLAG_FAST_ZERO and flags & CMD_FLAG_NO_HOLE:
+            # We zero fast only by punching holes; NO_HOLE forbids that.
+            return ENOTSUP, "WRITE_ZEROES: FAST_ZERO with NO_HOLE cannot be done fast here"
+        return None
+
+    # -- replies (transmission) ----------------------------------------------------------
+
+    def simple_reply(self, cookie: int, error: int = 0) -> bytes:
+        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+    def read_reply_header(self, cookie: int, offset: int, length: int) -> bytes:
+        """Header to send before `length` bytes of read data (structured or simple)."""
+        if self.structured:
+            return _CHUNK_DATA.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
+        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+
+    def error_reply(self, cookie: int, error: int, message: str = "") -> bytes:
+        if self.structured:
+            msg = message.encode()[:MAX_STRING]
+            payload = _U32.pack(error) + _U16.pack(len(msg)) + msg
+            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, len(payload)) + payload
+        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+    def block_status_reply(self, cookie: int, extents: list[tuple[int, int]]) -> bytes:
+        """One BLOCK_STATUS chunk for base:allocation: extents of (length, flags)."""
+        payload = _U32.pack(BASE_ALLOCATION_ID) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len(payload)) + payload
+
+
+class _Fatal(Exception):
+    pass
+
+
+def _decode_string(data: bytes) -> str | None:
+    if len(data) > MAX_STRING or b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _parse_meta_queries(data: bytes) -> tuple[str, list[str]] | None:
+    if len(data) < 8:
+        return None
+    (namelen,) = _U32.unpack_from(data, 0)
+    if namelen > MAX_STRING or 4 + namelen + 4 > len(data):
+        return None
+    name = _decode_string(data[4 : 4 + namelen])
+    pos = 4 + namelen
+    (count,) = _U32.unpack_from(data, pos)
+    pos += 4
+    queries = []
+    for _ in range(count):
+        if pos + 4 > len(data):
+            return None
+        (qlen,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if qlen > MAX_STRING or pos + qlen > len(data):
+            return None
+        q = _decode_string(data[pos : pos + qlen])
+        if q is None:
+            return None
+        queries.append(q)
+        pos += qlen
+    if pos != len(data) or name is None:
+        return None
+    return name, queries

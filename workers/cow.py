@@ -1,0 +1,128 @@
+"""Copy-on-write into one snapshot's backing store (DESIGN.md "Write path").
+
+For each cluster a live write touches whose entry is clear: copy the old
+cluster from the volume to the backing store (appended at the next free
+backing-store cluster), *then* publish the entry, *then* the caller writes the
+volume. Trouble with the backing store makes the snapshot invalid and never
+fails the live write (fss_error: only the first error acts, logged once).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+
+from ipc.clustermap import ClusterMap
+from workers import fileio
+
+log = logging.getLogger("cow")
+
+# Errors that mean "no room": the snapshot overflowed, as dm-snapshot's "full".
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class SnapshotTarget:
+    """One attached snapshot as the volume worker sees it."""
+
+    def __init__(self, device: str, cmap: ClusterMap, bs_fd: int, volume_fd: int):
+        self.device = device
+        self.map = cmap
+        self.bs_fd = bs_fd
+        self.volume_fd = volume_fd
+        # Local mirror of "usable", so the hot path reads no header.
+        self.active = cmap.usable
+
+    def needs_copy(self, offset: int, length: int) -> bool:
+        """Lock-free fast path: False when every touched cluster is already copied."""
+        if not self.active:
+            return False
+        shift = self.map.cluster_shift
+        c0 = offset >> shift
+        c1 = (offset + length - 1) >> shift
+        t = self.map.table
+        if c0 == c1:
+            return not t[c0]
+        return 0 in t[c0 : c1 + 1]
+
+    def copy(self, offset: int, length: int) -> None:
+        """Copy every still-clear cluster of the range. Caller holds the volume's COW lock."""
+        if not self.active or not self.map.usable:  # also invalidated by the supervisor
+            self.active = False
+            return
+        m = self.map
+        shift = m.cluster_shift
+        cs = m.cluster_size
+        t = m.table
+        c = offset >> shift
+        last = (offset + length - 1) >> shift
+        while c <= last:
+            if t[c]:
+                c += 1
+                continue
+            start = c
+            while c <= last and not t[c]:
+                c += 1
+            n = c - start
+            dest = m.bs_next
+            if m.bs_limit and dest + n > m.bs_limit:
+                self.invalidate("backing store full")
+                return
+            src = start << shift
+            nbytes = min(c << shift, m.volume_size) - src
+            try:
+                fileio.copy_range(self.volume_fd, src, self.bs_fd, dest * cs, nbytes)
+            except OSError as e:
+                self.invalidate("backing store full" if e.errno in _FULL else "write error on backing store", e)
+                return
+            # Publish only now: a reader that sees the entry finds the copy complete.
+            for i in range(n):
+                t[start + i] = dest + i
+            m.bs_next = dest + n
+            m.copies = m.copies + n
+
+    def invalidate(self, reason: str, exc: OSError | None = None) -> None:
+        self.active = False
+        if self.map.set_error(reason):
+            log.error("%s: snapshot invalid: %s%s", self.device, reason, f" ({exc.strerror})" if exc else "")
+
+    def write_table(self) -> None:
+        """The on-disk copy of the table at the head of the backing store (NetBSD's layout)."""
+        try:
+            os.pwrite(self.bs_fd, self.map.table_bytes(), 0)
+        except OSError as e:
+            log.warning("%s: could not write the table to the backing store: %s", self.device, e)
+
+
+class WriteGate:
+    """Counts writes in flight so a snapshot barrier can drain them."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._closed = False
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._inflight += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            if self._closed and not self._inflight:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Hold new writes and wait until none is in flight."""
+        with self._cond:
+            self._closed = True
+            while self._inflight:
+                self._cond.wait()
+
+    def open(self) -> None:
+        with self._cond:
+            self._closed = False
+            self._cond.notify_all()

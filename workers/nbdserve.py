@@ -1,0 +1,265 @@
+"""The NBD serving loop both export kinds share: one thread per connection.
+
+ipc.nbd parses and validates; this loop only moves bytes and calls the
+backend: validate (done by the protocol), handle, reply, each once. Replies of
+a batch of pipelined requests leave in one sendmsg; large reads leave with
+os.sendfile when the backend can name a file for the range, so the data never
+passes through Python.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+from typing import Callable, Protocol
+
+from ipc import nbd
+
+log = logging.getLogger("nbd")
+
+# One recv takes up to this much: a 256 KiB write arrives in a single call.
+RECV_SIZE = 1 << 20
+# Reads this large go out with sendfile() (no copy through Python) when possible.
+SENDFILE_MIN = 128 * 1024
+# Flush queued replies before they hold more than this (pipelined large reads).
+OUT_HIGH_WATER = 8 << 20
+# sendmsg() takes at most IOV_MAX (1024) buffers.
+OUT_MAX_BUFFERS = 512
+
+
+class Backend(Protocol):
+    """What an export does; raises OSError with a meaningful errno on failure."""
+
+    size: int
+    read_only: bool
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+    def sendfile_fd(self, offset: int, length: int) -> int | None: ...
+    def write(self, offset: int, data: bytes, fua: bool) -> None: ...
+    def flush(self) -> None: ...
+    def trim(self, offset: int, length: int, fua: bool) -> None: ...
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None: ...
+    def cache(self, offset: int, length: int) -> None: ...
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]: ...
+
+
+def nbd_errno(e: OSError) -> int:
+    """System errors to the protocol's few (one place, as nbdkit's nbd_errno)."""
+    return {
+        errno.EPERM: nbd.EPERM,
+        errno.EROFS: nbd.EPERM,
+        errno.EACCES: nbd.EPERM,
+        errno.ENOMEM: nbd.ENOMEM,
+        errno.EINVAL: nbd.EINVAL,
+        errno.ENOSPC: nbd.ENOSPC,
+        errno.EFBIG: nbd.ENOSPC,
+        errno.EDQUOT: nbd.ENOSPC,
+        errno.EOVERFLOW: nbd.EOVERFLOW,
+        errno.ENOTSUP: nbd.ENOTSUP,
+        errno.ESHUTDOWN: nbd.ESHUTDOWN,
+    }.get(e.errno or 0, nbd.EIO)
+
+
+class Server:
+    """Serves one export on a listening socket (owned by the supervisor, inherited)."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        export: nbd.Export,
+        backend: Backend,
+        on_clients: Callable[[int], None] | None = None,
+    ):
+        self.listener = listener
+        self.export = export
+        self.backend = backend
+        self.on_clients = on_clients
+        self._lock = threading.Lock()
+        self._conns: dict[int, socket.socket] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self.requests = 0
+        self.errors = 0
+
+    @property
+    def clients(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    def serve_forever(self) -> None:
+        """Accept until stop(); each client in its own thread."""
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    break
+                raise
+            if self._stopping.is_set():
+                sock.close()
+                break
+            t = threading.Thread(target=self._run_conn, args=(sock,), daemon=True)
+            with self._lock:
+                self._conns[sock.fileno()] = sock
+                self._threads = [x for x in self._threads if x.is_alive()]
+                self._threads.append(t)
+                count = len(self._conns)
+            if self.on_clients:
+                self.on_clients(count)
+            t.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting; let every connection finish the requests it has, then close."""
+        self._stopping.set()
+        try:
+            # accept() is woken by shutting the listener down (it stays open for a restart).
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        with self._lock:
+            conns = list(self._conns.values())
+            threads = list(self._threads)
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RD)  # recv() returns 0 after the buffered requests
+            except OSError:
+                pass
+        for t in threads:
+            t.join(timeout)
+
+    # -- one connection --------------------------------------------------------------
+
+    def _run_conn(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        try:
+            self._converse(sock)
+        except (ConnectionError, BrokenPipeError, TimeoutError) as e:
+            log.info("%s: client went away: %s", self.export.name, e)
+        except OSError as e:
+            log.warning("%s: connection closed after error: %s", self.export.name, e)
+        except Exception:  # a bug must cost one connection, never the worker
+            log.exception("%s: internal error; closing this connection", self.export.name)
+        finally:
+            with self._lock:
+                self._conns.pop(fd, None)
+                count = len(self._conns)
+            try:
+                sock.close()
+            except OSError:
+                pass
+            if self.on_clients:
+                self.on_clients(count)
+
+    def _converse(self, sock: socket.socket) -> None:
+        conn = nbd.ServerConnection([self.export])
+        sock.sendall(conn.greeting())
+        rbuf = bytearray(RECV_SIZE)
+        rview = memoryview(rbuf)
+        out: list = []
+        backend = self.backend
+        Request, BadRequest = nbd.Request, nbd.BadRequest
+        while True:
+            n = sock.recv_into(rbuf)
+            if n == 0:
+                return
+            conn.receive_data(rview[:n])
+            for ev in conn.events():
+                cls = type(ev)
+                if cls is Request:
+                    self._handle(conn, ev, out, sock, backend)
+                    if len(out) > OUT_MAX_BUFFERS:
+                        _send(sock, out)
+                elif cls is BadRequest:
+                    self.errors += 1
+                    log.info("%s: refused %s: %s", self.export.name, nbd.CMD_NAMES.get(ev.cmd, ev.cmd), ev.reason)
+                    out.append(conn.error_reply(ev.cookie, ev.errno, ev.reason))
+                else:
+                    hs = conn.data_to_send()
+                    if hs:
+                        out.append(hs)
+                    if cls is nbd.ProtocolError:
+                        log.warning("%s: protocol error, disconnecting: %s", self.export.name, ev.reason)
+                        _send(sock, out)
+                        return
+                    if cls is nbd.Disconnect:
+                        _send(sock, out)
+                        return
+            hs = conn.data_to_send()
+            if hs:
+                out.append(hs)
+            if out:
+                _send(sock, out)
+
+    def _handle(self, conn: nbd.ServerConnection, req: nbd.Request, out: list, sock, backend: Backend) -> None:
+        self.requests += 1
+        cmd = req.cmd
+        try:
+            if cmd == nbd.CMD_READ:
+                if req.length >= SENDFILE_MIN:
+                    fd = backend.sendfile_fd(req.offset, req.length)
+                    if fd is not None:
+                        out.append(conn.read_reply_header(req.cookie, req.offset, req.length))
+                        _send(sock, out)
+                        _sendfile(sock, fd, req.offset, req.length)
+                        return
+                data = backend.pread(req.offset, req.length)
+                out.append(conn.read_reply_header(req.cookie, req.offset, req.length))
+                out.append(data)
+                return
+            if cmd == nbd.CMD_WRITE:
+                backend.write(req.offset, req.data, bool(req.flags & nbd.CMD_FLAG_FUA))
+            elif cmd == nbd.CMD_FLUSH:
+                backend.flush()
+            elif cmd == nbd.CMD_TRIM:
+                backend.trim(req.offset, req.length, bool(req.flags & nbd.CMD_FLAG_FUA))
+            elif cmd == nbd.CMD_WRITE_ZEROES:
+                backend.zero(
+                    req.offset,
+                    req.length,
+                    may_trim=not req.flags & nbd.CMD_FLAG_NO_HOLE,
+                    fast=bool(req.flags & nbd.CMD_FLAG_FAST_ZERO),
+                    fua=bool(req.flags & nbd.CMD_FLAG_FUA),
+                )
+            elif cmd == nbd.CMD_CACHE:
+                backend.cache(req.offset, req.length)
+            elif cmd == nbd.CMD_BLOCK_STATUS:
+                ext = backend.extents(req.offset, req.length)
+                if req.flags & nbd.CMD_FLAG_REQ_ONE:
+                    n, f = ext[0]
+                    ext = [(min(n, req.length), f)]
+                out.append(conn.block_status_reply(req.cookie, ext))
+                return
+            out.append(conn.simple_reply(req.cookie))
+        except OSError as e:
+            self.errors += 1
+            code = nbd_errno(e)
+            if not (cmd == nbd.CMD_WRITE_ZEROES and code == nbd.ENOTSUP):
+                log.warning("%s: %s %d+%d failed: %s", self.export.name, nbd.CMD_NAMES[cmd], req.offset, req.length, e)
+            out.append(conn.error_reply(req.cookie, code, f"{nbd.CMD_NAMES[cmd]}: {e.strerror or e}"))
+
+
+def _send(sock: socket.socket, out: list) -> None:
+    if not out:
+        return
+    if len(out) == 1:
+        sock.sendall(out[0])
+    else:
+        total = sum(map(len, out))
+        sent = sock.sendmsg(out)
+        if sent < total:
+            sock.sendall(memoryview(b"".join(out))[sent:])
+    out.clear()
+
+
+def _sendfile(sock: socket.socket, fd: int, offset: int, length: int) -> None:
+    sfd = sock.fileno()
+    end = offset + length
+    while offset < end:
+        n = os.sendfile(sfd, fd, offset, end - offset)
+        if n == 0:
+            # The file is shorter than the header promised: the stream can't be mended.
+            raise OSError(errno.EIO, "short read from the volume during sendfile")
+        offset += n

@@ -1,0 +1,197 @@
+"""Snapshot worker `fssN`: serves one snapshot read-only over NBD (DESIGN.md "Read path").
+
+Entry set: read the backing store. Entry clear: read the live volume, then
+test the entry again; if it was set meanwhile the volume may already hold new
+data, so read the backing store instead. The entry is published only after
+the copy is complete and before the volume is overwritten, so no lock is
+needed across processes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import sys
+import threading
+
+import msgspec
+import setproctitle
+
+from ipc import logfmt, nbd, workermsg
+from ipc.channel import Channel
+from ipc.clustermap import ClusterMap
+from workers import fileio
+from workers.nbdserve import Server
+
+log = logging.getLogger("snapshot")
+
+
+class SnapshotSettings(msgspec.Struct, frozen=True):
+    device: str
+    volume: str
+    volume_path: str
+    map_name: str
+    bs_fd: int
+    listen_fd: int
+    channel_fd: int
+    taken: str  # UTC, for the process title
+    debug: bool = False
+    use_syslog: bool = False
+
+
+def _invalid(cmap: ClusterMap) -> OSError:
+    return OSError(errno.EIO, f"snapshot invalid: {cmap.error or 'not active'}")
+
+
+class SnapshotBackend:
+    """Reads the snapshot's image: volume where untouched, backing store where copied."""
+
+    read_only = True
+
+    def __init__(self, volume_fd: int, bs_fd: int, cmap: ClusterMap):
+        self.volume_fd = volume_fd
+        self.bs_fd = bs_fd
+        self.map = cmap
+        self.size = cmap.volume_size
+
+    def _any_copied(self, c0: int, c1: int) -> bool:
+        t = self.map.table
+        if c0 == c1:
+            return t[c0] != 0
+        return any(t[c0 : c1 + 1])
+
+    def pread(self, offset: int, length: int) -> bytes:
+        m = self.map
+        if not m.usable:
+            raise _invalid(m)
+        shift = m.cluster_shift
+        c0 = offset >> shift
+        c1 = (offset + length - 1) >> shift
+        if not self._any_copied(c0, c1):
+            data = os.pread(self.volume_fd, length, offset)
+            # Test after read: still clear means the volume was not yet overwritten when we read it.
+            if not self._any_copied(c0, c1):
+                if not m.usable:  # invalidated meanwhile: the volume no longer waits for copies
+                    raise _invalid(m)
+                if len(data) != length:
+                    raise OSError(errno.EIO, "short read from the volume image")
+                return data
+        data = self._read_mixed(offset, length)
+        if not m.usable:
+            raise _invalid(m)
+        return data
+
+    def _read_mixed(self, offset: int, length: int) -> bytearray:
+        m = self.map
+        t = m.table
+        shift = m.cluster_shift
+        cs = m.cluster_size
+        buf = bytearray(length)
+        view = memoryview(buf)
+        pos = offset
+        end = offset + length
+        while pos < end:
+            c = pos >> shift
+            stop = min((c + 1) << shift, end)
+            n = stop - pos
+            dst = view[pos - offset : stop - offset]
+            k = t[c]
+            if not k:
+                got = os.preadv(self.volume_fd, [dst], pos)
+                k = t[c]  # test after read
+            if k:
+                got = os.preadv(self.bs_fd, [dst], k * cs + (pos - (c << shift)))
+            if got != n:
+                raise OSError(errno.EIO, f"short read at {pos} ({'backing store' if k else 'volume'})")
+            pos = stop
+        view.release()
+        return buf
+
+    def sendfile_fd(self, offset: int, length: int) -> int | None:
+        return None  # data must be checked after it is read, so it passes through here
+
+    # The protocol refuses writes to a read-only export first; these are the backstop.
+    def write(self, offset: int, data: bytes, fua: bool) -> None:
+        raise OSError(errno.EPERM, "snapshot is read-only")
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        raise OSError(errno.EPERM, "snapshot is read-only")
+
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        raise OSError(errno.EPERM, "snapshot is read-only")
+
+    def flush(self) -> None:
+        pass
+
+    def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.volume_fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Copied clusters are data; elsewhere the volume's holes, if still uncopied after the query."""
+        m = self.map
+        if not m.usable:
+            raise _invalid(m)
+        hz = nbd.STATE_HOLE | nbd.STATE_ZERO
+        out: list[tuple[int, int]] = []
+        pos = offset
+        shift = m.cluster_shift
+        t = m.table
+        for n, hole in fileio.extents(self.volume_fd, offset, length):
+            if hole:
+                # A hole that a live write is filling was copied first: report what is copied as data.
+                c0, c1 = pos >> shift, (pos + n - 1) >> shift
+                if any(t[c0 : c1 + 1]):
+                    hole = False
+            flags = hz if hole else 0
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + n, flags)
+            else:
+                out.append((n, flags))
+            pos += n
+        return out
+
+
+def run(settings: SnapshotSettings) -> int:
+    setproctitle.setproctitle(f"fssd: {settings.device} {settings.volume}@{settings.taken}")
+    logfmt.setup(settings.device, settings.debug, settings.use_syslog)
+    chan = Channel(socket.socket(fileno=settings.channel_fd), workermsg.ToWorker)
+    vol_fd = os.open(settings.volume_path, os.O_RDONLY | os.O_CLOEXEC)
+    cmap = ClusterMap.attach(settings.map_name, writable=False)
+    backend = SnapshotBackend(vol_fd, settings.bs_fd, cmap)
+
+    def clients_changed(count: int) -> None:
+        try:
+            chan.send(workermsg.ClientsChanged(settings.device, count))
+        except OSError:
+            pass
+
+    listener = socket.socket(fileno=settings.listen_fd)
+    export = nbd.Export(settings.device, backend.size, True, f"fssd snapshot {settings.device} of {settings.volume} at {settings.taken}")
+    server = Server(listener, export, backend, on_clients=clients_changed)
+    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
+    chan.send(workermsg.Ready(kind="snapshot", pid=os.getpid()))
+    log.info("serving snapshot of %s taken %s", settings.volume, settings.taken)
+    while True:
+        try:
+            got = chan.recv()
+        except (OSError, ValueError) as e:
+            log.error("channel to the supervisor failed: %s", e)
+            got = None
+        if got is None or isinstance(got[0], workermsg.Stop):
+            break
+        for fd in got[1]:
+            os.close(fd)
+    server.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return run(msgspec.json.decode(argv[0], type=SnapshotSettings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

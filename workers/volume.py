@@ -1,0 +1,226 @@
+"""Volume worker: serves one live volume read-write over NBD, doing copy-on-write.
+
+`python -m workers.volume SETTINGS_JSON` (spawned by the supervisor). The
+listening socket, the channel to the supervisor and every backing store arrive
+as inherited descriptors, so a restarted worker picks up exactly where the
+dead one stopped: the maps are in shared memory, the copies on disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+import msgspec
+import setproctitle
+
+from ipc import logfmt, nbd, workermsg
+from ipc.channel import Channel
+from ipc.clustermap import ClusterMap
+from workers import fileio
+from workers.cow import SnapshotTarget, WriteGate
+from workers.nbdserve import Server
+
+log = logging.getLogger("volume")
+
+
+class AttachedSnapshot(msgspec.Struct, frozen=True):
+    device: str
+    map_name: str
+    bs_fd: int
+
+
+class VolumeSettings(msgspec.Struct, frozen=True):
+    name: str
+    path: str
+    size: int
+    listen_fd: int
+    channel_fd: int
+    snapshots: list[AttachedSnapshot] = []
+    debug: bool = False
+    use_syslog: bool = False
+
+
+class VolumeBackend:
+    """The live volume: every write copies what the snapshots still need first."""
+
+    read_only = False
+
+    def __init__(self, fd: int, size: int):
+        self.fd = fd
+        self.size = size
+        self.gate = WriteGate()
+        self._cow_lock = threading.Lock()
+        # Replaced (never mutated) at a barrier, so the hot path iterates without a lock.
+        self.targets: tuple[SnapshotTarget, ...] = ()
+
+    # -- copy-on-write ---------------------------------------------------------------
+
+    def _protect(self, offset: int, length: int) -> None:
+        for t in self.targets:
+            if t.needs_copy(offset, length):
+                with self._cow_lock:  # racing writers to one cluster: the first copies, the rest find it set
+                    t.copy(offset, length)
+
+    def attach(self, target: SnapshotTarget) -> int:
+        """The snapshot barrier: drain writes, attach, stamp the time, resume. Returns µs held."""
+        t0 = time.perf_counter_ns()
+        self.gate.close()
+        try:
+            target.map.activate()
+            target.active = target.map.usable
+            self.targets = self.targets + (target,)
+        finally:
+            self.gate.open()
+        return (time.perf_counter_ns() - t0) // 1000
+
+    def detach(self, device: str) -> SnapshotTarget | None:
+        self.gate.close()
+        try:
+            found = [t for t in self.targets if t.device == device]
+            self.targets = tuple(t for t in self.targets if t.device != device)
+        finally:
+            self.gate.open()
+        return found[0] if found else None
+
+    # -- Backend -------------------------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise OSError(errno.EIO, "short read from the volume image")
+        return data
+
+    def sendfile_fd(self, offset: int, length: int) -> int | None:
+        return self.fd
+
+    def write(self, offset: int, data: bytes, fua: bool) -> None:
+        self.gate.enter()
+        try:
+            if self.targets:
+                self._protect(offset, len(data))
+            if fua:
+                os.pwritev(self.fd, [data], offset, os.RWF_DSYNC)
+            else:
+                n = os.pwrite(self.fd, data, offset)
+                if n != len(data):
+                    os.pwrite(self.fd, memoryview(data)[n:], offset + n)
+        finally:
+            self.gate.leave()
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        self.gate.enter()
+        try:
+            if self.targets:
+                self._protect(offset, length)
+            fileio.punch_hole(self.fd, offset, length)  # a hint: a device that can't is fine
+            if fua:
+                os.fdatasync(self.fd)
+        finally:
+            self.gate.leave()
+
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        self.gate.enter()
+        try:
+            if self.targets:
+                self._protect(offset, length)
+            if not (may_trim and fileio.punch_hole(self.fd, offset, length)):
+                if fast:
+                    raise OSError(errno.ENOTSUP, "no fast way to zero this range")
+                fileio.write_zeroes(self.fd, offset, length)
+            if fua:
+                os.fdatasync(self.fd)
+        finally:
+            self.gate.leave()
+
+    def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        hz = nbd.STATE_HOLE | nbd.STATE_ZERO
+        return [(n, hz if hole else 0) for n, hole in fileio.extents(self.fd, offset, length)]
+
+
+def _attach_target(backend: VolumeBackend, device: str, map_name: str, bs_fd: int) -> SnapshotTarget:
+    cmap = ClusterMap.attach(map_name, writable=True)
+    return SnapshotTarget(device, cmap, bs_fd, backend.fd)
+
+
+def run(settings: VolumeSettings) -> int:
+    setproctitle.setproctitle(f"fssd: volume {settings.name}")
+    logfmt.setup(f"volume {settings.name}", settings.debug, settings.use_syslog)
+    chan = Channel(socket.socket(fileno=settings.channel_fd), workermsg.ToWorker)
+    fd = os.open(settings.path, os.O_RDWR | os.O_CLOEXEC)
+    backend = VolumeBackend(fd, settings.size)
+    # A restart: the snapshots that were active stay active, with their maps as they are.
+    for s in settings.snapshots:
+        t = _attach_target(backend, s.device, s.map_name, s.bs_fd)
+        backend.targets = backend.targets + (t,)
+        log.info("%s: re-attached (%d clusters copied so far)", s.device, t.map.copies)
+    listener = socket.socket(fileno=settings.listen_fd)
+    server = Server(listener, nbd.Export(settings.name, settings.size, False, f"fssd volume {settings.name}"), backend)
+    acceptor = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    acceptor.start()
+    chan.send(workermsg.Ready(kind="volume", pid=os.getpid()))
+    log.info("serving %s (%d bytes)", settings.path, settings.size)
+
+    while True:
+        try:
+            got = chan.recv()
+        except (OSError, ValueError) as e:
+            log.error("channel to the supervisor failed: %s", e)
+            got = None
+        if got is None or isinstance(got[0], workermsg.Stop):
+            break
+        msg, fds = got
+        if isinstance(msg, workermsg.AttachSnapshot):
+            if not fds:
+                chan.send(workermsg.Refused(msg.device, errno.EBADF, "no backing-store descriptor came with the request"))
+                continue
+            for extra in fds[1:]:
+                os.close(extra)
+            try:
+                target = _attach_target(backend, msg.device, msg.map_name, fds[0])
+            except (OSError, ValueError) as e:
+                os.close(fds[0])
+                chan.send(workermsg.Refused(msg.device, getattr(e, "errno", None) or errno.EINVAL, str(e)))
+                continue
+            held = backend.attach(target)
+            log.info("%s: snapshot barrier held writes for %d us", msg.device, held)
+            chan.send(workermsg.Attached(msg.device, held))
+        elif isinstance(msg, workermsg.DetachSnapshot):
+            target = backend.detach(msg.device)
+            if target is not None:
+                target.write_table()
+                os.close(target.bs_fd)
+                target.map.close()
+            chan.send(workermsg.Detached(msg.device))
+        else:
+            for extra in fds:
+                os.close(extra)
+            log.warning("ignoring unexpected message %r", msg)
+
+    server.stop()
+    for t in backend.targets:
+        t.write_table()
+    os.fsync(fd)
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    settings = msgspec.json.decode(argv[0], type=VolumeSettings)
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
