@@ -156,12 +156,18 @@ class SnapshotManager:
             limit = tclusters + count  # room for every cluster: never full
         if limit <= tclusters:
             raise ControlError(errno.ENOSPC, f"{req.backup}: backing store of {limit * csize} bytes cannot even hold the table ({tclusters * csize} bytes)")
-        if not store.is_device:
-            try:
+        try:
+            # The on-disk table (all clear) heads the store, copies are appended after it; writing
+            # it now also proves the store takes writes (a "file" on /proc truncates without error).
+            if not store.is_device:
                 os.ftruncate(store.fd, 0)
-                os.ftruncate(store.fd, tclusters * csize)  # the table's room; copies are appended
-            except OSError as e:
-                raise ControlError(e.errno or errno.EIO, f"truncate {store.path}: {e.strerror}") from None
+            table = bytes(tclusters * csize)
+            if os.pwrite(store.fd, table, 0) != len(table):
+                raise OSError(errno.EIO, "short write")
+            if not store.is_device:
+                os.fsync(store.fd)
+        except OSError as e:
+            raise ControlError(e.errno or errno.EIO, f"{req.backup}: backing store not writable: {e.strerror or e}") from None
         map_name = names.map_name(self.sup.prefix, req.device)
         ClusterMap.unlink(map_name)
         flags = FLAG_UNCONFIG_ON_CLOSE if req.unconfig_on_close else 0
@@ -207,28 +213,38 @@ class SnapshotManager:
         """CHECK, FREEZE, barrier, THAW: the freeze window is the snapshot's instant."""
         if not self.sup.cfg.vss.enabled or self.sup.broker is None or not self.sup.broker.alive:
             raise ControlError(errno.EOPNOTSUPP, "application-consistent snapshot needs the VSS broker ([vss] enabled)")
-        from ipc.vss_client import Requestor
+        from ipc.vss_client import Requestor, VssError, VssTimeout
 
         timeout = self.sup.cfg.vss.timeout
         requestor = Requestor(self.sup.prefix)
 
-        def ask(op: str):
-            return requestor.request(op, timeout)
+        def ask(op: str) -> tuple[bool, str, bool]:
+            """(ok, reason, unknown): unknown = no answer, the broker may have acted."""
+            try:
+                r = requestor.request(op, timeout)
+                return r.ok, r.reason, False
+            except VssTimeout as e:
+                return False, str(e), True
+            except VssError as e:
+                return False, str(e), False
 
-        check = await asyncio.to_thread(ask, "check")
-        if not check.ok:
-            raise ControlError(errno.EAGAIN, f"VSS CHECK failed: {check.reason}")
+        ok, reason, _ = await asyncio.to_thread(ask, "check")
+        if not ok:
+            raise ControlError(errno.EAGAIN, f"VSS CHECK failed: {reason}")
         t0 = time.perf_counter()
-        freeze = await asyncio.to_thread(ask, "freeze")
-        if not freeze.ok:
-            raise ControlError(errno.EAGAIN, f"VSS FREEZE failed: {freeze.reason}")
+        ok, reason, unknown = await asyncio.to_thread(ask, "freeze")
+        if not ok:
+            # A failed FREEZE was already rolled back by the broker; a lost answer may not have been.
+            if unknown:
+                await asyncio.to_thread(ask, "thaw")
+            raise ControlError(errno.EAGAIN, f"VSS FREEZE failed: {reason}")
         try:
             held = await self._barrier(worker, snap)
         finally:
-            thaw = await asyncio.to_thread(ask, "thaw")
+            ok, reason, _ = await asyncio.to_thread(ask, "thaw")
             window = (time.perf_counter() - t0) * 1000
-            if not thaw.ok:
-                log.error("%s: VSS THAW reported failure: %s", snap.device, thaw.reason)
+            if not ok:
+                log.error("%s: VSS THAW reported failure: %s", snap.device, reason)
         return held, window
 
     async def _detach(self, worker: Worker | None, device: str) -> None:

@@ -39,8 +39,8 @@ def fssd_factory(tmp_path):
     """Make (and always tear down) fssd instances: fssd_factory(volumes=[...], vss={...})."""
     made: list[Fssd] = []
 
-    def make(volumes, vss=None, devices=4, extra="", start=True, env=None):
-        f = Fssd(tmp_path / f"i{len(made)}", volumes, vss, devices, extra)
+    def make(volumes, vss=None, devices=4, extra="", start=True, env=None, base=None):
+        f = Fssd((base or tmp_path) / f"i{len(made)}", volumes, vss, devices, extra)
         f.tmp.mkdir(parents=True, exist_ok=True)
         made.append(f)
         if start:
