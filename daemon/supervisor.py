@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
+import contextlib
 import fcntl
 import logging
 import os
@@ -349,8 +349,19 @@ class Supervisor:
         self.update_status()
 
 
-def cleanup_names(prefix: str) -> None:
-    """Remove every shared-memory and queue name of this instance (also a killed one's)."""
+def cleanup_names(prefix: str, devices: int = 64) -> None:
+    """Remove every shared-memory and queue name of this instance (also a killed one's).
+
+    Names we can derive are unlinked directly (/dev/mqueue need not be mounted);
+    the listing then catches the rest (applications' queues).
+    """
+    import posix_ipc
+
+    for i in range(devices):
+        with contextlib.suppress(posix_ipc.ExistentialError, OSError):
+            posix_ipc.unlink_shared_memory(names.map_name(prefix, f"fss{i}"))
+    with contextlib.suppress(posix_ipc.ExistentialError, OSError):
+        posix_ipc.unlink_message_queue(names.broker_queue(prefix))
     for d in ("/dev/shm", "/dev/mqueue"):
         try:
             entries = os.listdir(d)
