@@ -518,8 +518,9 @@ class ServerConnection:
                 return EOVERFLOW, f"READ: length {length} over the maximum payload {MAX_PAYLOAD}"
             return EINVAL, f"{name}: length {length} over the maximum payload {MAX_PAYLOAD}"
         if offset + length > exp.size:
-            if cmd == CMD_WRITE:
-                return ENOSPC, f"WRITE: {offset}+{length} is past the end ({exp.size})"
+            # Writes (WRITE_ZEROES included, as its extension says; qemu and nbdkit agree) get ENOSPC.
+            if cmd in (CMD_WRITE, CMD_WRITE_ZEROES):
+                return ENOSPC, f"{name}: {offset}+{length} is past the end ({exp.size})"
             return EINVAL, f"{name}: {offset}+{length} is past the end ({exp.size})"
         if cmd == CMD_BLOCK_STATUS and not self.meta_base_allocation:
             return EINVAL, "BLOCK_STATUS: no metadata context was negotiated"
@@ -541,7 +542,8 @@ class ServerConnection:
 
     def error_reply(self, cookie: int, error: int, message: str = "") -> bytes:
         if self.structured:
-            msg = message.encode()[:MAX_STRING]
+            # Cut to the spec's string limit between characters: the message must stay UTF-8.
+            msg = message.encode()[:MAX_STRING].decode("utf-8", "ignore").encode()
             payload = _U32.pack(error) + _U16.pack(len(msg)) + msg
             return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, len(payload)) + payload
         return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie)
