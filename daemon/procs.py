@@ -34,7 +34,9 @@ class WorkerGone(Exception):
 
 
 class Worker:
-    """One supervised process. `spawn_args(channel_fd)` returns (module, settings_json, fds)."""
+    """One supervised process: `python -m MODULE --channel-fd N SETTINGS_JSON`.
+
+    `spawn_args(channel_fd)` returns (module, settings_json, fds to pass)."""
 
     def __init__(
         self,
@@ -90,7 +92,7 @@ class Worker:
         self.codec = FrameCodec(workermsg.FromWorker)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, settings],
+                [sys.executable, "-m", module, "--channel-fd", str(child.fileno()), settings],
                 pass_fds=[child.fileno(), *fds],
                 env=self.env,
                 stdin=subprocess.DEVNULL,

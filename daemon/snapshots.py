@@ -276,7 +276,6 @@ class SnapshotManager:
                 map_name=snap.map.name,
                 bs_fd=snap.store.fd,
                 listen_fd=snap.listener.fileno(),
-                channel_fd=chan_fd,
                 taken=snap.taken_utc,
                 debug=self.sup.debug,
                 use_syslog=self.sup.use_syslog,

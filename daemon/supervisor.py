@@ -98,7 +98,6 @@ class Supervisor:
                 path=section.path,
                 size=st.size,
                 listen_fd=st.listener.fileno(),
-                channel_fd=chan_fd,
                 snapshots=[AttachedSnapshot(d, m, fd) for d, m, fd in attached],
                 debug=self.debug,
                 use_syslog=self.use_syslog,

@@ -9,6 +9,7 @@ needed across processes.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -35,7 +36,6 @@ class SnapshotSettings(msgspec.Struct, frozen=True):
     map_name: str
     bs_fd: int
     listen_fd: int
-    channel_fd: int
     taken: str  # UTC, for the process title
     debug: bool = False
     use_syslog: bool = False
@@ -153,10 +153,10 @@ class SnapshotBackend:
         return out
 
 
-def run(settings: SnapshotSettings) -> int:
+def run(settings: SnapshotSettings, channel_fd: int) -> int:
     setproctitle.setproctitle(f"fssd: {settings.device} {settings.volume}@{settings.taken}")
     logfmt.setup(settings.device, settings.debug, settings.use_syslog)
-    chan = Channel(socket.socket(fileno=settings.channel_fd), workermsg.ToWorker)
+    chan = Channel(socket.socket(fileno=channel_fd), workermsg.ToWorker)
     vol_fd = os.open(settings.volume_path, os.O_RDONLY | os.O_CLOEXEC)
     cmap = ClusterMap.attach(settings.map_name, writable=False)
     backend = SnapshotBackend(vol_fd, settings.bs_fd, cmap)
@@ -189,8 +189,12 @@ def run(settings: SnapshotSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    return run(msgspec.json.decode(argv[0], type=SnapshotSettings))
+    """`--channel-fd N SETTINGS_JSON`, as the supervisor spawns every worker."""
+    ap = argparse.ArgumentParser(prog="workers.snapshot")
+    ap.add_argument("--channel-fd", type=int, required=True)
+    ap.add_argument("settings")
+    args = ap.parse_args(argv)
+    return run(msgspec.json.decode(args.settings, type=SnapshotSettings), args.channel_fd)
 
 
 if __name__ == "__main__":

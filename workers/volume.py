@@ -8,6 +8,7 @@ dead one stopped: the maps are in shared memory, the copies on disk.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -40,7 +41,6 @@ class VolumeSettings(msgspec.Struct, frozen=True):
     path: str
     size: int
     listen_fd: int
-    channel_fd: int
     snapshots: list[AttachedSnapshot] = []
     debug: bool = False
     use_syslog: bool = False
@@ -154,10 +154,10 @@ def _attach_target(backend: VolumeBackend, device: str, map_name: str, bs_fd: in
     return SnapshotTarget(device, cmap, bs_fd, backend.fd)
 
 
-def run(settings: VolumeSettings) -> int:
+def run(settings: VolumeSettings, channel_fd: int) -> int:
     setproctitle.setproctitle(f"fssd: volume {settings.name}")
     logfmt.setup(f"volume {settings.name}", settings.debug, settings.use_syslog)
-    chan = Channel(socket.socket(fileno=settings.channel_fd), workermsg.ToWorker)
+    chan = Channel(socket.socket(fileno=channel_fd), workermsg.ToWorker)
     fd = os.open(settings.path, os.O_RDWR | os.O_CLOEXEC)
     backend = VolumeBackend(fd, settings.size)
     # A restart: the snapshots that were active stay active, with their maps as they are.
@@ -217,9 +217,12 @@ def run(settings: VolumeSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    settings = msgspec.json.decode(argv[0], type=VolumeSettings)
-    return run(settings)
+    """`--channel-fd N SETTINGS_JSON`, as the supervisor spawns every worker."""
+    ap = argparse.ArgumentParser(prog="workers.volume")
+    ap.add_argument("--channel-fd", type=int, required=True)
+    ap.add_argument("settings")
+    args = ap.parse_args(argv)
+    return run(msgspec.json.decode(args.settings, type=VolumeSettings), args.channel_fd)
 
 
 if __name__ == "__main__":
