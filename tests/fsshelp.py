@@ -136,6 +136,13 @@ class Fssd:
                 return w["pid"]
         raise AssertionError(f"no live {kind} worker {key}")
 
+    def alive_pid(self, kind: str, key: str) -> int | None:
+        """The live worker's pid, or None while it is down (for polling a restart)."""
+        try:
+            return self.worker_pid(kind, key)
+        except AssertionError:
+            return None
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc is None:
             return 0

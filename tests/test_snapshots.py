@@ -238,7 +238,7 @@ def test_dead_workers_lose_nothing(fssd, shmdir):
             wait_for(lambda: snapinfo(fssd, "fss0")["copies"] > 0, 20, "the storm to reach the volume")
             pid = fssd.worker_pid(kind, key)
             os.kill(pid, signal.SIGKILL)
-            wait_for(lambda: _alive_pid(fssd, kind, key) not in (None, pid), 20, f"{kind} worker restart")
+            wait_for(lambda: fssd.alive_pid(kind, key) not in (None, pid), 20, f"{kind} worker restart")
     finally:
         stop.set()
         t.join()
@@ -249,10 +249,3 @@ def test_dead_workers_lose_nothing(fssd, shmdir):
     assert "killed by SIGKILL" in fssd.fssconfig("-l", "-v", "fss0").stdout
     qemu_io(fssd.uri("data"), "write -P 0x77 0 1M")  # the restarted volume serves writes
     qemu_io(fssd.uri("data"), "read -P 0x77 0 1M")
-
-
-def _alive_pid(fssd, kind, key):
-    try:
-        return fssd.worker_pid(kind, key)
-    except (AssertionError, Exception):
-        return None
