@@ -35,6 +35,7 @@ log = logging.getLogger("vss")
 HELD_MAX = 10000  # log records kept while frozen; beyond that the oldest go (and are counted)
 DRAIN_MAX = 64  # inbox messages handled per wake-up before looking at the channel again
 HYPERV_RETRY = 5.0
+CHANNEL_TIMEOUT = 2.0  # longest the broker waits on the supervisor channel, either way
 
 
 class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -230,6 +231,11 @@ class ProcessPlatform:
         if self.chan is not None:
             try:
                 self.chan.send(VssState(state, detail, frozen))
+            except TimeoutError:
+                # A supervisor that does not read must not stall a freeze (freeze_max must fire).
+                # The frame may be torn now, so stop reporting rather than send garbage.
+                log.error("supervisor does not read its channel for %g s: no more state reports", CHANNEL_TIMEOUT)
+                self.chan = None
             except OSError:
                 pass  # the supervisor is gone; EOF handling stops us
 
@@ -255,6 +261,7 @@ class Broker:
         self.inbox = mqueue.create(broker_queue(self.s.prefix), 0o622, 10, vssproto.MAX_MESSAGE)
         self.sel.register(self.inbox.mqd, selectors.EVENT_READ, "inbox")
         if self.chan is not None:
+            self.chan.sock.settimeout(CHANNEL_TIMEOUT)
             self.sel.register(self.chan.sock, selectors.EVENT_READ, "channel")
         if self.s.hyperv_device:
             self.platform.hv = HyperVChannel(self.s.hyperv_device)
@@ -308,7 +315,7 @@ class Broker:
     def _on_channel(self) -> None:
         assert self.chan is not None
         try:
-            got = self.chan.recv(timeout=1.0)
+            got = self.chan.recv(timeout=CHANNEL_TIMEOUT)
         except (FrameError, OSError) as e:
             log.error("supervisor channel: %s", e)
             got = None
