@@ -56,7 +56,17 @@ def ext4(tmp_path):
         for _ in range(4):  # nested freezes need one FITHAW each
             if freeze.thaw_all([str(mnt)]) or not freeze.thaw_one(str(mnt)):
                 break
-        run("umount", str(mnt), check=False)
+        for p in is_frozen.blocked:  # writers blocked on the freeze keep the mount busy
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        is_frozen.blocked.clear()
+        for _ in range(50):
+            if run("umount", str(mnt), check=False).returncode == 0 or not os.path.ismount(mnt):
+                break
+            time.sleep(0.1)  # retry interval while a killed writer lets go of the mount
         for line in run("losetup", "-j", str(img), check=False).stdout.splitlines():
             run("losetup", "-d", line.split(":")[0], check=False)
 
