@@ -300,11 +300,19 @@ class Supervisor:
         """SIGHUP: re-read the config; a bad one is logged and the old one kept."""
         self.notifier.reloading()
         try:
+            await self._reload()
+        except Exception:  # a bug in reload must not take the daemon (or systemd's view of it) down
+            log.exception("reload failed; running on with what is in place")
+        finally:
+            self.notifier.ready()
+            self.update_status()
+
+    async def _reload(self) -> None:
+        try:
             new = configmod.load(self.config_path, rundir_override=self.rundir)
             configmod.create_missing_images(new)
         except (configmod.ConfigError, OSError) as e:
             log.error("reload refused, keeping the running configuration: %s", e)
-            self.notifier.ready()
             return
         if new.daemon != self.cfg.daemon:
             log.warning("reload: [daemon] changes need a restart; kept the running values")
@@ -344,8 +352,6 @@ class Supervisor:
                     log.error("reload: vss broker failed to start: %s", e)
                 log.info("reload: VSS settings applied")
         log.info("reloaded %s: %d volume(s)", self.config_path, len(self.volumes))
-        self.notifier.ready()
-        self.update_status()
 
 
 def cleanup_names(prefix: str, devices: int = 64) -> None:

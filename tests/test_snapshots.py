@@ -249,3 +249,18 @@ def test_dead_workers_lose_nothing(fssd, shmdir):
     assert "killed by SIGKILL" in fssd.fssconfig("-l", "-v", "fss0").stdout
     qemu_io(fssd.uri("data"), "write -P 0x77 0 1M")  # the restarted volume serves writes
     qemu_io(fssd.uri("data"), "read -P 0x77 0 1M")
+
+
+def test_snapshot_worker_that_keeps_dying_invalidates_its_snapshot(fssd_factory, shmdir):
+    f = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "16M"}], extra="max_restarts = 1")
+    f.fssconfig("fss0", "data", shmdir / "bs0")
+    first = f.worker_pid("snapshot", "fss0")
+    os.kill(first, signal.SIGKILL)
+    second = wait_for(lambda: f.alive_pid("snapshot", "fss0") not in (None, first) and f.alive_pid("snapshot", "fss0"), 20, "restart")
+    os.kill(second, signal.SIGKILL)
+    wait_for(lambda: snapinfo(f, "fss0")["state"] == "invalid", 20, "the snapshot to be given up")
+    info = snapinfo(f, "fss0")
+    assert info["error"].startswith("worker failed repeatedly") and info["pid"] == 0
+    assert "fss0: snapshot invalid: worker failed repeatedly" in f.log.read_text()
+    run("qemu-io", "-f", "raw", "-c", "write -P 9 0 1M", f.uri("data"))  # the volume is untouched by it
+    f.fssconfig("-u", "fss0")  # and the administrator can still remove it
