@@ -3,7 +3,7 @@
 usage: fssconfig [-Ccxv] device path backup [cluster [size]]
        fssconfig -u [-v] device
        fssconfig -l [-v] [--json] [device]
-       fssconfig --volumes [--json]
+       fssconfig --volumes [-v] [--json]
 common: -r RUNDIR (else $FSSD_RUNDIR, else /run/fssd)
 """
 
@@ -25,7 +25,7 @@ PROG = "fssconfig"
 USAGE = """usage: fssconfig [-Ccxv] [-r rundir] device path backup [cluster [size]]
        fssconfig -u [-v] [-r rundir] device
        fssconfig -l [-v] [--json] [-r rundir] [device]
-       fssconfig --volumes [--json] [-r rundir]"""
+       fssconfig --volumes [-v] [--json] [-r rundir]"""
 
 
 class Usage(Exception):
@@ -130,6 +130,10 @@ def _main(argv: list[str]) -> int:
             for v in reply.volumes:
                 mp = f", mounted at {v.mountpoint}" if v.mountpoint else ""
                 print(f"{v.name}: {v.path}, {humanize(v.size)} ({v.size} bytes){mp}, {v.uri}")
+                if verbose:
+                    err = f", last error: {v.last_error}" if v.last_error else ""
+                    snaps = ", ".join(v.snapshots) or "none"
+                    print(f"    pid {v.pid or '-'}, up {_duration(v.uptime)}, {v.restarts} restart(s){err}; snapshots: {snaps}")
         return 0
 
     if action == "-l":

@@ -63,11 +63,36 @@ def main(argv: list[str] | None = None) -> int:
     except VssError as e:
         print(f"vssadm: {args.op}: {e} (broker queue {broker_queue(prefix)})", file=sys.stderr)
         return 1
+    worker = _broker_worker(rundir) if args.op in ("status", "list") else None
     if args.json:
-        print(msgspec.json.format(msgspec.json.encode(reply).decode(), indent=2))
+        out = msgspec.to_builtins(reply)
+        if worker is not None:
+            out["worker"] = msgspec.to_builtins(worker)
+        print(msgspec.json.format(msgspec.json.encode(out).decode(), indent=2))
     else:
         print(format_reply(reply))
+        if worker is not None:
+            print(format_worker(worker))
     return 0 if reply.ok else 1
+
+
+def _broker_worker(rundir: str):
+    """The supervisor's view of the broker process (pid, uptime, restarts, last error)."""
+    from daemon.client import ControlClient, NotRunning
+    from ipc.control import Status, StatusReply
+
+    try:
+        st = ControlClient(rundir, timeout=5.0).request(Status())
+    except NotRunning:
+        return None
+    if not isinstance(st, StatusReply):
+        return None
+    return next((w for w in st.workers if w.kind == "broker"), None)
+
+
+def format_worker(w) -> str:
+    err = f", last error: {w.last_error}" if w.last_error else ""
+    return f"broker: pid {w.pid if w.alive else '-'}, up {int(w.uptime)}s, {w.restarts} restart(s){err}"
 
 
 if __name__ == "__main__":

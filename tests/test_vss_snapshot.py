@@ -71,6 +71,10 @@ def test_broker_killed_while_frozen_is_thawed_by_the_supervisor(fssd_factory, sh
     wait_for(lambda: f.alive_pid("broker", "vss") not in (None, broker), 20, "broker restart")
     assert "thawed " + str(mnt) in f.log.read_text()
     assert r.returncode == 0
+    st = run(BIN / "vssadm", "-r", f.rundir, "status").stdout
+    assert "broker: pid " in st and "1 restart(s), last error: killed by SIGKILL" in st, st
+    vols = f.fssconfig("--volumes", "-v").stdout
+    assert "0 restart(s); snapshots: none" in vols
 
 
 def test_requestor_that_never_thaws_is_thawed_by_the_broker(fssd_factory, shmdir, mounts, tmp_path):
