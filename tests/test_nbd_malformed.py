@@ -93,17 +93,23 @@ class Raw:
         typ, size, flags = struct.unpack(">HQH", r[0][1])
         return size, flags
 
-    def reply(self, cookie: int, length: int = 0) -> tuple[int, bytes]:
-        """(errno, data) of one reply; `length` = bytes a successful simple READ carries."""
+    def reply(self, cookie: int, length: int = 0, read: bool = False) -> tuple[int, bytes]:
+        """(errno, data) of one reply; `length` = bytes a successful simple READ carries.
+
+        With structured replies a READ must be answered in chunks; other commands may
+        get a simple reply (the spec allows it when there is no payload)."""
         if not self.structured:
             magic, err, c = struct.unpack(">IIQ", self.recv(16))
             assert magic == nbd.SIMPLE_REPLY_MAGIC and c == cookie, (hex(magic), c)
             return err, (self.recv(length) if length and not err else b"")
         err, data = 0, bytearray()
         while True:
-            magic, flags, typ, c, n = struct.unpack(">IHHQI", self.recv(20))
-            if magic == nbd.SIMPLE_REPLY_MAGIC:  # allowed for commands without payload
-                raise AssertionError("unexpected simple reply header on a structured connection")
+            (magic,) = struct.unpack(">I", self.recv(4))
+            if magic == nbd.SIMPLE_REPLY_MAGIC and not data and not read:
+                err, c = struct.unpack(">IQ", self.recv(12))
+                assert c == cookie, (c, cookie)
+                return err, b""
+            flags, typ, c, n = struct.unpack(">HHQI", self.recv(16))
             assert magic == nbd.STRUCTURED_REPLY_MAGIC and c == cookie, (hex(magic), c, cookie)
             payload = self.recv(n)
             if typ == nbd.REPLY_TYPE_OFFSET_DATA:
@@ -116,29 +122,17 @@ class Raw:
             if flags & nbd.REPLY_FLAG_DONE:
                 return err, bytes(data)
 
-    def simple_or_chunk_errno(self, cookie: int) -> int:
-        """Errno of a reply without payload, simple or structured (both allowed for non-READ)."""
-        magic, = struct.unpack(">I", self.recv(4))
-        if magic == nbd.SIMPLE_REPLY_MAGIC:
-            err, c = struct.unpack(">IQ", self.recv(12))
-            assert c == cookie
-            return err
-        flags, typ, c, n = struct.unpack(">HHQI", self.recv(16))
-        assert magic == nbd.STRUCTURED_REPLY_MAGIC and c == cookie and flags & nbd.REPLY_FLAG_DONE
-        payload = self.recv(n)
-        return struct.unpack_from(">I", payload)[0] if typ & 0x8000 else 0
-
     # transmission helpers: one request, its reply
     def pread(self, cookie: int, offset: int, length: int) -> bytes:
         self.send(req(nbd.CMD_READ, cookie, offset, length))
-        err, data = self.reply(cookie, length)
+        err, data = self.reply(cookie, length, read=True)
         assert err == 0, f"READ {offset}+{length}: errno {err}"
         assert len(data) == length
         return data
 
     def pwrite(self, cookie: int, offset: int, data: bytes, flags: int = 0) -> int:
         self.send(write(cookie, offset, data, flags))
-        return self.simple_or_chunk_errno(cookie)
+        return self.reply(cookie)[0]
 
 
 def connect(fssd, export: str = "data", **kw) -> Raw:
@@ -253,8 +247,8 @@ def test_unknown_option_then_go(fssd, vol_pid):
 def test_unknown_command_is_einval_and_the_next_request_is_served(fssd, vol_pid):
     c = connect(fssd)
     c.send(req(0x77, 1, 0, 512) + req(nbd.CMD_READ, 2, ZEROES_AT, 512))
-    assert c.simple_or_chunk_errno(1) == nbd.EINVAL
-    assert c.reply(2) == (0, bytes(512))
+    assert c.reply(1)[0] == nbd.EINVAL
+    assert c.reply(2, read=True) == (0, bytes(512))
     c.close()
     still_serves(fssd, vol_pid)
 
@@ -278,11 +272,11 @@ def test_write_past_the_end_is_enospc_and_changes_nothing(fssd, vol_pid):
     assert c.pwrite(2, SIZE - 2048, b"\xff" * 4096) == nbd.ENOSPC
     assert c.pwrite(3, SIZE, b"\xff") == nbd.ENOSPC
     c.send(req(nbd.CMD_WRITE_ZEROES, 4, SIZE - 2048, 4096))
-    assert c.simple_or_chunk_errno(4) == nbd.ENOSPC
+    assert c.reply(4)[0] == nbd.ENOSPC
     c.send(req(nbd.CMD_TRIM, 5, SIZE - 2048, 4096))
-    assert c.simple_or_chunk_errno(5) == nbd.EINVAL
+    assert c.reply(5)[0] == nbd.EINVAL
     c.send(req(nbd.CMD_READ, 6, SIZE - 2048, 4096))
-    assert c.reply(6)[0] == nbd.EINVAL
+    assert c.reply(6, read=True)[0] == nbd.EINVAL
     assert c.pread(7, SIZE - 4096, 4096) == tail
     c.close()
     assert os.path.getsize(fssd.volumes[0]["path"]) == SIZE  # the image did not grow
@@ -296,7 +290,7 @@ def test_writes_to_a_snapshot_are_eperm_and_change_nothing(fssd, snap, vol_pid):
     assert c.pwrite(2, 0, b"\xee" * 4096, nbd.CMD_FLAG_FUA) == nbd.EPERM
     for cookie, cmd, flags in [(3, nbd.CMD_TRIM, 0), (4, nbd.CMD_WRITE_ZEROES, 0), (5, nbd.CMD_WRITE_ZEROES, nbd.CMD_FLAG_NO_HOLE)]:
         c.send(req(cmd, cookie, 0, 4096, flags))
-        assert c.simple_or_chunk_errno(cookie) == nbd.EPERM
+        assert c.reply(cookie)[0] == nbd.EPERM
     assert c.pread(6, 0, len(snap)) == snap
     c.close()
     still_serves(fssd, snap_pid, "fss0", "snapshot", expect=(0, snap))
@@ -306,7 +300,7 @@ def test_writes_to_a_snapshot_are_eperm_and_change_nothing(fssd, snap, vol_pid):
 def test_oversized_lengths(fssd, vol_pid):
     c = connect(fssd)
     c.send(req(nbd.CMD_READ, 1, 0, 32 * MiB + 1))
-    assert c.reply(1) == (nbd.EOVERFLOW, b"")
+    assert c.reply(1, read=True) == (nbd.EOVERFLOW, b"")
     # An oversized WRITE is refused after its payload is read, so the stream stays in sync.
     assert c.pwrite(2, 24 * MiB, b"\xaa" * (32 * MiB + 1)) == nbd.EINVAL
     assert c.pread(3, 24 * MiB, 4096) == bytes(4096)  # and nothing of it landed
@@ -314,7 +308,7 @@ def test_oversized_lengths(fssd, vol_pid):
     c.close()
     plain = connect(fssd, structured=False)
     plain.send(req(nbd.CMD_READ, 5, 0, 32 * MiB + 1))
-    assert plain.reply(5, 32 * MiB + 1) == (nbd.EINVAL, b"")  # no payload after a simple error
+    assert plain.reply(5, 32 * MiB + 1, read=True) == (nbd.EINVAL, b"")  # no payload after a simple error
     assert plain.pread(6, 0, 512) == SNAP[:512]
     plain.close()
     still_serves(fssd, vol_pid)
@@ -423,7 +417,7 @@ def test_many_pipelined_requests_all_answered(fssd, vol_pid):
     sender = threading.Thread(target=c.send, args=(batch,))
     sender.start()
     for i in range(1, 401):  # this server answers in order; a reordering one would need a cookie map
-        err, data = c.reply(i)
+        err, data = c.reply(i, read=i in want)
         assert err == 0
         if i in want:
             assert data == want[i]
@@ -459,7 +453,7 @@ def test_bug_pipelined_large_reads_are_buffered_without_limit(fssd, snap):
     n = 12
     c.send(b"".join(req(nbd.CMD_READ, 10 + i, (i % 2) * 32 * MiB, 32 * MiB) for i in range(n)))
     for i in range(n):
-        err, data = c.reply(10 + i)
+        err, data = c.reply(10 + i, read=True)
         assert err == 0 and len(data) == 32 * MiB
     c.close()
     grown = _peak_rss(pid) - base
