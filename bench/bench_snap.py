@@ -1,0 +1,204 @@
+"""Issue 3 benchmark: live writes with snapshots active, snapshot reads, snapshot creation.
+
+    python bench/bench_snap.py [--runs 3] [--barrier-runs 10] [--results FILE]
+
+Same run, same 1 GiB image of incompressible data in /dev/shm, served by fssd
+and by qemu-storage-daemon (recipe A of nbd-peers.md: copy-before-write +
+snapshot-access, CBW target a qcow2 in /dev/shm). Every run takes fresh
+snapshots before and drops them after, so "first touch" really is the first
+write to every cluster since the snapshot.
+
+  seq write, first / second touch   nbdcopy -C 4 -T 4 SRC.img LIVE, twice       MiB/s
+      fssd with 0, 1, 4 snapshots; QSD with 1
+  4k random write QD32, first touch fio nbd, --blockalign=64k --number_ios=16384 IOPS
+      (one pass over the 16384 64 KiB clusters of 1 GiB: every write a fresh cluster)
+  snapshot read                     nbdcopy -C 4 -T 4 fss0 null:, vs the live volume
+      fresh (every cluster still on the volume) and copied (every cluster in the backing store)
+  snapshot creation                 `fssconfig fss0 VOL BACKUP` end to end, and the barrier
+      from the volume worker's log line; 1 GiB and 1 TiB (sparse) volumes; --barrier-runs
+
+Targets (issue 3): first touch >= 2.0x QSD with one snapshot; second touch >= 0.95x
+fssd with none; snapshot read >= 0.95x live read; barrier median < 5 ms and not
+growing with the volume size (1 TiB median <= 2x the 1 GiB one, or within 0.5 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from peers import (  # noqa: E402
+    BARRIER_RE, GiB, Fssd, Qsd, Scratch, emit, fio_nbd, fmt_runs, install_signal_handlers, make_random_image, median, nbdcopy, row,
+)
+
+FIRST_TOUCH_TARGET = 2.0
+SECOND_TOUCH_TARGET = 0.95
+READ_TARGET = 0.95
+BARRIER_TARGET_US = 5000
+CLUSTERS_1G = GiB // 65536
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.scratch = Scratch("snap")
+        self.fssd: Fssd | None = None
+        self.qsd: Qsd | None = None
+        self.rows: list[dict] = []
+        self.r: dict[str, list[float]] = {}
+
+    # -- fssd snapshots ---------------------------------------------------------------
+
+    def take(self, k: int, volume: str = "vol") -> None:
+        for i in range(k):
+            self.fssd.fssconfig(f"fss{i}", volume, str(self.scratch.shm / f"bs{i}"))
+
+    def drop(self, k: int) -> None:
+        for i in reversed(range(k)):
+            self.fssd.fssconfig("-u", f"fss{i}")
+            p = self.scratch.shm / f"bs{i}"
+            if p.exists():
+                p.unlink()
+
+    def add(self, key: str, v: float) -> None:
+        self.r.setdefault(key, []).append(v)
+
+    # -- measurements -----------------------------------------------------------------
+
+    def writes(self) -> None:
+        live, src = self.fssd.uri("vol"), str(self.src)
+        for run in range(self.args.runs):
+            for k in (0, 1, 4):
+                self.take(k)
+                if k == 1:
+                    self.add("live read", nbdcopy(live, "null:", GiB))
+                    self.add("snap read fresh", nbdcopy(self.fssd.uri("fss0"), "null:", GiB))
+                self.add(f"seq1 fssd{k}", nbdcopy(src, live, GiB))
+                self.add(f"seq2 fssd{k}", nbdcopy(src, live, GiB))
+                if k == 1:
+                    self.add("live read after", nbdcopy(live, "null:", GiB))
+                    self.add("snap read copied", nbdcopy(self.fssd.uri("fss0"), "null:", GiB))
+                self.drop(k)
+                self.take(k)
+                self.add(f"rand1 fssd{k}", self._rand_first_touch(live, run))
+                self.drop(k)
+            # the peer, same run
+            t0 = time.perf_counter()
+            self.qsd.take()
+            self.add("qsd take", (time.perf_counter() - t0) * 1e6)
+            self.add("qsd live read", nbdcopy(self.qsd.live_uri, "null:", GiB))
+            self.add("qsd snap read fresh", nbdcopy(self.qsd.snap_uri(1), "null:", GiB))
+            self.add("seq1 qsd1", nbdcopy(src, self.qsd.live_uri, GiB))
+            self.add("seq2 qsd1", nbdcopy(src, self.qsd.live_uri, GiB))
+            self.qsd.drop()
+            self.qsd.take()
+            self.add("rand1 qsd1", self._rand_first_touch(self.qsd.live_uri, run))
+            self.qsd.drop()
+            print(f"  run {run + 1}/{self.args.runs} done", flush=True)
+
+    def _rand_first_touch(self, uri: str, run: int) -> float:
+        return fio_nbd(uri, "randwrite", runtime=None, ramp=None,
+                       extra=["--blockalign=64k", f"--number_ios={CLUSTERS_1G}", f"--randseed={run + 1}"])
+
+    def barriers(self) -> None:
+        for vol in ("vol", "big"):
+            for _ in range(self.args.barrier_runs):
+                before = len(BARRIER_RE.findall(self.fssd.log_text()))
+                t0 = time.perf_counter()
+                self.fssd.fssconfig("fss0", vol, str(self.scratch.shm / "bs0"))
+                self.add(f"cfg {vol}", (time.perf_counter() - t0) * 1e6)
+                found = BARRIER_RE.findall(self.fssd.log_text())
+                if len(found) <= before:
+                    raise RuntimeError("no barrier line in the fssd log after fssconfig")
+                self.add(f"barrier {vol}", float(found[-1][1]))
+                self.drop(1)
+
+    # -- report -------------------------------------------------------------------------
+
+    def report(self) -> None:
+        r = self.r
+        m = {k: median(v) for k, v in r.items()}
+        out = self.rows
+
+        def line(figure, key, unit, peer_name="", peer_key=None, target=None, good=None, ratio=None):
+            v = m[key]
+            peer = m[peer_key] if peer_key else None
+            if ratio is None and peer:
+                ratio = v / peer
+            ok = None if good is None else good(ratio if ratio is not None else v)
+            out.append(row(figure, v, unit, r[key], peer_name, peer, r[peer_key] if peer_key else None, ratio, target or "", ok))
+
+        ge = lambda t: (lambda x: x >= t)  # noqa: E731
+        for k in (1, 4):
+            line(f"seq write 1st touch, {k} snap", f"seq1 fssd{k}", "MiB/s", "QSD 1 snap", "seq1 qsd1", f">= {FIRST_TOUCH_TARGET:.1f}x", ge(FIRST_TOUCH_TARGET))
+            line(f"  same, vs fssd no snapshot", f"seq1 fssd{k}", "MiB/s", "fssd 0 snap", "seq1 fssd0")
+        for k in (1, 4):
+            line(f"seq write 2nd touch, {k} snap", f"seq2 fssd{k}", "MiB/s", "fssd 0 snap", "seq2 fssd0", f">= {SECOND_TOUCH_TARGET:.2f}x", ge(SECOND_TOUCH_TARGET))
+            line(f"  same, vs QSD 2nd touch", f"seq2 fssd{k}", "MiB/s", "QSD 1 snap", "seq2 qsd1")
+        for k in (1, 4):
+            line(f"4k randwrite QD32 1st touch, {k} snap", f"rand1 fssd{k}", "IOPS", "QSD 1 snap", "rand1 qsd1", f">= {FIRST_TOUCH_TARGET:.1f}x", ge(FIRST_TOUCH_TARGET))
+            line(f"  same, vs fssd no snapshot", f"rand1 fssd{k}", "IOPS", "fssd 0 snap", "rand1 fssd0")
+        line("seq write, no snapshot", "seq1 fssd0", "MiB/s", "QSD 1 snap", "seq1 qsd1")
+        line("4k randwrite QD32, no snapshot", "rand1 fssd0", "IOPS", "QSD 1 snap", "rand1 qsd1")
+        line("snapshot read, fresh", "snap read fresh", "MiB/s", "fssd live", "live read", f">= {READ_TARGET:.2f}x", ge(READ_TARGET))
+        line("snapshot read, all copied", "snap read copied", "MiB/s", "fssd live", "live read after", f">= {READ_TARGET:.2f}x", ge(READ_TARGET))
+        line("  QSD snapshot read, fresh", "qsd snap read fresh", "MiB/s", "QSD live", "qsd live read")
+        for vol, label in (("vol", "1 GiB"), ("big", "1 TiB")):
+            line(f"snapshot barrier, {label}", f"barrier {vol}", "us", target=f"< {BARRIER_TARGET_US} us", good=lambda x: x < BARRIER_TARGET_US)
+        b1, bt = m["barrier vol"], m["barrier big"]
+        flat = bt <= 2 * b1 or bt - b1 <= 500
+        out.append(row("barrier 1 TiB / 1 GiB", bt, "us", r["barrier big"], "1 GiB", b1, r["barrier vol"], bt / b1 if b1 else None,
+                       "no growth", flat))
+        for vol, label in (("vol", "1 GiB"), ("big", "1 TiB")):
+            line(f"fssconfig end to end, {label}", f"cfg {vol}", "us", "QSD take (QMP)", "qsd take")
+
+        print(f"{'figure':40} {'fssd':>10} {'peer':>16} {'ratio':>6}  runs | peer runs")
+        for x in out:
+            peer = f"{x['peer']:.0f} {x['peer_name']}" if x["peer"] is not None else ""
+            ratio = f"{x['ratio']:.2f}x" if x["ratio"] is not None else ""
+            pr = fmt_runs(x["peer_runs"]) if x["peer_runs"] else ""
+            print(f"{x['figure']:40} {x['value']:10.0f} {peer:>16} {ratio:>6}  {fmt_runs(x['runs'])} | {pr}  {x['unit']}")
+        emit(self.args.results, out)
+
+    # -- main -----------------------------------------------------------------------------
+
+    def main(self) -> int:
+        try:
+            shm = self.scratch.shm
+            img, self.src, big = shm / "volume.img", shm / "src.img", shm / "big.img"
+            make_random_image(img, GiB)
+            make_random_image(self.src, GiB)
+            with open(big, "wb") as f:  # sparse; never written (fssd only reads it for snapshots)
+                f.truncate(1 << 40)
+            self.fssd = Fssd(self.scratch, [("vol", str(img), None), ("big", str(big), None)]).start()
+            self.qsd = Qsd(self.scratch, img, GiB)
+            print("writes (fssd 0/1/4 snapshots, QSD 1) and snapshot reads:", flush=True)
+            self.writes()
+            print("snapshot creation:", flush=True)
+            self.barriers()
+            self.report()
+            return 0
+        finally:
+            if self.qsd:
+                self.qsd.stop()
+            if self.fssd:
+                self.fssd.stop()
+            self.scratch.cleanup()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--barrier-runs", type=int, default=10)
+    ap.add_argument("--results", default=os.environ.get("FSSD_BENCH_RESULTS"))
+    args = ap.parse_args()
+    install_signal_handlers()
+    return Bench(args).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
