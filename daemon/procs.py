@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable
 
 from ipc import workermsg
+from ipc.channel import send_frame
 from ipc.framing import FrameCodec, FrameError
 
 log = logging.getLogger("supervisor")
@@ -119,12 +120,7 @@ class Worker:
         data = self.codec.encode(msg)
         self.sock.setblocking(True)
         try:
-            if fds:
-                n = socket.send_fds(self.sock, [data], list(fds))
-                if n < len(data):
-                    self.sock.sendall(data[n:])
-            else:
-                self.sock.sendall(data)
+            send_frame(self.sock, data, fds)
         except OSError as e:
             raise WorkerGone(f"{self.kind} {self.key}: {e}") from None
         finally:

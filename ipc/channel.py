@@ -13,7 +13,17 @@ from typing import Any
 
 from ipc.framing import FrameCodec, FrameError
 
-__all__ = ["Channel", "FrameError"]
+__all__ = ["Channel", "FrameError", "send_frame"]
+
+
+def send_frame(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """All of an encoded frame; descriptors ride on its first bytes (SCM_RIGHTS)."""
+    if fds:
+        n = socket.send_fds(sock, [data], list(fds))
+        if n < len(data):
+            sock.sendall(data[n:])
+    else:
+        sock.sendall(data)
 
 
 class Channel:
@@ -28,13 +38,7 @@ class Channel:
     def send(self, msg: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
         data = self._codec.encode(msg)
         with self._send_lock:
-            if fds:
-                # Descriptors ride on the first byte(s) of the frame.
-                n = socket.send_fds(self.sock, [data], list(fds))
-                if n < len(data):
-                    self.sock.sendall(data[n:])
-            else:
-                self.sock.sendall(data)
+            send_frame(self.sock, data, fds)
 
     def recv(self, timeout: float | None = None) -> tuple[Any, list[int]] | None:
         """Next message and the descriptors that came with it; None on EOF."""

@@ -9,7 +9,6 @@ needed across processes.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
@@ -21,9 +20,9 @@ import msgspec
 import setproctitle
 
 from ipc import logfmt, nbd, workermsg
-from ipc.channel import Channel
 from ipc.clustermap import ClusterMap
 from workers import fileio
+from workers import spawned
 from workers.nbdserve import Server
 
 log = logging.getLogger("snapshot")
@@ -156,7 +155,7 @@ class SnapshotBackend:
 def run(settings: SnapshotSettings, channel_fd: int) -> int:
     setproctitle.setproctitle(f"fssd: {settings.device} {settings.volume}@{settings.taken}")
     logfmt.setup(settings.device, settings.debug, settings.use_syslog)
-    chan = Channel(socket.socket(fileno=channel_fd), workermsg.ToWorker)
+    chan = spawned.channel(channel_fd)
     vol_fd = os.open(settings.volume_path, os.O_RDONLY | os.O_CLOEXEC)
     cmap = ClusterMap.attach(settings.map_name, writable=False)
     backend = SnapshotBackend(vol_fd, settings.bs_fd, cmap)
@@ -173,15 +172,8 @@ def run(settings: SnapshotSettings, channel_fd: int) -> int:
     threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     chan.send(workermsg.Ready(kind="snapshot", pid=os.getpid()))
     log.info("serving snapshot of %s taken %s", settings.volume, settings.taken)
-    while True:
-        try:
-            got = chan.recv()
-        except (OSError, ValueError) as e:
-            log.error("channel to the supervisor failed: %s", e)
-            got = None
-        if got is None or isinstance(got[0], workermsg.Stop):
-            break
-        for fd in got[1]:
+    for _msg, fds in spawned.supervisor_messages(chan):
+        for fd in fds:  # nothing is expected here; never leak what arrives
             os.close(fd)
     server.stop()
     log.info("stopped")
@@ -189,12 +181,7 @@ def run(settings: SnapshotSettings, channel_fd: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`--channel-fd N SETTINGS_JSON`, as the supervisor spawns every worker."""
-    ap = argparse.ArgumentParser(prog="workers.snapshot")
-    ap.add_argument("--channel-fd", type=int, required=True)
-    ap.add_argument("settings")
-    args = ap.parse_args(argv)
-    return run(msgspec.json.decode(args.settings, type=SnapshotSettings), args.channel_fd)
+    return run(*spawned.command_line("workers.snapshot", SnapshotSettings, argv))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ dead one stopped: the maps are in shared memory, the copies on disk.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
@@ -21,10 +20,10 @@ import msgspec
 import setproctitle
 
 from ipc import logfmt, nbd, workermsg
-from ipc.channel import Channel
 from ipc.clustermap import ClusterMap
 from workers import fileio
 from workers.cow import SnapshotTarget, WriteGate
+from workers import spawned
 from workers.nbdserve import Server
 
 log = logging.getLogger("volume")
@@ -157,7 +156,7 @@ def _attach_target(backend: VolumeBackend, device: str, map_name: str, bs_fd: in
 def run(settings: VolumeSettings, channel_fd: int) -> int:
     setproctitle.setproctitle(f"fssd: volume {settings.name}")
     logfmt.setup(f"volume {settings.name}", settings.debug, settings.use_syslog)
-    chan = Channel(socket.socket(fileno=channel_fd), workermsg.ToWorker)
+    chan = spawned.channel(channel_fd)
     fd = os.open(settings.path, os.O_RDWR | os.O_CLOEXEC)
     backend = VolumeBackend(fd, settings.size)
     # A restart: the snapshots that were active stay active, with their maps as they are.
@@ -172,15 +171,7 @@ def run(settings: VolumeSettings, channel_fd: int) -> int:
     chan.send(workermsg.Ready(kind="volume", pid=os.getpid()))
     log.info("serving %s (%d bytes)", settings.path, settings.size)
 
-    while True:
-        try:
-            got = chan.recv()
-        except (OSError, ValueError) as e:
-            log.error("channel to the supervisor failed: %s", e)
-            got = None
-        if got is None or isinstance(got[0], workermsg.Stop):
-            break
-        msg, fds = got
+    for msg, fds in spawned.supervisor_messages(chan):
         if isinstance(msg, workermsg.AttachSnapshot):
             if not fds:
                 chan.send(workermsg.Refused(msg.device, errno.EBADF, "no backing-store descriptor came with the request"))
@@ -217,12 +208,7 @@ def run(settings: VolumeSettings, channel_fd: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`--channel-fd N SETTINGS_JSON`, as the supervisor spawns every worker."""
-    ap = argparse.ArgumentParser(prog="workers.volume")
-    ap.add_argument("--channel-fd", type=int, required=True)
-    ap.add_argument("settings")
-    args = ap.parse_args(argv)
-    return run(msgspec.json.decode(args.settings, type=VolumeSettings), args.channel_fd)
+    return run(*spawned.command_line("workers.volume", VolumeSettings, argv))
 
 
 if __name__ == "__main__":
