@@ -216,7 +216,7 @@ def test_fio_randwrite_with_verify(srv):
     p = run(
         "fio", "--name=v", "--ioengine=nbd", f"--uri={srv.uri('whole')}", "--rw=randwrite", "--bs=4k",
         "--iodepth=16", "--size=16M", "--verify=crc32c", "--do_verify=1", "--randrepeat=0",
-        "--output-format=json",
+        "--verify_state_save=0", "--output-format=json",  # no state file left in the cwd
     )  # fmt: skip
     report = json.loads(p.stdout[p.stdout.index("{") :])  # fio prints "connected" first
     job = report["jobs"][0]

@@ -143,7 +143,7 @@ def connect(fssd, export: str = "data", **kw) -> Raw:
 
 def still_serves(fssd, pid: int, export: str = "data", kind: str = "volume", expect: tuple[int, bytes] | None = None) -> None:
     """The same worker process answers a new, well-behaved client correctly."""
-    assert fssd.worker_pid(kind, export if kind == "volume" else export) == pid
+    assert fssd.worker_pid(kind, export) == pid
     c = connect(fssd, export)
     try:
         if expect is not None:
