@@ -134,7 +134,9 @@ def make_random_image(path: Path, size: int, seed_bytes: int = 16 * MiB) -> None
 class Fssd:
     """fssd on a generated config; volumes = [(name, path, size_or_None)]."""
 
-    def __init__(self, scratch: Scratch, volumes: list[tuple[str, str, str | None]], devices: int = 4, tag: str = "fssd"):
+    def __init__(self, scratch: Scratch, volumes: list[tuple[str, str, str | None]], devices: int = 4, tag: str = "fssd",
+                 env: dict | None = None):
+        self.env = {**os.environ, **(env or {})}  # e.g. PYTHONPATH of a patched tree, for A/B experiments
         self.dir = scratch.tmp / tag
         self.dir.mkdir()
         self.rundir = self.dir / "run"
@@ -153,7 +155,8 @@ class Fssd:
 
     def start(self) -> "Fssd":
         self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([str(BIN / "fssd"), "-c", str(self.config), "-d"], stdout=self._logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([str(BIN / "fssd"), "-c", str(self.config), "-d"], stdout=self._logf,
+                                     stderr=subprocess.STDOUT, env=self.env)
         _register(f"pid {self.proc.pid} fssd")
         _register(f"shm /dev/shm/{self.prefix}.")
 
