@@ -437,14 +437,13 @@ def _peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_bug_pipelined_large_reads_are_buffered_without_limit(fssd, snap):
-    """BUG workers/nbdserve.py _converse/_handle: OUT_HIGH_WATER is defined but never used.
+def test_pipelined_large_reads_do_not_pile_up(fssd, snap):
+    """Replies to pipelined READs must not all wait in memory for the end of the batch.
 
-    Replies to a batch of pipelined READs are queued until the whole batch is handled
-    (or 512 buffers), and _send joins them again on a short sendmsg. A snapshot export
-    (no sendfile) then holds every 32 MiB reply at once: a client that pipelines
-    requests can push the worker's memory without bound. Expected: flush once the
-    queue passes OUT_HIGH_WATER (8 MiB), so the peak stays near one reply.
+    A snapshot export (no sendfile) once held every 32 MiB reply of a batch at
+    once, so a client that pipelines could push the worker's memory without
+    bound. Large replies now leave as soon as they are read: the peak stays
+    near one reply.
     """
     pid = fssd.worker_pid("snapshot", "fss0")
     c = connect(fssd, "fss0")

@@ -24,9 +24,9 @@ log = logging.getLogger("nbd")
 RECV_SIZE = 1 << 20
 # Reads this large go out with sendfile() (no copy through Python) when possible.
 SENDFILE_MIN = 128 * 1024
-# Flush queued replies before they hold more than this (pipelined large reads).
-OUT_HIGH_WATER = 8 << 20
-# sendmsg() takes at most IOV_MAX (1024) buffers.
+# sendmsg() takes at most IOV_MAX (1024) buffers. Only replies under
+# SENDFILE_MIN are queued (larger ones leave at once), so a batch of pipelined
+# requests holds at most OUT_MAX_BUFFERS * SENDFILE_MIN bytes of replies.
 OUT_MAX_BUFFERS = 512
 
 
@@ -208,6 +208,8 @@ class Server:
                 data = backend.pread(req.offset, req.length)
                 out.append(conn.read_reply_header(req.cookie, req.offset, req.length))
                 out.append(data)
+                if req.length >= SENDFILE_MIN:
+                    _send(sock, out)  # never hold many large replies at once
                 return
             if cmd == nbd.CMD_WRITE:
                 backend.write(req.offset, req.data, bool(req.flags & nbd.CMD_FLAG_FUA))
@@ -247,10 +249,13 @@ def _send(sock: socket.socket, out: list) -> None:
     if len(out) == 1:
         sock.sendall(out[0])
     else:
-        total = sum(map(len, out))
         sent = sock.sendmsg(out)
-        if sent < total:
-            sock.sendall(memoryview(b"".join(out))[sent:])
+        for b in out:  # a short sendmsg: finish buffer by buffer, without joining them
+            if sent >= len(b):
+                sent -= len(b)
+                continue
+            sock.sendall(memoryview(b)[sent:])
+            sent = 0
     out.clear()
 
 
