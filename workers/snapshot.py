@@ -128,27 +128,36 @@ class SnapshotBackend:
         os.posix_fadvise(self.volume_fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """Copied clusters are data; elsewhere the volume's holes, if still uncopied after the query."""
+        """The volume's holes, less every cluster copied by the time we look (those are data)."""
         m = self.map
         if not m.usable:
             raise _invalid(m)
         hz = nbd.STATE_HOLE | nbd.STATE_ZERO
-        out: list[tuple[int, int]] = []
-        pos = offset
         shift = m.cluster_shift
         t = m.table
-        for n, hole in fileio.extents(self.volume_fd, offset, length):
-            if hole:
-                # A hole that a live write is filling was copied first: report what is copied as data.
-                c0, c1 = pos >> shift, (pos + n - 1) >> shift
-                if any(t[c0 : c1 + 1]):
-                    hole = False
-            flags = hz if hole else 0
+        out: list[tuple[int, int]] = []
+
+        def add(n: int, flags: int) -> None:
             if out and out[-1][1] == flags:
                 out[-1] = (out[-1][0] + n, flags)
             else:
                 out.append((n, flags))
-            pos += n
+
+        pos = offset
+        for n, hole in fileio.extents(self.volume_fd, offset, length):
+            end = pos + n
+            if not hole:
+                add(n, 0)
+            elif not any(t[pos >> shift : ((end - 1) >> shift) + 1]):
+                add(n, hz)  # nothing copied in this hole (the usual case): one extent
+            else:
+                # A live write into a hole copies the (zero) cluster first: such clusters are data now.
+                while pos < end:
+                    c = pos >> shift
+                    stop = min((c + 1) << shift, end)
+                    add(stop - pos, 0 if t[c] else hz)
+                    pos = stop
+            pos = end
         return out
 
 
