@@ -24,6 +24,7 @@ Spec: NetworkBlockDevice/nbd doc/proto.md.
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
 from typing import Callable, NamedTuple
 
@@ -139,6 +140,14 @@ MAX_STRING = 4096
 # Options before GO: a client that never stops negotiating is a loop, not a
 # client. nbdkit allows 32 per connection; be a little more generous.
 MAX_OPTIONS = 128
+# The receive buffer: one WRITE (header + MAX_PAYLOAD) always fits, with room
+# to read ahead. Anonymous memory, so untouched pages cost nothing.
+RECV_BUFFER = MAX_PAYLOAD + (1 << 20)
+# Received data stays within this much of the buffer's head unless a message
+# needs more, so a connection of small requests keeps a few MiB resident.
+RECV_SOFT = 4 << 20
+# Unparsed bytes this small are moved to the head whenever convenient.
+RECV_CHEAP_MOVE = 64 * 1024
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -216,16 +225,22 @@ Lookup = Callable[[str], "Export | None"]
 class ServerConnection:
     """One client connection's protocol state."""
 
-    def __init__(self, exports: list[Export]):
+    def __init__(self, exports: list[Export], zero_copy: bool = False):
+        """zero_copy: WRITE payloads are memoryviews into the receive buffer, valid
+        until the next receive_buffer()/receive_data() call (the serving loop's
+        contract); otherwise they are bytes."""
         self._exports = {e.name: e for e in exports}
+        self.zero_copy = zero_copy
         self.state = State.CLIENT_FLAGS
         self.export: Export | None = None
         self.structured = False
         self.no_zeroes = False
         self.meta_base_allocation = False
         self.options_seen = 0
-        self._buf = bytearray()
-        self._pos = 0
+        self._buf = mmap.mmap(-1, RECV_BUFFER)
+        self._mv = memoryview(self._buf)
+        self._pos = 0  # first unparsed byte
+        self._end = 0  # end of received bytes
         self._out: list[bytes] = []
         # Bytes of a refused WRITE's payload still to skip, and its event.
         self._discard = 0
@@ -236,8 +251,55 @@ class ServerConnection:
     def greeting(self) -> bytes:
         return _U64.pack(NBDMAGIC) + _U64.pack(IHAVEOPT) + _U16.pack(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
 
+    def receive_buffer(self) -> memoryview:
+        """Free space to receive into (sock.recv_into), then call received(n).
+
+        Zero-copy payloads handed out before are invalid from here on: the
+        unparsed tail may be moved to the head of the buffer.
+        """
+        pos, end = self._pos, self._end
+        if pos == end:
+            pos = end = self._pos = self._end = 0
+        elif pos and (end - pos <= RECV_CHEAP_MOVE or pos + self._message_size() > RECV_BUFFER or end >= RECV_SOFT):
+            self._buf.move(0, pos, end - pos)
+            pos, end = 0, end - pos
+            self._pos, self._end = pos, end
+        limit = min(RECV_BUFFER, max(RECV_SOFT, pos + self._message_size()))
+        return self._mv[end:limit]
+
+    def received(self, n: int) -> None:
+        self._end += n
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet parsed."""
+        return self._end - self._pos
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
+        """Copying form of receive_buffer()/received() (tests, simple callers)."""
+        data = memoryview(data).cast("B")
+        while len(data):
+            room = self.receive_buffer()
+            n = min(len(room), len(data))
+            if not n:
+                raise BufferError("receive buffer full: handle events() before feeding more")
+            room[:n] = data[:n]
+            self.received(n)
+            data = data[n:]
+
+    def _message_size(self) -> int:
+        """Bytes the message at the parse position needs in all (at least what a header says)."""
+        avail = self._end - self._pos
+        if self.state is State.TRANSMISSION:
+            if self._discard or avail < 28:
+                return 28
+            magic, _f, cmd, _c, _o, length = _REQUEST.unpack_from(self._buf, self._pos)
+            return 28 + length if cmd == CMD_WRITE and magic == REQUEST_MAGIC and length <= MAX_PAYLOAD else 28
+        if self.state is State.OPTIONS:
+            if avail < _OPT_HDR.size:
+                return _OPT_HDR.size
+            return _OPT_HDR.size + min(_OPT_HDR.unpack_from(self._buf, self._pos)[2], MAX_OPTION)
+        return 4
 
     def data_to_send(self) -> bytes:
         """Handshake replies produced so far (transmission replies are built by the caller's calls)."""
@@ -265,16 +327,12 @@ class ServerConnection:
         except _Fatal as e:
             self.state = State.ERROR
             out.append(ProtocolError(str(e)))
-        finally:
-            if self._pos:
-                del self._buf[: self._pos]
-                self._pos = 0
         return out
 
     def _take(self, n: int) -> memoryview | None:
-        if len(self._buf) - self._pos < n:
+        if self._end - self._pos < n:
             return None
-        view = memoryview(self._buf)[self._pos : self._pos + n]
+        view = self._mv[self._pos : self._pos + n]
         self._pos += n
         return view
 
@@ -296,14 +354,14 @@ class ServerConnection:
         return True
 
     def _next_option(self):
-        if len(self._buf) - self._pos < _OPT_HDR.size:
+        if self._end - self._pos < _OPT_HDR.size:
             return None
         magic, opt, length = _OPT_HDR.unpack_from(self._buf, self._pos)
         if magic != IHAVEOPT:
             raise _Fatal(f"bad option magic {magic:#x}")
         if length > MAX_OPTION:
             raise _Fatal(f"option {opt} carries {length} bytes, over the limit of {MAX_OPTION}")
-        if len(self._buf) - self._pos < _OPT_HDR.size + length:
+        if self._end - self._pos < _OPT_HDR.size + length:
             return None
         self._pos += _OPT_HDR.size
         data = bytes(self._take(length))
@@ -451,14 +509,14 @@ class ServerConnection:
     def _next_request(self):
         buf = self._buf
         if self._discard:
-            n = min(self._discard, len(buf) - self._pos)
+            n = min(self._discard, self._end - self._pos)
             self._pos += n
             self._discard -= n
             if self._discard:
                 return None
             ev, self._discard_event = self._discard_event, None
             return ev
-        if len(buf) - self._pos < 28:
+        if self._end - self._pos < 28:
             return None
         magic, flags, cmd, cookie, offset, length = _REQUEST.unpack_from(buf, self._pos)
         if magic != REQUEST_MAGIC:
@@ -466,13 +524,12 @@ class ServerConnection:
         if cmd == CMD_WRITE:
             err = self._validate(cmd, flags, offset, length)
             if err is None:
-                if len(buf) - self._pos < 28 + length:
+                if self._end - self._pos < 28 + length:
                     return None
                 start = self._pos + 28
                 self._pos = start + length
-                with memoryview(buf) as view:  # one copy, and no export left to block the next resize
-                    data = bytes(view[start : start + length])
-                return Request(cmd, flags, cookie, offset, length, data)
+                data = self._mv[start : start + length]
+                return Request(cmd, flags, cookie, offset, length, data if self.zero_copy else bytes(data))
             # Refused: skip the payload without holding it, then report.
             self._pos += 28
             self._discard = length

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import threading
+import weakref
 
 from ipc.clustermap import ClusterMap
 from workers import fileio
@@ -33,6 +34,8 @@ class SnapshotTarget:
         self.volume_fd = volume_fd
         # Local mirror of "usable", so the hot path reads no header.
         self.active = cmap.usable
+        # Backing-store slots are handed out under this lock; the copies run outside it.
+        self._alloc = threading.Lock()
 
     def needs_copy(self, offset: int, length: int) -> bool:
         """Lock-free fast path: False when every touched cluster is already copied."""
@@ -47,7 +50,8 @@ class SnapshotTarget:
         return 0 in t[c0 : c1 + 1]
 
     def copy(self, offset: int, length: int) -> None:
-        """Copy every still-clear cluster of the range. Caller holds the volume's COW lock."""
+        """Copy every still-clear cluster of the range. The caller holds the volume's
+        stripe locks for these clusters, so no one else copies them meanwhile."""
         if not self.active or not self.map.usable:  # also invalidated by the supervisor
             self.active = False
             return
@@ -65,10 +69,12 @@ class SnapshotTarget:
             while c <= last and not t[c]:
                 c += 1
             n = c - start
-            dest = m.bs_next
-            if m.bs_limit and dest + n > m.bs_limit:
-                self.invalidate("backing store full")
-                return
+            with self._alloc:
+                dest = m.bs_next
+                if m.bs_limit and dest + n > m.bs_limit:
+                    self.invalidate("backing store full")
+                    return
+                m.bs_next = dest + n
             src = start << shift
             nbytes = min(c << shift, m.volume_size) - src
             try:
@@ -79,8 +85,8 @@ class SnapshotTarget:
             # Publish only now: a reader that sees the entry finds the copy complete.
             for i in range(n):
                 t[start + i] = dest + i
-            m.bs_next = dest + n
-            m.copies = m.copies + n
+            with self._alloc:
+                m.copies = m.copies + n
 
     def invalidate(self, reason: str, exc: OSError | None = None) -> None:
         self.active = False
@@ -95,31 +101,63 @@ class SnapshotTarget:
             log.warning("%s: could not write the table to the backing store: %s", self.device, e)
 
 
+class _Slot:
+    __slots__ = ("n", "__weakref__")
+
+    def __init__(self):
+        self.n = 0
+
+
 class WriteGate:
-    """Counts writes in flight so a snapshot barrier can drain them."""
+    """Counts writes in flight so a snapshot barrier can drain them.
+
+    The hot path takes no lock: each writing thread counts in its own slot (only
+    it writes there), then checks whether a barrier is pending. The barrier sets
+    `closed`, then waits until every slot is zero. Python runs one bytecode at a
+    time (the GIL), so either the writer sees `closed` and steps back, or the
+    barrier sees the writer's count: no write slips past a barrier.
+    """
 
     def __init__(self):
         self._cond = threading.Condition()
-        self._inflight = 0
         self._closed = False
+        self._local = threading.local()
+        self._slots: "weakref.WeakSet[_Slot]" = weakref.WeakSet()  # a dead thread's slot goes with it
+
+    def _slot(self) -> _Slot:
+        try:
+            return self._local.slot
+        except AttributeError:
+            slot = self._local.slot = _Slot()
+            with self._cond:
+                self._slots.add(slot)
+            return slot
 
     def enter(self) -> None:
-        with self._cond:
-            while self._closed:
-                self._cond.wait()
-            self._inflight += 1
+        slot = self._slot()
+        while True:
+            slot.n += 1
+            if not self._closed:
+                return
+            self._step_back(slot)
+            with self._cond:
+                while self._closed:
+                    self._cond.wait()
 
     def leave(self) -> None:
-        with self._cond:
-            self._inflight -= 1
-            if self._closed and not self._inflight:
+        self._step_back(self._local.slot)
+
+    def _step_back(self, slot: _Slot) -> None:
+        slot.n -= 1
+        if self._closed:
+            with self._cond:
                 self._cond.notify_all()
 
     def close(self) -> None:
         """Hold new writes and wait until none is in flight."""
         with self._cond:
             self._closed = True
-            while self._inflight:
+            while any(s.n for s in list(self._slots)):
                 self._cond.wait()
 
     def open(self) -> None:

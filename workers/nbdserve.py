@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import socket
 import threading
@@ -20,8 +21,6 @@ from ipc import nbd
 
 log = logging.getLogger("nbd")
 
-# One recv takes up to this much: a 256 KiB write arrives in a single call.
-RECV_SIZE = 1 << 20
 # Reads this large go out with sendfile() (no copy through Python) when possible.
 SENDFILE_MIN = 128 * 1024
 # sendmsg() takes at most IOV_MAX (1024) buffers. Only replies under
@@ -36,9 +35,13 @@ class Backend(Protocol):
     size: int
     read_only: bool
 
-    def pread(self, offset: int, length: int) -> bytes: ...
-    def sendfile_fd(self, offset: int, length: int) -> int | None: ...
-    def write(self, offset: int, data: bytes, fua: bool) -> None: ...
+    def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill `view` with the export's bytes at `offset`, or raise."""
+
+    def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, file offset) holding exactly these bytes for os.sendfile, or None."""
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None: ...
     def flush(self) -> None: ...
     def trim(self, offset: int, length: int, fua: bool) -> None: ...
     def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None: ...
@@ -154,22 +157,24 @@ class Server:
                 self.on_clients(count)
 
     def _converse(self, sock: socket.socket) -> None:
-        conn = nbd.ServerConnection([self.export])
+        # WRITE payloads are views into the connection's receive buffer: the socket's
+        # bytes reach pwrite() without another copy. Each batch is handled before the
+        # next receive, which is what keeps those views valid.
+        conn = nbd.ServerConnection([self.export], zero_copy=True)
         sock.sendall(conn.greeting())
-        rbuf = bytearray(RECV_SIZE)
-        rview = memoryview(rbuf)
         out: list = []
         backend = self.backend
+        reads = _ReadBuffer()
         Request, BadRequest = nbd.Request, nbd.BadRequest
         while True:
-            n = sock.recv_into(rbuf)
+            n = sock.recv_into(conn.receive_buffer())
             if n == 0:
                 return
-            conn.receive_data(rview[:n])
+            conn.received(n)
             for ev in conn.events():
                 cls = type(ev)
                 if cls is Request:
-                    self._handle(conn, ev, out, sock, backend)
+                    self._handle(conn, ev, out, sock, backend, reads)
                     if len(out) > OUT_MAX_BUFFERS:
                         _send(sock, out)
                 elif cls is BadRequest:
@@ -193,23 +198,30 @@ class Server:
             if out:
                 _send(sock, out)
 
-    def _handle(self, conn: nbd.ServerConnection, req: nbd.Request, out: list, sock, backend: Backend) -> None:
+    def _handle(self, conn: nbd.ServerConnection, req: nbd.Request, out: list, sock, backend: Backend, reads: "_ReadBuffer") -> None:
         self.requests += 1
         cmd = req.cmd
         try:
             if cmd == nbd.CMD_READ:
-                if req.length >= SENDFILE_MIN:
-                    fd = backend.sendfile_fd(req.offset, req.length)
-                    if fd is not None:
-                        out.append(conn.read_reply_header(req.cookie, req.offset, req.length))
-                        _send(sock, out)
-                        _sendfile(sock, fd, req.offset, req.length)
-                        return
-                data = backend.pread(req.offset, req.length)
-                out.append(conn.read_reply_header(req.cookie, req.offset, req.length))
-                out.append(data)
-                if req.length >= SENDFILE_MIN:
-                    _send(sock, out)  # never hold many large replies at once
+                n = req.length
+                if n < SENDFILE_MIN:
+                    data = bytearray(n)  # small replies are queued for one sendmsg per batch
+                    backend.read_into(memoryview(data), req.offset)
+                    out.append(conn.read_reply_header(req.cookie, req.offset, n))
+                    out.append(data)
+                    return
+                src = backend.sendfile_source(req.offset, n)
+                if src is not None:
+                    out.append(conn.read_reply_header(req.cookie, req.offset, n))
+                    _send(sock, out)
+                    _sendfile(sock, src[0], src[1], n)
+                    return
+                # Large replies leave at once from a buffer this connection reuses.
+                view = reads.get(n)
+                backend.read_into(view, req.offset)
+                out.append(conn.read_reply_header(req.cookie, req.offset, n))
+                out.append(view)
+                _send(sock, out)
                 return
             if cmd == nbd.CMD_WRITE:
                 backend.write(req.offset, req.data, bool(req.flags & nbd.CMD_FLAG_FUA))
@@ -241,6 +253,20 @@ class Server:
             if not (cmd == nbd.CMD_WRITE_ZEROES and code == nbd.ENOTSUP):
                 log.warning("%s: %s %d+%d failed: %s", self.export.name, nbd.CMD_NAMES[cmd], req.offset, req.length, e)
             out.append(conn.error_reply(req.cookie, code, f"{nbd.CMD_NAMES[cmd]}: {e.strerror or e}"))
+
+
+class _ReadBuffer:
+    """One connection's buffer for large read replies (anonymous memory: paid for as used)."""
+
+    def __init__(self):
+        self._mm: mmap.mmap | None = None
+        self._mv: memoryview | None = None
+
+    def get(self, n: int) -> memoryview:
+        if self._mv is None:
+            self._mm = mmap.mmap(-1, nbd.MAX_PAYLOAD)
+            self._mv = memoryview(self._mm)
+        return self._mv[:n]
 
 
 def _send(sock: socket.socket, out: list) -> None:

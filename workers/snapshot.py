@@ -61,55 +61,81 @@ class SnapshotBackend:
             return t[c0] != 0
         return any(t[c0 : c1 + 1])
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def read_into(self, view: memoryview, offset: int) -> None:
         m = self.map
         if not m.usable:
             raise _invalid(m)
+        length = len(view)
         shift = m.cluster_shift
         c0 = offset >> shift
         c1 = (offset + length - 1) >> shift
         if not self._any_copied(c0, c1):
-            data = os.pread(self.volume_fd, length, offset)
+            got = os.preadv(self.volume_fd, [view], offset)
             # Test after read: still clear means the volume was not yet overwritten when we read it.
             if not self._any_copied(c0, c1):
                 if not m.usable:  # invalidated meanwhile: the volume no longer waits for copies
                     raise _invalid(m)
-                if len(data) != length:
+                if got != length:
                     raise OSError(errno.EIO, "short read from the volume image")
-                return data
-        data = self._read_mixed(offset, length)
+                return
+        self._read_mixed(view, offset)
         if not m.usable:
             raise _invalid(m)
-        return data
 
-    def _read_mixed(self, offset: int, length: int) -> bytearray:
+    def _read_mixed(self, view: memoryview, offset: int) -> None:
+        """Runs of clusters from one place, one read each: the backing store where copied
+        (consecutive store clusters), else the volume, each cluster tested again after."""
         m = self.map
         t = m.table
         shift = m.cluster_shift
         cs = m.cluster_size
-        buf = bytearray(length)
-        view = memoryview(buf)
         pos = offset
-        end = offset + length
+        end = offset + len(view)
         while pos < end:
             c = pos >> shift
-            stop = min((c + 1) << shift, end)
-            n = stop - pos
-            dst = view[pos - offset : stop - offset]
             k = t[c]
-            if not k:
-                got = os.preadv(self.volume_fd, [dst], pos)
-                k = t[c]  # test after read
+            nc = c + 1
+            stop = min(nc << shift, end)
             if k:
-                got = os.preadv(self.bs_fd, [dst], k * cs + (pos - (c << shift)))
-            if got != n:
-                raise OSError(errno.EIO, f"short read at {pos} ({'backing store' if k else 'volume'})")
+                while stop < end and t[nc] == k + (nc - c):
+                    nc += 1
+                    stop = min(nc << shift, end)
+                self._read_exact(self.bs_fd, view[pos - offset : stop - offset], k * cs + (pos - (c << shift)))
+            else:
+                while stop < end and not t[nc]:
+                    nc += 1
+                    stop = min(nc << shift, end)
+                self._read_exact(self.volume_fd, view[pos - offset : stop - offset], pos)
+                for cc in range(c, nc):  # test after read, cluster by cluster
+                    kk = t[cc]
+                    if kk:
+                        a, b = max(cc << shift, pos), min((cc + 1) << shift, stop)
+                        self._read_exact(self.bs_fd, view[a - offset : b - offset], kk * cs + (a - (cc << shift)))
             pos = stop
-        view.release()
-        return buf
 
-    def sendfile_fd(self, offset: int, length: int) -> int | None:
-        return None  # data must be checked after it is read, so it passes through here
+    @staticmethod
+    def _read_exact(fd: int, view: memoryview, off: int) -> None:
+        if os.preadv(fd, [view], off) != len(view):
+            raise OSError(errno.EIO, f"short read at {off}")
+
+    def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        """A copied cluster never changes: a range that is one run of consecutive
+        backing-store clusters goes out by sendfile. Anything else needs the test
+        after read, so it passes through read_into."""
+        m = self.map
+        if not m.usable:
+            return None
+        shift = m.cluster_shift
+        c0 = offset >> shift
+        c1 = (offset + length - 1) >> shift
+        t = m.table
+        k0 = t[c0]
+        if not k0:
+            return None
+        for c in range(c0 + 1, c1 + 1):
+            if t[c] != k0 + (c - c0):
+                return None
+        return self.bs_fd, k0 * m.cluster_size + (offset - (c0 << shift))
 
     # The protocol refuses writes to a read-only export first; these are the backstop.
     def write(self, offset: int, data: bytes, fua: bool) -> None:

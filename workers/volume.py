@@ -28,6 +28,10 @@ from workers.nbdserve import Server
 
 log = logging.getLogger("volume")
 
+# Copy-on-write locks: STRIPES locks, each covering runs of 2^STRIPE_CLUSTERS_SHIFT clusters.
+STRIPES = 64
+STRIPE_CLUSTERS_SHIFT = 4
+
 
 class AttachedSnapshot(msgspec.Struct, frozen=True):
     device: str
@@ -54,7 +58,9 @@ class VolumeBackend:
         self.fd = fd
         self.size = size
         self.gate = WriteGate()
-        self._cow_lock = threading.Lock()
+        # Writers racing on one cluster are serialised by the stripe that covers it;
+        # copies of clusters in other stripes (other connections) go on in parallel.
+        self._stripes = [threading.Lock() for _ in range(STRIPES)]
         # Replaced (never mutated) at a barrier, so the hot path iterates without a lock.
         self.targets: tuple[SnapshotTarget, ...] = ()
 
@@ -63,8 +69,20 @@ class VolumeBackend:
     def _protect(self, offset: int, length: int) -> None:
         for t in self.targets:
             if t.needs_copy(offset, length):
-                with self._cow_lock:  # racing writers to one cluster: the first copies, the rest find it set
+                shift = t.map.cluster_shift + STRIPE_CLUSTERS_SHIFT
+                first, last = offset >> shift, (offset + length - 1) >> shift
+                if first == last:
+                    with self._stripes[first % STRIPES]:  # the common case: one stripe
+                        t.copy(offset, length)
+                    continue
+                locks = [self._stripes[i] for i in sorted({s % STRIPES for s in range(first, min(last, first + STRIPES - 1) + 1)})]
+                for lock in locks:  # in index order, so two writers can't deadlock
+                    lock.acquire()
+                try:
                     t.copy(offset, length)
+                finally:
+                    for lock in locks:
+                        lock.release()
 
     def attach(self, target: SnapshotTarget) -> int:
         """The snapshot barrier: drain writes, attach, stamp the time, resume. Returns µs held."""
@@ -89,16 +107,14 @@ class VolumeBackend:
 
     # -- Backend -------------------------------------------------------------------
 
-    def pread(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) != length:
+    def read_into(self, view: memoryview, offset: int) -> None:
+        if os.preadv(self.fd, [view], offset) != len(view):
             raise OSError(errno.EIO, "short read from the volume image")
-        return data
 
-    def sendfile_fd(self, offset: int, length: int) -> int | None:
-        return self.fd
+    def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        return self.fd, offset
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self.gate.enter()
         try:
             if self.targets:

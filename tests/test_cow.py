@@ -1,0 +1,175 @@
+"""Unit tests of the cluster map, the copy-on-write decisions and the snapshot read path."""
+
+import os
+import uuid
+
+import pytest
+
+from ipc.clustermap import CLUSTER_MAX, ClusterMap, MapState, choose_cluster_size, table_clusters
+from workers import snapshot as snapmod
+from workers.cow import SnapshotTarget, WriteGate
+from workers.snapshot import SnapshotBackend
+
+CS = 4096
+CLUSTERS = 64
+SIZE = CS * CLUSTERS
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A volume of known content, a backing store, an active map; all removed afterwards."""
+    vol = tmp_path / "vol.img"
+    old = bytes((i // CS) % 251 + 1 for i in range(SIZE))
+    vol.write_bytes(old)
+    bs = tmp_path / "bs"
+    bs.touch()
+    name = f"/fssd-test-{uuid.uuid4().hex[:12]}"
+    cmap = ClusterMap.create(name, CS, SIZE, bs_limit_clusters=0)
+    cmap.activate()
+    vfd = os.open(vol, os.O_RDWR)
+    bfd = os.open(bs, os.O_RDWR)
+    target = SnapshotTarget("fss0", cmap, bfd, vfd)
+    reader = SnapshotBackend(vfd, bfd, ClusterMap.attach(name, writable=False))
+    yield {"old": old, "vfd": vfd, "bfd": bfd, "map": cmap, "target": target, "reader": reader, "name": name}
+    os.close(vfd)
+    os.close(bfd)
+    ClusterMap.unlink(name)
+
+
+def live_write(w, offset, data):
+    """What the volume worker does: copy what the snapshot needs, then write."""
+    t = w["target"]
+    if t.needs_copy(offset, len(data)):
+        t.copy(offset, len(data))
+    os.pwrite(w["vfd"], data, offset)
+
+
+def snap_read(w, offset, length):
+    buf = bytearray(length)
+    w["reader"].read_into(memoryview(buf), offset)
+    return bytes(buf)
+
+
+def test_cluster_size_rules_follow_fss():
+    assert choose_cluster_size(0, 1 << 30) == 64 * 1024  # default MAXPHYS
+    assert choose_cluster_size(3000, 1 << 30) == 4096  # rounded up to a power of two
+    assert choose_cluster_size(512, 1 << 30, bs_block=4096) == 4096  # never below the store's block
+    huge = 1 << 44  # 16 TiB: raised until at most 2^24 clusters
+    cs = choose_cluster_size(64 * 1024, huge)
+    # fss: csize = bsize / FSS_CLUSTER_MAX + 1, then the next power of two: 2^20 + 1 -> 2 MiB.
+    assert huge // cs <= CLUSTER_MAX and cs == 1 << 21
+    with pytest.raises(ValueError):
+        choose_cluster_size(1 << 32, 1 << 40)
+    assert table_clusters(16384, 65536) == 2  # fss: 1 GiB at 64 KiB -> "128K backup" when fresh
+
+
+def test_map_header_round_trip_and_first_error_wins(world):
+    m, name = world["map"], world["name"]
+    other = ClusterMap.attach(name, writable=False)
+    assert (other.cluster_size, other.cluster_count, other.volume_size) == (CS, CLUSTERS, SIZE)
+    assert other.state == MapState.ACTIVE and other.usable and other.created_ns > 0
+    assert other.bs_next == table_clusters(CLUSTERS, CS)
+    assert m.set_error("backing store full") is True
+    assert m.set_error("write error on backing store") is False
+    assert other.error == "backing store full" and not other.usable
+
+
+def test_copy_on_write_copies_once_and_only_what_is_touched(world):
+    m, t = world["map"], world["target"]
+    first = m.bs_next
+    live_write(world, CS * 3 + 100, b"\xff" * (CS + 10))  # touches clusters 3 and 4
+    assert [m.table[c] for c in (2, 3, 4, 5)] == [0, first, first + 1, 0]
+    assert m.bs_next == first + 2 and m.copies == 2
+    assert not t.needs_copy(CS * 3, 2 * CS), "fast path: everything already copied"
+    live_write(world, CS * 3, b"\xee" * CS)  # already copied: no new copy
+    assert m.copies == 2
+    assert os.pread(world["bfd"], CS, first * CS) == world["old"][3 * CS : 4 * CS]
+    assert snap_read(world, 0, SIZE) == world["old"]
+
+
+def test_full_store_invalidates_and_stops_copying(world):
+    m = world["map"]
+    name = world["name"]
+    small = ClusterMap.create(name + "b", CS, SIZE, bs_limit_clusters=table_clusters(CLUSTERS, CS) + 2)
+    try:
+        small.activate()
+        t = SnapshotTarget("fss1", small, world["bfd"], world["vfd"])
+        t.copy(0, 2 * CS)
+        assert small.usable
+        t.copy(5 * CS, CS)  # a third cluster does not fit
+        assert not small.usable and small.error == "backing store full" and not t.active
+        t.copy(9 * CS, CS)  # nothing more is attempted
+        assert small.copies == 2
+    finally:
+        small.close()
+        ClusterMap.unlink(name + "b")
+    assert m.usable, "another snapshot's map is not touched"
+
+
+def test_write_error_on_the_store_invalidates(world, tmp_path):
+    ro = tmp_path / "ro"
+    ro.touch()
+    fd = os.open(ro, os.O_RDONLY)  # writes fail with EBADF
+    try:
+        t = SnapshotTarget("fss0", world["map"], fd, world["vfd"])
+        t.copy(0, CS)
+        assert world["map"].error == "write error on backing store" and world["map"].table[0] == 0
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as e:
+        snap_read(world, 0, CS)
+    assert e.value.errno == 5  # EIO
+
+
+@pytest.mark.parametrize("offset,length", [(CS * 10, CS), (CS * 10 - 100, 3 * CS + 200)])
+def test_read_path_race_a_write_between_volume_read_and_retest(world, monkeypatch, offset, length):
+    """The live write lands after the snapshot read the volume and before it tests the entry."""
+    real = os.preadv
+    state = {"done": False}
+
+    def preadv_then_write(fd, bufs, off):
+        n = real(fd, bufs, off)
+        if fd == world["vfd"] and not state["done"]:
+            state["done"] = True
+            live_write(world, offset, b"\x00" * length)  # copy old clusters, publish, overwrite
+        return n
+
+    monkeypatch.setattr(snapmod.os, "preadv", preadv_then_write)
+    got = snap_read(world, offset, length)
+    assert state["done"], "the race was exercised"
+    assert got == world["old"][offset : offset + length]
+    # The volume itself did change, so the test could have failed.
+    assert os.pread(world["vfd"], length, offset) == b"\x00" * length
+
+
+def test_mixed_reads_stitch_volume_and_store(world):
+    old = world["old"]
+    for c in (1, 2, 5, 7, 8):
+        live_write(world, c * CS + 17, b"\x5a" * 100)
+    assert snap_read(world, 0, 12 * CS) == old[: 12 * CS]
+    assert snap_read(world, CS + 5, 7 * CS) == old[CS + 5 : 8 * CS + 5]
+    src = world["reader"].sendfile_source(7 * CS, 2 * CS)  # clusters 7 and 8 were copied in order
+    assert src == (world["bfd"], world["map"].table[7] * CS)
+    assert world["reader"].sendfile_source(4 * CS, 2 * CS) is None  # cluster 4 is still on the volume
+
+
+def test_write_gate_barrier_waits_for_writes_in_flight():
+    import threading
+
+    gate = WriteGate()
+    gate.enter()
+    closed = threading.Event()
+
+    def barrier():
+        gate.close()
+        closed.set()
+
+    th = threading.Thread(target=barrier)
+    th.start()
+    assert not closed.wait(0.2), "the barrier must wait for the write in flight"
+    gate.leave()
+    assert closed.wait(5)
+    gate.open()
+    th.join()
+    gate.enter()  # open again
+    gate.leave()
