@@ -49,9 +49,12 @@ class SnapshotTarget:
             return not t[c0]
         return 0 in t[c0 : c1 + 1]
 
-    def copy(self, offset: int, length: int) -> None:
+    def copy(self, offset: int, length: int, old: memoryview | None = None, old_base: int = 0) -> None:
         """Copy every still-clear cluster of the range. The caller holds the volume's
-        stripe locks for these clusters, so no one else copies them meanwhile."""
+        stripe locks for these clusters, so no one else copies them meanwhile.
+
+        `old`, if given, already holds the volume's bytes from `old_base` on (read
+        once for several snapshots); otherwise the kernel copies from the volume."""
         if not self.active or not self.map.usable:  # also invalidated by the supervisor
             self.active = False
             return
@@ -78,7 +81,10 @@ class SnapshotTarget:
             src = start << shift
             nbytes = min(c << shift, m.volume_size) - src
             try:
-                fileio.copy_range(self.volume_fd, src, self.bs_fd, dest * cs, nbytes)
+                if old is None:
+                    fileio.copy_range(self.volume_fd, src, self.bs_fd, dest * cs, nbytes)
+                else:
+                    fileio.pwrite_all(self.bs_fd, old[src - old_base : src - old_base + nbytes], dest * cs)
             except OSError as e:
                 self.invalidate("backing store full" if e.errno in _FULL else "write error on backing store", e)
                 return

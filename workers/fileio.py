@@ -72,6 +72,15 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> N
         done += n
 
 
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        data = data[n:]
+        offset += n
+
+
 def extents(fd: int, offset: int, length: int, max_extents: int = 1024) -> list[tuple[int, bool]]:
     """(length, is_hole) runs covering [offset, offset+length) from SEEK_DATA/SEEK_HOLE."""
     end = offset + length

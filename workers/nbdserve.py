@@ -35,6 +35,9 @@ class Backend(Protocol):
     size: int
     read_only: bool
 
+    def read(self, offset: int, length: int) -> bytes:
+        """A small read (a few KiB): the export's bytes, or raise."""
+
     def read_into(self, view: memoryview, offset: int) -> None:
         """Fill `view` with the export's bytes at `offset`, or raise."""
 
@@ -141,6 +144,8 @@ class Server:
             self._converse(sock)
         except (ConnectionError, BrokenPipeError, TimeoutError) as e:
             log.info("%s: client went away: %s", self.export.name, e)
+        except _StreamBroken as e:
+            log.warning("%s: closing the connection: %s", self.export.name, e)
         except OSError as e:
             log.warning("%s: connection closed after error: %s", self.export.name, e)
         except Exception:  # a bug must cost one connection, never the worker
@@ -205,16 +210,18 @@ class Server:
             if cmd == nbd.CMD_READ:
                 n = req.length
                 if n < SENDFILE_MIN:
-                    data = bytearray(n)  # small replies are queued for one sendmsg per batch
-                    backend.read_into(memoryview(data), req.offset)
+                    data = backend.read(req.offset, n)  # before the header: a failed read replies an error
                     out.append(conn.read_reply_header(req.cookie, req.offset, n))
-                    out.append(data)
+                    out.append(data)  # queued: one sendmsg per batch
                     return
                 src = backend.sendfile_source(req.offset, n)
                 if src is not None:
                     out.append(conn.read_reply_header(req.cookie, req.offset, n))
                     _send(sock, out)
-                    _sendfile(sock, src[0], src[1], n)
+                    try:
+                        _sendfile(sock, src[0], src[1], n)
+                    except OSError as e:  # the header is out: this reply can't be mended
+                        raise _StreamBroken(f"READ {req.offset}+{n} failed after its header was sent: {e}") from e
                     return
                 # Large replies leave at once from a buffer this connection reuses.
                 view = reads.get(n)
@@ -253,6 +260,10 @@ class Server:
             if not (cmd == nbd.CMD_WRITE_ZEROES and code == nbd.ENOTSUP):
                 log.warning("%s: %s %d+%d failed: %s", self.export.name, nbd.CMD_NAMES[cmd], req.offset, req.length, e)
             out.append(conn.error_reply(req.cookie, code, f"{nbd.CMD_NAMES[cmd]}: {e.strerror or e}"))
+
+
+class _StreamBroken(Exception):
+    """A reply was cut short mid-way: the connection must be closed."""
 
 
 class _ReadBuffer:

@@ -61,6 +61,11 @@ class SnapshotBackend:
             return t[c0] != 0
         return any(t[c0 : c1 + 1])
 
+    def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.read_into(memoryview(buf), offset)
+        return buf
+
     def read_into(self, view: memoryview, offset: int) -> None:
         m = self.map
         if not m.usable:

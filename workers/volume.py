@@ -8,8 +8,10 @@ dead one stopped: the maps are in shared memory, the copies on disk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import mmap
 import os
 import socket
 import sys
@@ -31,6 +33,8 @@ log = logging.getLogger("volume")
 # Copy-on-write locks: STRIPES locks, each covering runs of 2^STRIPE_CLUSTERS_SHIFT clusters.
 STRIPES = 64
 STRIPE_CLUSTERS_SHIFT = 4
+# Old clusters read once for several snapshots, up to this much per write (else copied per snapshot).
+SHARED_READ_MAX = 64 << 20
 
 
 class AttachedSnapshot(msgspec.Struct, frozen=True):
@@ -61,28 +65,57 @@ class VolumeBackend:
         # Writers racing on one cluster are serialised by the stripe that covers it;
         # copies of clusters in other stripes (other connections) go on in parallel.
         self._stripes = [threading.Lock() for _ in range(STRIPES)]
+        self._local = threading.local()
         # Replaced (never mutated) at a barrier, so the hot path iterates without a lock.
         self.targets: tuple[SnapshotTarget, ...] = ()
 
     # -- copy-on-write ---------------------------------------------------------------
 
     def _protect(self, offset: int, length: int) -> None:
-        for t in self.targets:
-            if t.needs_copy(offset, length):
-                shift = t.map.cluster_shift + STRIPE_CLUSTERS_SHIFT
-                first, last = offset >> shift, (offset + length - 1) >> shift
-                if first == last:
-                    with self._stripes[first % STRIPES]:  # the common case: one stripe
-                        t.copy(offset, length)
-                    continue
-                locks = [self._stripes[i] for i in sorted({s % STRIPES for s in range(first, min(last, first + STRIPES - 1) + 1)})]
-                for lock in locks:  # in index order, so two writers can't deadlock
-                    lock.acquire()
-                try:
-                    t.copy(offset, length)
-                finally:
-                    for lock in locks:
-                        lock.release()
+        needing = [t for t in self.targets if t.needs_copy(offset, length)]
+        if not needing:
+            return
+        shift = needing[0].map.cluster_shift
+        if len(needing) > 1 and all(t.map.cluster_shift == shift for t in needing):
+            # Several snapshots lack the same old clusters: read them once, write them to each.
+            lo = (offset >> shift) << shift
+            hi = min((((offset + length - 1) >> shift) + 1) << shift, self.size)
+            if hi - lo <= SHARED_READ_MAX:
+                with self._stripe_locks(shift, offset, length):
+                    old = self._scratch(hi - lo)
+                    if os.preadv(self.fd, [old], lo) != hi - lo:
+                        raise OSError(errno.EIO, "short read from the volume image")
+                    for t in needing:
+                        t.copy(offset, length, old, lo)
+                return
+        for t in needing:
+            with self._stripe_locks(t.map.cluster_shift, offset, length):
+                t.copy(offset, length)
+
+    @contextlib.contextmanager
+    def _stripe_locks(self, cluster_shift: int, offset: int, length: int):
+        """The locks covering these clusters, taken in index order so writers can't deadlock."""
+        shift = cluster_shift + STRIPE_CLUSTERS_SHIFT
+        first, last = offset >> shift, (offset + length - 1) >> shift
+        if first == last:  # the common case: one stripe
+            with self._stripes[first % STRIPES]:
+                yield
+            return
+        locks = [self._stripes[i] for i in sorted({s % STRIPES for s in range(first, min(last, first + STRIPES - 1) + 1)})]
+        for lock in locks:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in locks:
+                lock.release()
+
+    def _scratch(self, n: int) -> memoryview:
+        """This thread's buffer for old clusters (anonymous memory, kept for the next write)."""
+        mm = getattr(self._local, "scratch", None)
+        if mm is None or len(mm) < n:
+            mm = self._local.scratch = mmap.mmap(-1, max(n, 1 << 20))
+        return memoryview(mm)[:n]
 
     def attach(self, target: SnapshotTarget) -> int:
         """The snapshot barrier: drain writes, attach, stamp the time, resume. Returns µs held."""
@@ -106,6 +139,12 @@ class VolumeBackend:
         return found[0] if found else None
 
     # -- Backend -------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise OSError(errno.EIO, "short read from the volume image")
+        return data
 
     def read_into(self, view: memoryview, offset: int) -> None:
         if os.preadv(self.fd, [view], offset) != len(view):
