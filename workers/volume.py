@@ -31,7 +31,7 @@ from workers.nbdserve import Server
 log = logging.getLogger("volume")
 
 # Copy-on-write locks: STRIPES locks, each covering runs of 2^STRIPE_CLUSTERS_SHIFT clusters.
-STRIPES = 64
+STRIPES = 1021  # prime: regions a power of two apart (one per nbdcopy thread) never share a lock
 STRIPE_CLUSTERS_SHIFT = 4
 # Old clusters read once for several snapshots, up to this much per write (else copied per snapshot).
 SHARED_READ_MAX = 64 << 20
