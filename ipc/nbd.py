@@ -313,6 +313,15 @@ class ServerConnection:
         """Every event the buffered bytes make; leaves a partial message buffered."""
         out: list = []
         try:
+            if self.state is State.TRANSMISSION:
+                # The hot loop: requests until the buffer runs dry or the client hangs up.
+                next_request = self._next_request
+                append = out.append
+                while (ev := next_request()) is not None:
+                    append(ev)
+                    if self.state is not State.TRANSMISSION:
+                        break
+                return out
             while self.state not in (State.CLOSED, State.ERROR):
                 if self.state is State.TRANSMISSION:
                     ev = self._next_request()
