@@ -62,7 +62,6 @@ class SnapshotManager:
         self.sup = sup
         self.snaps: dict[str, Snapshot] = {}
         self.lock = asyncio.Lock()
-        self.vss_requestor_factory = None  # set lazily: the VSS client library
 
     # -- queries -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import pytest
 
 from ipc import names
 
-from fsshelp import BIN, Fssd, run, wait_for
+from fsshelp import BIN, run, wait_for
 
 
 def bad_config(tmp_path, body):
@@ -123,7 +123,10 @@ def test_sd_notify_ready_status_stopping(fssd_factory, shmdir, tmp_path):
     rx.bind(str(path))
     rx.settimeout(30)
     try:
-        f = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "16M"}], env={"NOTIFY_SOCKET": str(path)})
+        f = fssd_factory(
+            [{"name": "data", "path": str(shmdir / "data.img"), "size": "16M"}],
+            env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"},
+        )
         got = []
 
         def until(word):
@@ -135,6 +138,7 @@ def test_sd_notify_ready_status_stopping(fssd_factory, shmdir, tmp_path):
 
         until("READY=1")
         assert os.path.exists(f.sock("data")), "READY only once the exports listen"
+        until("WATCHDOG=1")  # WatchdogSec= set: the main loop pings at half the interval
         f.fssconfig("fss0", "data", shmdir / "bs0")
         assert "1 snapshot(s)" in until("1 snapshot(s)")
         f.stop()

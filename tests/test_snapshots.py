@@ -7,7 +7,6 @@ import signal
 import subprocess
 import threading
 
-import pytest
 
 from fsshelp import run, sha256_file, wait_for
 

@@ -6,7 +6,6 @@ frozen file system left behind hangs the machine).
 """
 
 import os
-import signal
 import socket
 import subprocess
 import sys
