@@ -263,3 +263,25 @@ def test_snapshot_worker_that_keeps_dying_invalidates_its_snapshot(fssd_factory,
     assert "fss0: snapshot invalid: worker failed repeatedly" in f.log.read_text()
     run("qemu-io", "-f", "raw", "-c", "write -P 9 0 1M", f.uri("data"))  # the volume is untouched by it
     f.fssconfig("-u", "fss0")  # and the administrator can still remove it
+
+
+def test_raw_block_device_backing_store(fssd, shmdir, mounts):
+    """A raw device as the store: its size is the limit; copies fall back to pread/pwrite."""
+    base = fill_random(fssd, shmdir)
+    moment = sha256_file(base)
+    dev_file = shmdir / "bsdev.img"
+    with open(dev_file, "wb") as f:
+        f.truncate(2 * MiB)  # table (1 cluster) + 31 copies of 64 KiB
+    loop = run("losetup", "-f", "--show", dev_file).stdout.strip()
+    mounts._undo.append(("loop", loop))  # detached at cleanup, also on failure
+    fssd.fssconfig("fss0", "data", loop)
+    info = snapinfo(fssd, "fss0")
+    assert info["bs_limit_clusters"] == 32 and info["backup"] == loop
+    qemu_io(fssd.uri("data"), "write -P 0x21 0 1M")  # 16 clusters: fits
+    assert export_sha(fssd, shmdir, "fss0") == moment
+    assert snapinfo(fssd, "fss0")["copies"] == 16
+    qemu_io(fssd.uri("data"), "write -P 0x22 8M 2M")  # 32 more: the device is full
+    info = snapinfo(fssd, "fss0")
+    assert info["state"] == "invalid" and info["error"] == "backing store full"
+    fssd.fssconfig("-u", "fss0")
+    assert os.path.exists(loop), "fssd never removes a device it did not create"
