@@ -130,15 +130,27 @@ class SnapshotManager:
                 raise ControlError(errno.EAGAIN, f"{vol.section.name}: volume worker is not running; try again")
             name = vol.section.name
             try:
-                backing.check_location(req.backup, vol.section.path, vol.section.mountpoint, self.sup.cfg.freeze_mounts())
-                store = backing.open_store(req.backup, req.device, req.unlink)
+                backing.check_location(req.backup, vol.section.mountpoint, self.sup.cfg.freeze_mounts())
+                store = backing.open_store(req.backup, req.device, req.unlink, self._taken())
             except backing.BackingError as e:
                 raise ControlError(e.errno, str(e)) from None
             try:
                 return await self._configure(req, vol, name, store)
             except BaseException:
-                backing.discard(store)
+                backing.discard(store, unlinked=False)  # the unlink is configure's very last step
                 raise
+
+    def _taken(self) -> dict[tuple, str]:
+        """Storage that must never become a backing store: every volume image, every store in use."""
+        taken: dict[tuple, str] = {}
+        for v in self.sup.volumes.values():
+            try:
+                taken[backing.identity(os.stat(v.section.path))] = f"the image of volume {v.section.name}"
+            except OSError:
+                pass
+        for d, snap in self.snaps.items():
+            taken[backing.identity(os.fstat(snap.store.fd))] = f"the backing store of {d}"
+        return taken
 
     async def _configure(self, req: control.Configure, vol, name: str, store: backing.BackingStore) -> control.Configured:
         try:
@@ -170,7 +182,10 @@ class SnapshotManager:
         map_name = names.map_name(self.sup.prefix, req.device)
         ClusterMap.unlink(map_name)
         flags = FLAG_UNCONFIG_ON_CLOSE if req.unconfig_on_close else 0
-        cmap = ClusterMap.create(map_name, csize, vol.size, limit, flags)
+        try:
+            cmap = ClusterMap.create(map_name, csize, vol.size, limit, flags)
+        except ValueError as e:
+            raise ControlError(errno.EINVAL, f"{req.device}: {e}") from None
         snap = Snapshot(req.device, name, store, cmap, req.unconfig_on_close)
         window_ms = None
         try:
@@ -179,12 +194,12 @@ class SnapshotManager:
             else:
                 held = await self._barrier(vol.worker, snap)
             self.snaps[req.device] = snap
-            if store.unlink_now:
+            await self._start_worker(snap)
+            if store.unlink_now:  # last: nothing can fail after it, so a failure above removes the file
                 try:
                     os.unlink(store.path)
                 except FileNotFoundError:
                     pass
-            await self._start_worker(snap)
         except BaseException:
             self.snaps.pop(req.device, None)
             await self._detach(vol.worker, req.device)
@@ -309,7 +324,7 @@ class SnapshotManager:
         name = snap.map.name
         snap.map.close()
         ClusterMap.unlink(name)
-        backing.discard(snap.store)
+        backing.discard(snap.store, unlinked=snap.store.unlink_now)
         log.info("%s: snapshot of %s removed", snap.device, snap.volume)
         self.sup.update_status()
 

@@ -62,7 +62,9 @@ def choose_cluster_size(requested: int, volume_size: int, bs_block: int = 512) -
     """fss(4): a power of two >= the request and the backing store's block size,
     raised until the volume has at most 2^24 clusters; >= 2^32 is EINVAL."""
     csize = requested if requested > 0 else DEFAULT_CLUSTER
-    if volume_size // csize > CLUSTER_MAX:
+    # Counted as the map counts (a partial last cluster is a cluster), which fss's own
+    # floor division misses by one for sizes just over a multiple.
+    if -(-volume_size // csize) > CLUSTER_MAX:
         csize = volume_size // CLUSTER_MAX + 1
     shift = max(bs_block, 1).bit_length() - 1
     while shift < 32 and (1 << shift) < csize:

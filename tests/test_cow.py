@@ -58,6 +58,8 @@ def test_cluster_size_rules_follow_fss():
     cs = choose_cluster_size(64 * 1024, huge)
     # fss: csize = bsize / FSS_CLUSTER_MAX + 1, then the next power of two: 2^20 + 1 -> 2 MiB.
     assert huge // cs <= CLUSTER_MAX and cs == 1 << 21
+    odd = (1 << 40) + 512  # just over 2^24 clusters of 64 KiB: raised, so the map fits
+    assert -(-odd // choose_cluster_size(0, odd)) <= CLUSTER_MAX
     with pytest.raises(ValueError):
         choose_cluster_size(1 << 32, 1 << 40)
     assert table_clusters(16384, 65536) == 2  # fss: 1 GiB at 64 KiB -> "128K backup" when fresh

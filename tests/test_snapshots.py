@@ -180,7 +180,7 @@ def test_fssconfig_errors(fssd_factory, shmdir):
     r = fssd.fssconfig("fss1", "nosuchvol", shmdir / "bsX", check=False)
     assert r.returncode == 1 and "nosuchvol: no such volume" in r.stderr
     r = fssd.fssconfig("fss1", "data", shmdir / "data.img", check=False)
-    assert r.returncode == 1 and "snapshotted volume" in r.stderr
+    assert r.returncode == 1 and "is the image of volume data" in r.stderr
     r = fssd.fssconfig("fss1", "data", "/proc/version", check=False)
     assert r.returncode == 1 and "fssconfig: " in r.stderr
     r = fssd.fssconfig("fss1", "data", shmdir / "bsX", "12q", check=False)
@@ -285,3 +285,26 @@ def test_raw_block_device_backing_store(fssd, shmdir, mounts):
     assert info["state"] == "invalid" and info["error"] == "backing store full"
     fssd.fssconfig("-u", "fss0")
     assert os.path.exists(loop), "fssd never removes a device it did not create"
+
+
+def test_a_live_image_or_store_is_never_a_backing_store(fssd_factory, shmdir):
+    """Not by its path, a hard link, or another volume's name for it: nothing gets truncated."""
+    f = fssd_factory([
+        {"name": "data", "path": str(shmdir / "data.img"), "size": "16M"},
+        {"name": "other", "path": str(shmdir / "other.img"), "size": "8M"},
+    ])
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5e 0 1M", f.uri("other"))
+    os.link(shmdir / "data.img", shmdir / "alias.img")
+    f.fssconfig("fss0", "data", shmdir / "bs0")
+    for backup, what in (
+        (shmdir / "data.img", "the image of volume data"),
+        (shmdir / "alias.img", "the image of volume data"),
+        (shmdir / "other.img", "the image of volume other"),
+        (shmdir / "bs0", "the backing store of fss0"),
+    ):
+        r = f.fssconfig("fss1", "data", backup, check=False)
+        assert r.returncode == 1 and what in r.stderr, (backup, r.stderr)
+    assert os.path.getsize(shmdir / "data.img") == 16 * MiB
+    assert os.path.getsize(shmdir / "other.img") == 8 * MiB
+    run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x5e 0 1M", f.uri("other"))
+    assert snapinfo(f, "fss0")["bs_clusters"] == 1 and os.path.getsize(shmdir / "bs0") == CLUSTER
