@@ -113,6 +113,16 @@ def _check_volumes(cfg: Config) -> None:
             raise ConfigError(f"directory of volume image {vol.path} does not exist - at {where}.path")
 
 
+def _check_freeze(cfg: Config) -> None:
+    """Freezing the file system that holds a volume image would stall the volume's own writes
+    (and with them the FIFREEZE of the file system on the volume): refuse it."""
+    for m in cfg.vss.freeze or []:
+        real = os.path.realpath(m).rstrip("/") + "/"
+        for i, vol in enumerate(cfg.volume):
+            if os.path.realpath(vol.path).startswith(real):
+                raise ConfigError(f"[vss] freeze {m} holds the image of volume {vol.name!r}: freezing it would stall the volume - at `$.vss.freeze`")
+
+
 def load(path: str, rundir_override: str | None = None) -> Config:
     """Read and validate; raises ConfigError with the file name and the key."""
     try:
@@ -128,6 +138,7 @@ def load(path: str, rundir_override: str | None = None) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
         _check_volumes(cfg)
+        _check_freeze(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     if rundir_override:

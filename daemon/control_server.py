@@ -124,6 +124,8 @@ class ControlServer:
 
     async def _dispatch(self, req, pid: int, uid: int, gid: int):
         sup = self.sup
+        if isinstance(req, _MUTATING) and sup.shutting_down:
+            return control.Error(errno.ESHUTDOWN, "fssd is shutting down")
         if isinstance(req, _MUTATING) and not self._allowed(pid, uid, gid):
             log.warning("refused %s from uid %d (pid %d): not root or in the fssd group", type(req).__name__, uid, pid)
             return control.Error(errno.EPERM, "Operation not permitted")

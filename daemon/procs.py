@@ -64,7 +64,8 @@ class Worker:
         self.last_error = ""
         self.stopping = False
         self.ready: asyncio.Future | None = None
-        self.pending: dict[str, asyncio.Future] = {}
+        self.pending: dict[int, asyncio.Future] = {}
+        self._req = 0
         self.restart_handle: asyncio.TimerHandle | None = None
         self.exited: asyncio.Event = asyncio.Event()
 
@@ -91,6 +92,7 @@ class Worker:
         self.ready = loop.create_future()
         self.exited = asyncio.Event()
         self.codec = FrameCodec(workermsg.FromWorker)
+        self.proc = None
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", module, "--channel-fd", str(child.fileno()), settings],
@@ -99,6 +101,10 @@ class Worker:
                 stdin=subprocess.DEVNULL,
                 cwd="/",
             )
+        except OSError as e:
+            parent.close()
+            self.last_error = f"cannot start: {e}"
+            raise
         finally:
             child.close()
         self.started = time.monotonic()
@@ -126,15 +132,19 @@ class Worker:
         finally:
             self.sock.setblocking(False)
 
-    async def call(self, msg: Any, key: str, fds: list[int] = (), timeout: float = 30.0) -> Any:
-        """Send and await the reply keyed by `key` (a device name)."""
+    def next_req(self) -> int:
+        self._req += 1
+        return self._req
+
+    async def call(self, msg: Any, fds: list[int] = (), timeout: float = 30.0) -> Any:
+        """Send and await the reply that echoes msg.req (from next_req())."""
         fut = asyncio.get_running_loop().create_future()
-        self.pending[key] = fut
+        self.pending[msg.req] = fut
         try:
             self.send(msg, fds)
             return await asyncio.wait_for(fut, timeout)
         finally:
-            self.pending.pop(key, None)
+            self.pending.pop(msg.req, None)
 
     def _readable(self) -> None:
         try:

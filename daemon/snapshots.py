@@ -215,12 +215,21 @@ class SnapshotManager:
         return control.Configured(self.info(req.device), held, window_ms)
 
     async def _barrier(self, worker: Worker, snap: Snapshot) -> int:
+        msg = workermsg.AttachSnapshot(snap.device, snap.map.name, worker.next_req())
         try:
-            reply = await worker.call(workermsg.AttachSnapshot(snap.device, snap.map.name), snap.device, [snap.store.fd], ATTACH_TIMEOUT)
-        except (WorkerGone, asyncio.TimeoutError) as e:
-            raise ControlError(errno.EIO, f"{snap.device}: volume worker did not take the snapshot: {e or 'timeout'}") from None
+            reply = await worker.call(msg, [snap.store.fd], ATTACH_TIMEOUT)
+        except asyncio.TimeoutError:
+            # Whether the barrier happened is unknown: restart the worker, which re-attaches only
+            # snapshots that are ACTIVE (this one is still CREATING), so the state is known again.
+            log.error("%s: volume worker %s did not answer the barrier in %.0f s; restarting it", snap.device, worker.key, ATTACH_TIMEOUT)
+            worker.kill()
+            raise ControlError(errno.EIO, f"{snap.device}: volume worker did not take the snapshot in time") from None
+        except WorkerGone as e:
+            raise ControlError(errno.EIO, f"{snap.device}: volume worker did not take the snapshot: {e}") from None
         if isinstance(reply, workermsg.Refused):
             raise ControlError(reply.errno, f"{snap.device}: {reply.reason}")
+        if not isinstance(reply, workermsg.Attached):
+            raise ControlError(errno.EIO, f"{snap.device}: unexpected answer {type(reply).__name__} to the barrier")
         return reply.barrier_us
 
     async def _consistent_barrier(self, worker: Worker, snap: Snapshot) -> tuple[int, float]:
@@ -265,8 +274,11 @@ class SnapshotManager:
         if worker is None or not worker.alive:
             return
         try:
-            await worker.call(workermsg.DetachSnapshot(device), device, timeout=ATTACH_TIMEOUT)
-        except (WorkerGone, asyncio.TimeoutError) as e:
+            await worker.call(workermsg.DetachSnapshot(device, worker.next_req()), timeout=ATTACH_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.error("%s: volume worker %s did not confirm the detach; restarting it", device, worker.key)
+            worker.kill()  # it must not go on copying into a store that is about to close
+        except WorkerGone as e:
             log.warning("%s: volume worker did not confirm the detach: %s", device, e)
 
     def _close_listener(self, snap: Snapshot) -> None:
@@ -344,13 +356,20 @@ class SnapshotManager:
             snap.had_clients = True
         elif snap.unconfig_on_close and snap.had_clients and not self.sup.shutting_down:
             log.info("%s: last client closed; unconfiguring (unconfig on close)", device)
-            asyncio.ensure_future(self._unconfig_on_close(device))
+            asyncio.ensure_future(self._unconfig_on_close(snap))
 
-    async def _unconfig_on_close(self, device: str) -> None:
-        try:
-            await self.unconfigure(device)
-        except ControlError:
-            pass  # already gone
+    async def _unconfig_on_close(self, snap: Snapshot) -> None:
+        async with self.lock:
+            # Only this snapshot, if it is still there and still unused (a client may have come back).
+            if self.snaps.get(snap.device) is snap and snap.clients == 0:
+                await self._remove(snap)
+
+    def lost(self, device: str, reason: str) -> None:
+        """The volume worker could not protect this snapshot any more: it is invalid."""
+        snap = self.snaps.get(device)
+        if snap is not None and snap.map.set_error(reason):
+            log.error("%s: snapshot invalid: %s", device, reason)
+            self.sup.update_status()
 
     def worker_gave_up(self, worker: Worker) -> None:
         snap = self.snaps.get(worker.key)

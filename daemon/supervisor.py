@@ -175,9 +175,14 @@ class Supervisor:
         for fd in fds:  # workers never hand descriptors up
             os.close(fd)
         if isinstance(msg, (workermsg.Attached, workermsg.Detached, workermsg.Refused)):
-            fut = worker.pending.get(msg.device)
+            if isinstance(msg, workermsg.Refused) and msg.req == 0:
+                self.snaps.lost(msg.device, msg.reason)
+                return
+            fut = worker.pending.get(msg.req)
             if fut and not fut.done():
                 fut.set_result(msg)
+            else:
+                log.warning("%s %s: late %s for %s dropped (request %d is no longer waited for)", worker.kind, worker.key, type(msg).__name__, msg.device, msg.req)
         elif isinstance(msg, workermsg.ClientsChanged):
             self.snaps.clients_changed(msg.device, msg.count)
         elif isinstance(msg, workermsg.VssState):
@@ -216,6 +221,9 @@ class Supervisor:
             self.update_status()
         except (WorkerGone, OSError) as e:
             log.error("%s %s: restart failed: %s", worker.kind, worker.key, e)
+            if not worker.alive and worker.pidfd is None:
+                # No process, so no exit event will come to try again: schedule it here.
+                self.on_worker_exit(worker, -1)
 
     # -- status --------------------------------------------------------------------------
 

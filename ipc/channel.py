@@ -33,6 +33,7 @@ class Channel:
         self.sock = sock
         self._codec = FrameCodec(decode_type)
         self._pending: list[tuple[Any, list[int]]] = []
+        self._fds: list[int] = []
         self._send_lock = threading.Lock()
 
     def send(self, msg: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
@@ -41,20 +42,23 @@ class Channel:
             send_frame(self.sock, data, fds)
 
     def recv(self, timeout: float | None = None) -> tuple[Any, list[int]] | None:
-        """Next message and the descriptors that came with it; None on EOF."""
+        """Next message and the descriptors it declares (its type's `nfds`); None on EOF.
+
+        Descriptors arrive with the first bytes of the frame that carries them and wait
+        in order until that message is decoded, however the stream was split."""
         if self._pending:
             return self._pending.pop(0)
         self.sock.settimeout(timeout)
-        fds: list[int] = []
         while True:
             data, newfds, _flags, _addr = socket.recv_fds(self.sock, 65536, 16)
-            fds.extend(newfds)
+            self._fds.extend(newfds)
             if not data:
-                for fd in fds:
-                    os.close(fd)
+                while self._fds:
+                    os.close(self._fds.pop(0))
                 return None
-            msgs = self._codec.feed(data)
-            if msgs:
-                first = (msgs[0], fds)
-                self._pending.extend((m, []) for m in msgs[1:])
-                return first
+            for m in self._codec.feed(data):
+                n = getattr(m, "nfds", 0)
+                claimed, self._fds = self._fds[:n], self._fds[n:]
+                self._pending.append((m, claimed))
+            if self._pending:
+                return self._pending.pop(0)

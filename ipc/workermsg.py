@@ -6,6 +6,8 @@ means the supervisor is gone: the worker finishes what is in flight and exits.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import msgspec
 
 
@@ -19,12 +21,15 @@ class _Msg(msgspec.Struct, tag_field="t", frozen=True):
 class AttachSnapshot(_Msg, tag="attach"):
     """Volume worker: barrier, then copy-on-write into this map. The backing-store fd rides along."""
 
+    nfds: ClassVar[int] = 1  # descriptors that travel with this message (SCM_RIGHTS)
     device: str
     map_name: str
+    req: int = 0  # echoed in the reply, so a late reply is never taken for a newer request
 
 
 class DetachSnapshot(_Msg, tag="detach"):
     device: str
+    req: int = 0
 
 
 class Stop(_Msg, tag="stop"):
@@ -42,16 +47,19 @@ class Ready(_Msg, tag="ready"):
 class Attached(_Msg, tag="attached"):
     device: str
     barrier_us: int  # how long writes were held at the barrier
+    req: int = 0
 
 
 class Detached(_Msg, tag="detached"):
     device: str
+    req: int = 0
 
 
 class Refused(_Msg, tag="refused"):
     device: str
     errno: int
     reason: str
+    req: int = 0
 
 
 class ClientsChanged(_Msg, tag="clients"):

@@ -30,6 +30,7 @@ def bad_config(tmp_path, body):
         ('[[volume]]\nname = "a"\npath = "/nonexistent-dir/a.img"\nsize = "1M"\n', "directory of volume image /nonexistent-dir/a.img does not exist"),
         ('[[volume]]\nname = "a"\npath = "/tmp/a.img"\nsize = "12X"\n', "bad size '12X'"),
         ('[vss]\nfreeze = ["/"]\n', "fssd never freezes /"),
+        ('[[volume]]\nname = "a"\npath = "/tmp/fssd-fz.img"\nsize = "1M"\n[vss]\nfreeze = ["/tmp"]\n', "holds the image of volume 'a'"),
         ("not toml [", "not valid TOML"),
     ],
 )

@@ -74,10 +74,12 @@ class SnapshotTarget:
             n = c - start
             with self._alloc:
                 dest = m.bs_next
-                if m.bs_limit and dest + n > m.bs_limit:
-                    self.invalidate("backing store full")
-                    return
-                m.bs_next = dest + n
+                full = m.bs_limit and dest + n > m.bs_limit
+                if not full:
+                    m.bs_next = dest + n
+            if full:
+                self.invalidate("backing store full")
+                return
             src = start << shift
             nbytes = min(c << shift, m.volume_size) - src
             try:
@@ -96,7 +98,9 @@ class SnapshotTarget:
 
     def invalidate(self, reason: str, exc: OSError | None = None) -> None:
         self.active = False
-        if self.map.set_error(reason):
+        with self._alloc:  # two failing copies at once: still only the first error acts
+            first = self.map.set_error(reason)
+        if first:
             log.error("%s: snapshot invalid: %s%s", self.device, reason, f" ({exc.strerror})" if exc else "")
 
     def write_table(self) -> None:

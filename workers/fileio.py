@@ -47,7 +47,7 @@ def write_zeroes(fd: int, offset: int, length: int) -> None:
     end = offset + length
     while offset < end:
         n = min(len(_ZEROS), end - offset)
-        os.pwrite(fd, memoryview(_ZEROS)[:n], offset)
+        pwrite_all(fd, memoryview(_ZEROS)[:n], offset)
         offset += n
 
 

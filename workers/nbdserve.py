@@ -100,10 +100,13 @@ class Server:
         while not self._stopping.is_set():
             try:
                 sock, _ = self.listener.accept()
-            except OSError:
+            except OSError as e:
                 if self._stopping.is_set():
                     break
-                raise
+                # Out of descriptors or memory, an aborted connect: the export must not die of it.
+                log.error("%s: accept failed: %s; retrying", self.export.name, e)
+                self._stopping.wait(0.1)
+                continue
             if self._stopping.is_set():
                 sock.close()
                 break
@@ -112,9 +115,8 @@ class Server:
                 self._conns[sock.fileno()] = sock
                 self._threads = [x for x in self._threads if x.is_alive()]
                 self._threads.append(t)
-                count = len(self._conns)
-            if self.on_clients:
-                self.on_clients(count)
+                if self.on_clients:  # under the lock: counts reach the supervisor in order
+                    self.on_clients(len(self._conns))
             t.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -151,15 +153,14 @@ class Server:
         except Exception:  # a bug must cost one connection, never the worker
             log.exception("%s: internal error; closing this connection", self.export.name)
         finally:
-            with self._lock:
-                self._conns.pop(fd, None)
-                count = len(self._conns)
             try:
                 sock.close()
             except OSError:
                 pass
-            if self.on_clients:
-                self.on_clients(count)
+            with self._lock:
+                self._conns.pop(fd, None)
+                if self.on_clients:
+                    self.on_clients(len(self._conns))
 
     def _converse(self, sock: socket.socket) -> None:
         # WRITE payloads are views into the connection's receive buffer: the socket's
@@ -186,6 +187,8 @@ class Server:
                     self.errors += 1
                     log.info("%s: refused %s: %s", self.export.name, nbd.CMD_NAMES.get(ev.cmd, ev.cmd), ev.reason)
                     out.append(conn.error_reply(ev.cookie, ev.errno, ev.reason))
+                    if len(out) > OUT_MAX_BUFFERS:
+                        _send(sock, out)
                 else:
                     hs = conn.data_to_send()
                     if hs:
@@ -217,7 +220,7 @@ class Server:
                 src = backend.sendfile_source(req.offset, n)
                 if src is not None:
                     out.append(conn.read_reply_header(req.cookie, req.offset, n))
-                    _send(sock, out)
+                    _send_or_break(sock, out)
                     try:
                         _sendfile(sock, src[0], src[1], n)
                     except OSError as e:  # the header is out: this reply can't be mended
@@ -228,7 +231,7 @@ class Server:
                 backend.read_into(view, req.offset)
                 out.append(conn.read_reply_header(req.cookie, req.offset, n))
                 out.append(view)
-                _send(sock, out)
+                _send_or_break(sock, out)
                 return
             if cmd == nbd.CMD_WRITE:
                 backend.write(req.offset, req.data, bool(req.flags & nbd.CMD_FLAG_FUA))
@@ -278,6 +281,15 @@ class _ReadBuffer:
             self._mm = mmap.mmap(-1, nbd.MAX_PAYLOAD)
             self._mv = memoryview(self._mm)
         return self._mv[:n]
+
+
+def _send_or_break(sock: socket.socket, out: list) -> None:
+    """A send from inside a request handler: a failure ends the connection, never a reply."""
+    try:
+        _send(sock, out)
+    except OSError as e:
+        out.clear()
+        raise _StreamBroken(f"send failed: {e}") from e
 
 
 def _send(sock: socket.socket, out: list) -> None:

@@ -19,6 +19,7 @@ import threading
 import time
 
 import msgspec
+import posix_ipc
 import setproctitle
 
 from ipc import logfmt, nbd, workermsg
@@ -35,6 +36,9 @@ STRIPES = 1021  # prime: regions a power of two apart (one per nbdcopy thread) n
 STRIPE_CLUSTERS_SHIFT = 4
 # Old clusters read once for several snapshots, up to this much per write (else copied per snapshot).
 SHARED_READ_MAX = 64 << 20
+# Copy-on-write for one request is done this much at a time (a multiple of every cluster size
+# below it; larger clusters simply span pieces, each copied whole by the first piece touching it).
+PROTECT_CHUNK = 64 << 20
 
 
 class AttachedSnapshot(msgspec.Struct, frozen=True):
@@ -72,6 +76,15 @@ class VolumeBackend:
     # -- copy-on-write ---------------------------------------------------------------
 
     def _protect(self, offset: int, length: int) -> None:
+        # A TRIM or WRITE_ZEROES may span gigabytes: copy in pieces, so other writers
+        # (and their stripes) are held up for one piece at a time, not the whole range.
+        end = offset + length
+        while end - offset > PROTECT_CHUNK:
+            self._protect_piece(offset, PROTECT_CHUNK)
+            offset += PROTECT_CHUNK
+        self._protect_piece(offset, end - offset)
+
+    def _protect_piece(self, offset: int, length: int) -> None:
         needing = [t for t in self.targets if t.needs_copy(offset, length)]
         if not needing:
             return
@@ -159,11 +172,14 @@ class VolumeBackend:
             if self.targets:
                 self._protect(offset, len(data))
             if fua:
-                os.pwritev(self.fd, [data], offset, os.RWF_DSYNC)
+                n = os.pwritev(self.fd, [data], offset, os.RWF_DSYNC)
+                if n != len(data):  # short (nearly full file system): finish, then make it durable
+                    fileio.pwrite_all(self.fd, memoryview(data)[n:], offset + n)
+                    os.fdatasync(self.fd)
             else:
                 n = os.pwrite(self.fd, data, offset)
                 if n != len(data):
-                    os.pwrite(self.fd, memoryview(data)[n:], offset + n)
+                    fileio.pwrite_all(self.fd, memoryview(data)[n:], offset + n)
         finally:
             self.gate.leave()
 
@@ -215,8 +231,15 @@ def run(settings: VolumeSettings, channel_fd: int) -> int:
     fd = os.open(settings.path, os.O_RDWR | os.O_CLOEXEC)
     backend = VolumeBackend(fd, settings.size)
     # A restart: the snapshots that were active stay active, with their maps as they are.
+    lost: list[workermsg.Refused] = []
     for s in settings.snapshots:
-        t = _attach_target(backend, s.device, s.map_name, s.bs_fd)
+        try:
+            t = _attach_target(backend, s.device, s.map_name, s.bs_fd)
+        except (OSError, ValueError, posix_ipc.Error) as e:
+            # One snapshot's trouble never keeps the live volume down; the supervisor marks it invalid.
+            log.error("%s: cannot re-attach (%s)", s.device, e)
+            lost.append(workermsg.Refused(s.device, getattr(e, "errno", None) or errno.EIO, f"volume worker could not re-attach: {e}"))
+            continue
         backend.targets = backend.targets + (t,)
         log.info("%s: re-attached (%d clusters copied so far)", s.device, t.map.copies)
     listener = socket.socket(fileno=settings.listen_fd)
@@ -224,31 +247,31 @@ def run(settings: VolumeSettings, channel_fd: int) -> int:
     acceptor = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     acceptor.start()
     chan.send(workermsg.Ready(kind="volume", pid=os.getpid()))
+    for refusal in lost:  # req 0: not an answer, a report
+        chan.send(refusal)
     log.info("serving %s (%d bytes)", settings.path, settings.size)
 
     for msg, fds in spawned.supervisor_messages(chan):
         if isinstance(msg, workermsg.AttachSnapshot):
             if not fds:
-                chan.send(workermsg.Refused(msg.device, errno.EBADF, "no backing-store descriptor came with the request"))
+                chan.send(workermsg.Refused(msg.device, errno.EBADF, "no backing-store descriptor came with the request", msg.req))
                 continue
-            for extra in fds[1:]:
-                os.close(extra)
             try:
                 target = _attach_target(backend, msg.device, msg.map_name, fds[0])
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, posix_ipc.Error) as e:
                 os.close(fds[0])
-                chan.send(workermsg.Refused(msg.device, getattr(e, "errno", None) or errno.EINVAL, str(e)))
+                chan.send(workermsg.Refused(msg.device, getattr(e, "errno", None) or errno.EINVAL, str(e), msg.req))
                 continue
             held = backend.attach(target)
             log.info("%s: snapshot barrier held writes for %d us", msg.device, held)
-            chan.send(workermsg.Attached(msg.device, held))
+            chan.send(workermsg.Attached(msg.device, held, msg.req))
         elif isinstance(msg, workermsg.DetachSnapshot):
             target = backend.detach(msg.device)
             if target is not None:
                 target.write_table()
                 os.close(target.bs_fd)
                 target.map.close()
-            chan.send(workermsg.Detached(msg.device))
+            chan.send(workermsg.Detached(msg.device, msg.req))
         else:
             for extra in fds:
                 os.close(extra)
