@@ -56,6 +56,7 @@ class Supervisor:
         self.started = time.monotonic()
         self.volumes: dict[str, VolumeState] = {}
         self.broker: Worker | None = None
+        self.broker_mounts: list[str] = []
         self.vss_state = workermsg.VssState("stopped")
         self.notifier = Notifier.from_env()
         self.env = child_env(dict(os.environ))
@@ -153,6 +154,9 @@ class Supervisor:
             )
             return "workers.broker", msgspec.json.encode(settings).decode(), []
 
+        # What this broker may freeze, kept apart from the config: a reload that can't restart a
+        # busy broker must not change what the supervisor thaws if the broker dies.
+        self.broker_mounts = self.cfg.freeze_mounts()
         self.broker = Worker("broker", "vss", spawn_args, self.on_worker_message, self.on_worker_exit, self.env)
         await self.broker.start()
         self.vss_state = workermsg.VssState("idle")
@@ -162,7 +166,7 @@ class Supervisor:
         """FIFREEZE outlives its holder: whoever dies frozen, the supervisor thaws."""
         from workers.freeze import thaw_all
 
-        mounts = self.cfg.freeze_mounts()
+        mounts = self.broker_mounts
         if not mounts:
             return
         t0 = time.monotonic()
@@ -308,7 +312,8 @@ class Supervisor:
         """SIGHUP: re-read the config; a bad one is logged and the old one kept."""
         self.notifier.reloading()
         try:
-            await self._reload()
+            async with self.snaps.lock:  # never in the middle of a configure or unconfigure
+                await self._reload()
         except Exception:  # a bug in reload must not take the daemon (or systemd's view of it) down
             log.exception("reload failed; running on with what is in place")
         finally:
