@@ -66,6 +66,11 @@ class VolumeBackend:
         self.fd = fd
         self.size = size
         self.gate = WriteGate()
+        # Can this volume zero fast (punch holes)? Asked once, past the end, where nothing is touched.
+        try:
+            self.can_punch = fileio.punch_hole(fd, max(size, 1 << 30), 4096)
+        except OSError:
+            self.can_punch = False
         # Writers racing on one cluster are serialised by the stripe that covers it;
         # copies of clusters in other stripes (other connections) go on in parallel.
         self._stripes = [threading.Lock() for _ in range(STRIPES)]
@@ -198,6 +203,9 @@ class VolumeBackend:
             self.gate.leave()
 
     def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        if fast and not self.can_punch:
+            # Say so before copying anything for the snapshots: the client will write zeroes itself.
+            raise OSError(errno.ENOTSUP, "no fast way to zero this range")
         self.gate.enter()
         try:
             if self.targets:
