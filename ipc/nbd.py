@@ -258,14 +258,15 @@ class ServerConnection:
         unparsed tail may be moved to the head of the buffer.
         """
         pos, end = self._pos, self._end
-        if pos == end:
-            pos = end = self._pos = self._end = 0
-        elif pos and (end - pos <= RECV_CHEAP_MOVE or pos + self._message_size() > RECV_BUFFER or end >= RECV_SOFT):
+        if pos == end:  # the usual case: everything parsed, start at the head
+            self._pos = self._end = 0
+            return self._mv[:RECV_SOFT]
+        need = self._message_size()
+        if pos and (end - pos <= RECV_CHEAP_MOVE or pos + need > RECV_BUFFER or end >= RECV_SOFT):
             self._buf.move(0, pos, end - pos)
             pos, end = 0, end - pos
             self._pos, self._end = pos, end
-        limit = min(RECV_BUFFER, max(RECV_SOFT, pos + self._message_size()))
-        return self._mv[end:limit]
+        return self._mv[end : min(RECV_BUFFER, max(RECV_SOFT, pos + need))]
 
     def received(self, n: int) -> None:
         self._end += n
