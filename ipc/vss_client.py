@@ -1,7 +1,7 @@
 """The VSS client library: applications and requestors talk to the broker.
 
 An Application creates its own queue (its bytes are charged to its own uid,
-see ecosystem.md section 1.2), registers, then receives CHECK / FREEZE / THAW
+RLIMIT_MSGQUEUE, see mq_overview(7)), registers, then receives CHECK / FREEZE / THAW
 and answers OK or FAIL:
 
     with Application(prefix, "mydb") as app:

@@ -21,7 +21,7 @@ import msgspec
 
 # Small messages: the kernel default ceiling is 10 messages x 8 KiB per queue
 # and RLIMIT_MSGQUEUE (800 KiB) is charged per creator; 1 KiB is plenty for
-# everything but a status reply (ecosystem.md section 1.2).
+# everything but a status reply (docs/architecture.md, VSS sequence).
 MAX_MESSAGE = 1024
 # Reply queues carry the application table; 8 KiB is the sysctl msgsize_max
 # default, so no privilege is needed (about 100 applications fit).

@@ -96,7 +96,7 @@ def test_unit_settings_required_by_fssd():
     assert service["RuntimeDirectory"] == "fssd"
     assert service["LimitMSGQUEUE"] == "8M"
     assert "TimeoutStopSec" in service
-    # Options that would break fssd (ecosystem.md §4.2).
+    # Options that would break fssd (etc/README.md, "Not set, on purpose").
     for key in ("PrivateIPC", "PrivateDevices", "PrivateMounts", "PrivateNetwork", "RemoveIPC", "MemoryDenyWriteExecute"):
         assert key not in service, key
     assert service.get("ProtectSystem") != "strict" or "ReadWritePaths" in service

@@ -1,9 +1,9 @@
 """FIFREEZE / FITHAW on the configured mounts, never anything else, never /.
 
-FIFREEZE is not released when the process holding it dies (semantics.md
-3.3, 4.4), so every path that freezes has a path that thaws: freeze_all thaws
-what it froze when a later mount fails, and thaw_all is what the supervisor
-calls when the broker dies while frozen.
+FIFREEZE is not released when the process holding it dies (the kernel keeps
+the freeze; docs/architecture.md), so every path that freezes has a path
+that thaws: freeze_all thaws what it froze when a later mount fails, and
+thaw_all is what the supervisor calls when the broker dies while frozen.
 """
 
 from __future__ import annotations
