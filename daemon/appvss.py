@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 
+from daemon.version import version
 from ipc import logfmt
 from ipc.names import instance_prefix, resolve_rundir
 from ipc.vss_client import Application, VssError
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-d", action="store_true", help="debug messages")
     ap.add_argument("-n", action="store_true", help="stay in the foreground")
     ap.add_argument("-w", type=float, default=2.0, metavar="SECONDS", help="simulated work time (default 2)")
-    ap.add_argument("--name", default="appvss")
-    ap.add_argument("-r", "--rundir")
+    ap.add_argument("--name", default="appvss", help="the name to register with the broker (default appvss)")
+    ap.add_argument("-r", "--rundir", metavar="DIR", help="fssd run directory (default $FSSD_RUNDIR or /run/fssd)")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {version()}", help="print the version and exit")
     args = ap.parse_args(argv)
     modes = {"check": args.c, "freeze": args.f, "thaw": args.t}
 

@@ -18,6 +18,7 @@ import time
 import msgspec
 
 from daemon.client import ControlClient, NotRunning
+from daemon.version import version
 from ipc import control, names
 from ipc.units import humanize, strsuftoll
 
@@ -26,6 +27,28 @@ USAGE = """usage: fssconfig [-Ccxv] [-r rundir] device path backup [cluster [siz
        fssconfig -u [-v] [-r rundir] device
        fssconfig -l [-v] [--json] [-r rundir] [device]
        fssconfig --volumes [-v] [--json] [-r rundir]"""
+HELP = USAGE + """
+
+Configure, unconfigure and list fssd snapshot devices (fssN), as NetBSD's
+fssconfig(8). `path` is a volume name, mountpoint or image path; `backup` a
+file, a directory or a raw block device; `cluster` and `size` take k/M/G.
+
+options:
+  -C                take the snapshot application-consistently (VSS CHECK,
+                    FREEZE, barrier, THAW) and print the freeze window
+  -c                unconfigure the device when its last NBD client disconnects
+  -x                unlink the backing file right after creating it
+  -l                list the devices (all, or the one named)
+  -u                unconfigure the device
+  -v                verbose: list the device after configuring or before
+                    unconfiguring; with -l and --volumes, details
+  --volumes         list the volumes and their NBD URIs
+  --json            with -l or --volumes: print JSON
+  -r, --rundir DIR  fssd's run directory (default $FSSD_RUNDIR, else /run/fssd)
+  -h, --help        print this help and exit
+  --version         print the version and exit
+
+See fssconfig(8)."""
 
 
 class Usage(Exception):
@@ -91,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     try:
-        opts, args = getopt.getopt(argv, "Cclr:uvx", ["json", "volumes", "rundir=", "help"])
+        opts, args = getopt.getopt(argv, "Cchlr:uvx", ["json", "volumes", "rundir=", "help", "version"])
     except getopt.GetoptError as e:
         raise Usage(str(e)) from None
     action = None
@@ -114,8 +137,12 @@ def _main(argv: list[str]) -> int:
             as_json = True
         elif o in ("-r", "--rundir"):
             rundir = v
-        elif o == "--help":
-            raise Usage("")
+        elif o in ("-h", "--help"):
+            print(HELP)
+            return 0
+        elif o == "--version":
+            print(f"{PROG} {version()}")
+            return 0
     client = ControlClient(names.resolve_rundir(rundir))
     if action in ("-l", "-u", "--volumes") and (unlink or uoc or consistent):
         raise Usage("")

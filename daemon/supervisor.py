@@ -26,6 +26,7 @@ from daemon import config as configmod
 from daemon.control_server import ControlServer
 from daemon.notify import Notifier, child_env
 from daemon.procs import Worker, WorkerGone
+from daemon.version import version
 from daemon.snapshots import SnapshotManager
 from ipc import logfmt, names, workermsg
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
@@ -422,11 +423,12 @@ def _print_status(rundir: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fssd", description="copy-on-write snapshots of live volumes, served over NBD")
-    p.add_argument("-c", "--config", default=configmod.DEFAULT_CONFIG, help="configuration file (default %(default)s)")
-    p.add_argument("-r", "--rundir", help="run directory (overrides [daemon] rundir)")
+    p.add_argument("-c", "--config", metavar="FILE", default=configmod.DEFAULT_CONFIG, help="configuration file (default %(default)s)")
+    p.add_argument("-r", "--rundir", metavar="DIR", help="run directory (overrides [daemon] rundir; with --status: default $FSSD_RUNDIR, else /run/fssd)")
     p.add_argument("-d", "--debug", action="store_true", help="debug logging")
     p.add_argument("-s", "--syslog", action="store_true", help="log to syslog instead of stderr")
     p.add_argument("--status", action="store_true", help="print the running daemon's status as JSON and exit")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}", help="print the version and exit")
     args = p.parse_args(argv)
     if args.status:
         return _print_status(names.resolve_rundir(args.rundir))
