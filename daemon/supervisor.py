@@ -23,6 +23,7 @@ import msgspec
 import setproctitle
 
 from daemon import config as configmod
+from daemon import portability
 from daemon.control_server import ControlServer
 from daemon.notify import Notifier, child_env
 from daemon.procs import Worker, WorkerGone
@@ -438,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     except configmod.ConfigError as e:
         print(f"fssd: {e}", file=sys.stderr)
         return 2
+    missing = portability.problems(cfg, portability.facts())
+    for line in missing:
+        print(f"fssd: {line}", file=sys.stderr)
+    if missing:
+        return 1
     lock_fd = _lock_rundir(cfg.daemon.rundir)
     setproctitle.setproctitle("fssd: supervisor")
     cleanup_names(names.instance_prefix(cfg.daemon.rundir))
