@@ -8,7 +8,7 @@ import subprocess
 import threading
 
 
-from fsshelp import run, sha256_file, wait_for
+from fsshelp import run, run_tool_as, sha256_file, wait_for
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -190,21 +190,13 @@ def test_fssconfig_errors(fssd_factory, shmdir):
     r = fssd.fssconfig("fss1", "data", check=False)
     assert r.returncode == 1 and "usage:" in r.stderr
     # Not root: the control socket lets anyone look, only root change things.
-    r = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(fssd_bin("fssconfig")), "-r", str(fssd.rundir), "fss1", "data", "/tmp/x"],
-        capture_output=True, text=True,
-    )
+    # (Imported as root, then run as nobody: the checkout may be in a 0700 directory.)
+    r = run_tool_as(65534, 65534, "daemon.fssconfig", "-r", fssd.rundir, "fss1", "data", "/tmp/x")
     assert r.returncode == 1 and r.stderr.strip() == "fssconfig: fss1: Operation not permitted"
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(fssd_bin("fssconfig")), "-r", str(fssd.rundir), "-l"], capture_output=True, text=True)
+    r = run_tool_as(65534, 65534, "daemon.fssconfig", "-r", fssd.rundir, "-l")
     assert r.returncode == 0 and "fss0: data" in r.stdout
     # Nothing changed by the refusals.
     assert [s["device"] for s in json.loads(fssd.fssconfig("-l", "--json").stdout) if s["in_use"]] == ["fss0"]
-
-
-def fssd_bin(name):
-    from fsshelp import BIN
-
-    return BIN / name
 
 
 def test_backing_store_on_the_snapshotted_mount_is_refused(fssd_factory, shmdir):
