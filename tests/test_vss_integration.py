@@ -14,9 +14,9 @@ import time
 import msgspec
 import pytest
 
-from ipc import hyperv, mqueue
+from ipc import hyperv, vssproto
 from ipc.channel import Channel
-from ipc.names import app_queue, broker_queue, instance_prefix
+from ipc.names import instance_prefix, vss_socket
 from ipc.vss_client import Application, BrokerNotRunning, Requestor
 from ipc.workermsg import FromWorker, Ready, Stop, VssState
 from workers import freeze
@@ -114,7 +114,7 @@ class BrokerProc:
         raise AssertionError(f"no {kind.__name__} from the broker")
 
     def req(self, op, **kw):
-        return Requestor(self.prefix).request(op, **kw)
+        return Requestor(self.rundir).request(op, **kw)
 
     def kill(self):
         if self.proc.poll() is None:
@@ -137,7 +137,6 @@ def brokers(tmp_path):
         for b in made:
             b.kill()
             freeze.thaw_all(b.settings.freeze_mounts)
-            mqueue.unlink(broker_queue(b.prefix))
             b.mine.close()
             b.log.close()
         for p in is_frozen.blocked:
@@ -153,7 +152,7 @@ def apps():
     def start(broker, name, *opts, w="0.1"):
         p = subprocess.Popen([PY, "-m", "daemon.appvss", "-n", "-w", w, "--name", name, "-r", broker.rundir, *opts],
                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
-        procs.append((p, broker.prefix, name))
+        procs.append(p)
         line = p.stdout.readline()  # appvss prints this once the broker acknowledged it
         assert line.startswith(f"appvss: registered {name}"), line
         return p
@@ -161,11 +160,10 @@ def apps():
     try:
         yield start
     finally:
-        for p, prefix, name in procs:
+        for p in procs:
             if p.poll() is None:
                 p.kill()
             p.wait()
-            mqueue.unlink(app_queue(prefix, name, p.pid))
 
 
 def test_three_appvss_in_turn_and_together(brokers, apps, ext4):
@@ -224,7 +222,7 @@ def test_broker_sigkill_while_frozen_supervisor_thaws(brokers, apps, ext4):
 def test_requestor_dies_after_freeze_broker_thaws_within_freeze_max(brokers, ext4):
     b = brokers(timeout=1.0, freeze_max=1.0, freeze_mounts=[ext4])
     code = ("import sys; from ipc.vss_client import Requestor; "
-            f"sys.exit(0 if Requestor({b.prefix!r}).request('freeze').ok else 1)")
+            f"sys.exit(0 if Requestor({b.rundir!r}).request('freeze').ok else 1)")
     assert subprocess.run([PY, "-c", code], cwd=ROOT, env=ENV, timeout=10).returncode == 0
     t0 = time.monotonic()
     assert is_frozen(ext4)
@@ -328,23 +326,25 @@ def test_check_refuses_unfreezable_and_root_never_frozen(brokers, tmp_path):
 
 def test_malformed_messages_dead_apps_busy_and_stop(brokers, apps):
     b = brokers(timeout=1.0)
-    inbox = mqueue.open_writer(broker_queue(b.prefix))
-    try:
-        for junk in (b"\xc1\xc1", b"\x81\xa1t\xa5nosuch", msgspec.msgpack.encode({"t": "answer", "msgid": 1})):
-            mqueue.send(inbox, junk, timeout=1)
-        with pytest.raises(ValueError):
-            mqueue.send(inbox, b"x" * 2000, timeout=1)  # the kernel refuses oversized messages
-    finally:
-        mqueue.close(inbox)
+    body = msgspec.msgpack.encode({"t": "answer", "msgid": 1})
+    for junk in (b"\x00\x00\x00\x02\xc1\xc1", b"\x00\x00\x00\x08\x81\xa1t\xa5nosuch",
+                 len(body).to_bytes(4, "big") + body, (1 << 30).to_bytes(4, "big") + b"x" * 100):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(vss_socket(b.rundir))
+            s.sendall(junk)
+            try:
+                got = s.recv(100)
+            except ConnectionResetError:  # closed with our bytes unread
+                got = b""
+            assert got == b"", "closed without an answer"
     assert b.req("status").ok, "broker still serving after garbage"
     slow = apps(b, "slow", "-c", "1", w="0.3")
     victim = apps(b, "victim")
-    q = app_queue(b.prefix, "victim", victim.pid)
-    assert mqueue.exists(q)
+    assert "victim" in {a.name for a in b.req("list").apps}
     victim.kill()
     victim.wait()
-    wait_for(lambda: "victim" not in {a.name for a in b.req("list").apps}, 3, "dead app reaped")
-    assert not mqueue.exists(q), "dead app's queue unlinked"
+    wait_for(lambda: "victim" not in {a.name for a in b.req("list").apps}, 3, "dead app unregistered")
     # A request during another is answered busy, not dropped.
     import threading
     first = {}
@@ -358,9 +358,9 @@ def test_malformed_messages_dead_apps_busy_and_stop(brokers, apps):
     slow.kill()
     b.chan.send(Stop())
     assert b.proc.wait(timeout=5) == 0
-    assert not mqueue.exists(broker_queue(b.prefix))
+    assert not os.path.exists(vss_socket(b.rundir))
     with pytest.raises(BrokerNotRunning):
-        Requestor(b.prefix).request("status")
+        Requestor(b.rundir).request("status")
 
 
 def test_vssadm_cli(brokers, apps, tmp_path):
@@ -381,7 +381,7 @@ def test_vssadm_cli(brokers, apps, tmp_path):
 
 def test_application_library_in_process(brokers):
     b = brokers(timeout=1.0)
-    with Application(b.prefix, "lib") as app:
+    with Application(b.rundir, "lib") as app:
         import threading
         res = {}
         t = threading.Thread(target=lambda: res.update(r=b.req("check")))
@@ -391,4 +391,4 @@ def test_application_library_in_process(brokers):
         app.answer(req, False, "not today")
         t.join(5)
         assert not res["r"].ok and "lib[" in res["r"].reason and "not today" in res["r"].reason
-    assert not mqueue.exists(app_queue(b.prefix, "lib", os.getpid()))
+    assert b.req("list").apps == [], "closing the application unregistered it"
