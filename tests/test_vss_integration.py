@@ -85,7 +85,7 @@ is_frozen.blocked = []
 
 
 class BrokerProc:
-    def __init__(self, tmp_path, **kw):
+    def __init__(self, tmp_path, preexec_fn=None, **kw):
         self.rundir = str(tmp_path / "run")
         os.makedirs(self.rundir, exist_ok=True)
         self.prefix = instance_prefix(self.rundir)
@@ -96,7 +96,7 @@ class BrokerProc:
         self.proc = subprocess.Popen(
             [PY, "-m", "workers.broker", "--channel-fd", str(theirs.fileno()),
              msgspec.json.encode(self.settings).decode()],
-            pass_fds=(theirs.fileno(),), cwd=ROOT, env=ENV, stderr=self.log)
+            pass_fds=(theirs.fileno(),), cwd=ROOT, env=ENV, stderr=self.log, preexec_fn=preexec_fn)
         theirs.close()
         self.states = []
         msg = self.next_msg(Ready)
