@@ -392,3 +392,49 @@ def test_application_library_in_process(brokers):
         t.join(5)
         assert not res["r"].ok and "lib[" in res["r"].reason and "not today" in res["r"].reason
     assert b.req("list").apps == [], "closing the application unregistered it"
+
+
+def test_appvss_stops_at_once_on_sigterm_mid_work_and_prints_its_daemon_pid(brokers, apps):
+    import signal
+    import threading
+
+    b = brokers(timeout=5.0)
+    slow = apps(b, "slow", "-f", "1", w="1")  # a FREEZE would take 1 s + 10 s
+    res = {}
+    t = threading.Thread(target=lambda: res.update(r=b.req("freeze")))
+    t.start()
+    wait_for(lambda: b.req("status").state == "freezing", 3, "FREEZE sent")
+    t0 = time.monotonic()
+    slow.send_signal(signal.SIGTERM)
+    assert slow.wait(timeout=3) == 0
+    assert time.monotonic() - t0 < 1.0
+    t.join(10)
+    assert res["r"].ok, "an application that unregistered is not waited for"
+    assert b.req("list").apps == []
+    # Without -n: the pid is printed (the daemon's, after the double fork) before the prompt returns.
+    out = subprocess.run([PY, "-m", "daemon.appvss", "-w", "0", "--name", "bg", "-r", b.rundir], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0 and out.stdout.startswith("appvss: registered bg pid "), out
+    pid = int(out.stdout.split()[-1])
+    try:
+        assert [(a.name, a.pid) for a in b.req("list").apps] == [("bg", pid)]
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: b.req("list").apps == [], 3, "the daemon unregistered on SIGTERM")
+
+
+def test_vssadm_status_says_what_a_freeze_holds(brokers, apps):
+    b = brokers(timeout=1.0)
+    db = apps(b, "db")
+
+    def vssadm(*args):
+        return subprocess.run([PY, "-m", "daemon.vssadm", "-r", b.rundir, *args], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=30)
+
+    assert "frozen: (nothing)" in vssadm("status").stdout
+    assert vssadm("freeze").returncode == 0
+    out = vssadm("status").stdout
+    assert "state: frozen" in out and f"applications held: db[{db.pid}]" in out, out
+    assert "freeze hooks run: (no hooks_dir)" in out and "mounts frozen: (none configured)" in out, out
+    assert "(none)" not in out.replace("(none configured)", ""), out
+    assert vssadm("thaw").returncode == 0

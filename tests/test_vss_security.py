@@ -378,3 +378,52 @@ def test_queue_exhaustion_is_a_clear_error_and_root_keeps_working(brokers, run_a
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and r.stdout.startswith(f"{op}: OK"), r
     assert b.proc.poll() is None and "Traceback" not in broker_log(b)
+
+
+@pytest.fixture
+def open_base():
+    """A directory other users can traverse (tmp_path is 0700); requested before fssd_factory, so removed after it."""
+    base = Path(tempfile.mkdtemp(prefix="fssd-vss-sec-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_fssconfig_C_reports_the_victims_failure_despite_forged_answers(open_base, fssd_factory, shmdir, run_as,
+                                                                        people):
+    """The supervisor's consistent path (fssconfig -C) through a real fssd with [daemon] group."""
+    group, member, stranger = people
+    f = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "16M"}],
+                     vss={"enabled": True, "timeout": 2, "freeze_max": 5}, extra=f'group = "{group}"', base=open_base)
+    st = os.stat(vss_socket(str(f.rundir)))
+    assert st.st_mode & 0o777 == 0o660 and st.st_gid == grp.getgrnam(group).gr_gid
+    stop = threading.Event()
+    with Application(str(f.rundir), "victimdb") as victim:
+        def serve():
+            while not stop.is_set():
+                req = victim.receive(timeout=0.1)
+                if req is not None:
+                    victim.answer(req, req.op != "freeze", "not consistent" if req.op == "freeze" else "")
+
+        t = threading.Thread(target=serve)
+        t.start()
+        try:
+            class B:  # raw_app needs only the run directory
+                rundir = str(f.rundir)
+
+            evil, _ = raw_app(run_as, member, B, "evil")
+            evil.stdin.write(f"forge victimdb {os.getpid()} 6\n")
+            evil.stdin.flush()
+            r = f.fssconfig("-C", "fss0", "data", shmdir / "bs0", check=False)
+            assert r.returncode == 1 and "victimdb[" in r.stderr and "not consistent" in r.stderr, r
+            assert "fss0: not in use" in f.fssconfig("-l", "fss0").stdout
+            evil.kill()
+            evil.wait()
+        finally:
+            stop.set()
+            t.join(5)
+    # With the failing application gone (and evil), root's fssconfig -C goes through.
+    wait_for(lambda: Requestor(str(f.rundir)).request("list").apps == [], 5, "both unregistered")
+    r = f.fssconfig("-C", "fss0", "data", shmdir / "bs0", check=False)
+    assert r.returncode == 0 and "application-consistent" in r.stdout, r
+    f.fssconfig("-u", "fss0")
