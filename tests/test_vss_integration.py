@@ -14,7 +14,7 @@ import time
 import msgspec
 import pytest
 
-from ipc import hyperv, vssproto
+from ipc import hyperv
 from ipc.channel import Channel
 from ipc.names import instance_prefix, vss_socket
 from ipc.vss_client import Application, BrokerNotRunning, Requestor

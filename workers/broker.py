@@ -55,7 +55,7 @@ HYPERV_RETRY = 5.0
 CHANNEL_TIMEOUT = 2.0  # longest the broker waits on the supervisor channel, either way
 APP_QUEUE_MESSAGES = 8  # per application queue (the kernel's unprivileged ceiling is 10)
 FIRST_FRAME_TIMEOUT = 5.0  # a connection that has not sent its Register / VssRequest by then is closed
-ROOT_CONNECTIONS = 64  # root's own connections, counted apart
+ROOT_CONNECTIONS = 64  # root's own connections beyond its registrations, counted apart
 EXTRA_CONNECTIONS = 4  # per uid beyond its registrations (requests, a registration in progress)
 ACCEPT_BACKOFF = 1.0  # seconds without accepting after EMFILE / ENFILE
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
@@ -482,8 +482,9 @@ class Broker:
 
     def _over_cap(self, conn: Conn) -> str:
         if conn.uid == 0:
+            cap = self.s.max_apps + ROOT_CONNECTIONS
             n = sum(1 for c in self.conns if c.uid == 0)
-            return f"too many connections from root ({ROOT_CONNECTIONS})" if n >= ROOT_CONNECTIONS else ""
+            return f"too many connections from root ({cap})" if n >= cap else ""
         others = [c for c in self.conns if c.uid != 0]
         total = self.s.max_apps + 4 * EXTRA_CONNECTIONS
         per_uid = self.s.max_apps_per_uid + EXTRA_CONNECTIONS
