@@ -85,7 +85,7 @@ is_frozen.blocked = []
 
 
 class BrokerProc:
-    def __init__(self, tmp_path, preexec_fn=None, **kw):
+    def __init__(self, tmp_path, preexec_fn=None, wrap=(), **kw):
         self.rundir = str(tmp_path / "run")
         os.makedirs(self.rundir, exist_ok=True)
         self.prefix = instance_prefix(self.rundir)
@@ -94,13 +94,14 @@ class BrokerProc:
         self.chan = Channel(self.mine, FromWorker)
         self.log = open(tmp_path / "broker.log", "ab")
         self.proc = subprocess.Popen(
-            [PY, "-m", "workers.broker", "--channel-fd", str(theirs.fileno()),
+            [*wrap, PY, "-m", "workers.broker", "--channel-fd", str(theirs.fileno()),
              msgspec.json.encode(self.settings).decode()],
             pass_fds=(theirs.fileno(),), cwd=ROOT, env=ENV, stderr=self.log, preexec_fn=preexec_fn)
         theirs.close()
         self.states = []
         msg = self.next_msg(Ready)
-        assert msg.kind == "broker" and msg.pid == self.proc.pid
+        assert msg.kind == "broker" and (msg.pid == self.proc.pid or wrap)
+        self.pid = msg.pid
 
     def next_msg(self, kind, timeout=5.0):
         deadline = time.monotonic() + timeout

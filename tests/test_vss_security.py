@@ -95,8 +95,10 @@ def run_as(userpy):
     py, path, d = userpy
     started = []
 
-    def run(user, *args, code=None, wait=True, timeout=60):
+    def run(user, *args, code=None, wait=True, timeout=60, ipc_of=None):
         argv = ["setpriv", *as_user(user), py, *(["-c", code] if code else args)]
+        if ipc_of is not None:  # in that process's IPC namespace (its queues)
+            argv = ["nsenter", f"--ipc=/proc/{ipc_of}/ns/ipc", *argv]
         env = {"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
         if wait:
             return subprocess.run(argv, env=env, cwd=d, capture_output=True, text=True, timeout=timeout)
@@ -427,3 +429,40 @@ def test_fssconfig_C_reports_the_victims_failure_despite_forged_answers(open_bas
     r = f.fssconfig("-C", "fss0", "data", shmdir / "bs0", check=False)
     assert r.returncode == 0 and "application-consistent" in r.stdout, r
     f.fssconfig("-u", "fss0")
+
+
+def test_system_queue_limit_exhausted_by_a_member(brokers, run_as, people):
+    """Issue 9's 253 queues, scaled down in a private IPC namespace (queues_max 6, the host's untouched).
+
+    The broker runs without CAP_SYS_RESOURCE, which would let root past queues_max, as in a
+    container: registering gets a clear error and root's requests need no queue at all.
+    """
+    group, member, stranger = people
+    b = brokers(timeout=1.0, wrap=["unshare", "--ipc", "--", "setpriv", "--bounding-set=-sys_resource", "--"])
+    r = subprocess.run(["nsenter", f"--ipc=/proc/{b.pid}/ns/ipc", "sh", "-c",
+                        "echo 6 > /proc/sys/fs/mqueue/queues_max && cat /proc/sys/fs/mqueue/queues_max"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.stdout.strip() == "6", r
+    fill = run_as(member, ipc_of=b.pid, code=(
+        "import posix_ipc\n"
+        "n = 0\n"
+        "try:\n"
+        "    while n < 100:\n"
+        "        posix_ipc.MessageQueue(f'/hog{n}', posix_ipc.O_CREX, max_messages=1, max_message_size=8)\n"
+        "        n += 1\n"
+        "except OSError as e:\n"
+        "    print(n, e)\n"))
+    assert fill.stdout.startswith("6 "), fill
+    r = run_as(member, "-m", "daemon.appvss", "-n", "-r", b.rundir, ipc_of=b.pid)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r
+    assert "cannot create its queues: the system's message queue limit is reached" in r.stderr, r.stderr
+    for op in ("status", "check", "freeze", "thaw"):
+        r = subprocess.run([sys.executable, "-m", "daemon.vssadm", "-r", b.rundir, op], cwd=ROOT,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r
+    # Two queues freed: the same registration goes through (it was the limit, nothing else).
+    run_as(member, ipc_of=b.pid, code="import posix_ipc\nfor n in ('/hog0', '/hog1'): posix_ipc.unlink_message_queue(n)\n")
+    app = run_as(member, "-m", "daemon.appvss", "-n", "-w", "0", "-r", b.rundir, ipc_of=b.pid, wait=False)
+    assert app.stdout.readline().startswith("appvss: registered"), app.stderr.read() if app.poll() is not None else ""
+    assert [a.name for a in Requestor(b.rundir).request("list").apps] == ["appvss"]
+    assert b.proc.poll() is None and "Traceback" not in broker_log(b)
