@@ -466,3 +466,25 @@ def test_system_queue_limit_exhausted_by_a_member(brokers, run_as, people):
     assert app.stdout.readline().startswith("appvss: registered"), app.stderr.read() if app.poll() is not None else ""
     assert [a.name for a in Requestor(b.rundir).request("list").apps] == ["appvss"]
     assert b.proc.poll() is None and "Traceback" not in broker_log(b)
+
+
+def test_descriptor_exhaustion_pauses_accepting_with_one_line(brokers):
+    """EMFILE on accept: a pause, one warning, no spin; the broker answers once descriptors free up."""
+    b = brokers(timeout=1.0)
+    in_use = len(os.listdir(f"/proc/{b.pid}/fd"))
+    limit = in_use + 3
+    resource.prlimit(b.pid, resource.RLIMIT_NOFILE, (limit, limit))
+    conns = []
+    try:
+        for _ in range(20):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(vss_socket(b.rundir))
+            conns.append(s)
+        wait_for(lambda: "VSS socket: accept:" in broker_log(b), 5, "the broker to run out of descriptors")
+        assert b.proc.poll() is None
+    finally:
+        for s in conns:
+            s.close()
+    assert Requestor(b.rundir).request("status", wait=10).ok
+    log = broker_log(b)
+    assert log.count("VSS socket: accept:") == 1 and "Too many open files" in log and "Traceback" not in log, log

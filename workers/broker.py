@@ -360,7 +360,9 @@ class Broker:
         self.gid: int | None = None
         self.conns: set[Conn] = set()
         self._accept_paused_until = 0.0
-        self._last_refusal_log = 0.0
+        self._accept_failures = 0
+        self._last_accept_log = -1e9
+        self._last_refusal_log = -1e9
         self._refused = 0
 
     def start(self) -> None:
@@ -460,10 +462,15 @@ class Broker:
             except BlockingIOError:
                 return
             except OSError as e:
-                # EMFILE / ENFILE: stop accepting for a while, one line, rather than spin.
-                log.warning("VSS socket: accept: %s; not accepting for %g s", e, ACCEPT_BACKOFF)
+                # EMFILE / ENFILE: stop accepting for a while rather than spin; one line per 10 s.
+                self._accept_failures += 1
+                now = time.monotonic()
+                if now - self._last_accept_log >= 10.0:
+                    log.warning("VSS socket: accept: %s; pausing %g s at a time (%d time(s) so far)",
+                                e.strerror or e, ACCEPT_BACKOFF, self._accept_failures)
+                    self._last_accept_log = now
                 self._unregister(self.listener)
-                self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
+                self._accept_paused_until = now + ACCEPT_BACKOFF
                 return
             try:
                 pid, uid, gid, groups = peer_credentials(sock)
