@@ -369,6 +369,11 @@ def test_vssadm_cli(brokers, apps, tmp_path):
                          cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip() == f"vssadm: fssd is not running (no broker at {tmp_path / 'nowhere'})"
+    for opts in (["-n"], []):  # the same words from appvss, in the foreground or daemonizing
+        out = subprocess.run([PY, "-m", "daemon.appvss", *opts, "-r", str(tmp_path / "nowhere")], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1
+        assert out.stderr.strip() == f"appvss: fssd is not running (no broker at {tmp_path / 'nowhere'})", out
     b = brokers(timeout=1.0)
     apps(b, "db")
     out = subprocess.run([PY, "-m", "daemon.vssadm", "-r", b.rundir, "check"], cwd=ROOT, env=ENV,

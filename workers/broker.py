@@ -188,15 +188,20 @@ class ProcessPlatform:
 
     def open_app(self, name: str, pid: int, uid: int) -> tuple[str, str]:
         """Two queues for this application only: uid's, 0600, attributes ours, names unguessable."""
-        req_name, ans_name = app_queues(self.s.prefix, secrets.token_hex(8))
-        made: list[mqueue.Queue] = []
-        try:
-            for qname in (req_name, ans_name):
-                made.append(mqueue.create_owned(qname, uid, APP_QUEUE_MESSAGES, vssproto.MAX_MESSAGE))
-        except (posix_ipc.Error, OSError, ValueError, MemoryError) as e:
-            for mq in made:
-                mqueue.close(mq, unlink_name=True)
-            return "", f"cannot create its queues: {queue_error(e)}"
+        for _ in range(3):  # a name someone made already (64 random bits): never reused, another one
+            req_name, ans_name = app_queues(self.s.prefix, secrets.token_hex(8))
+            made: list[mqueue.Queue] = []
+            try:
+                for qname in (req_name, ans_name):
+                    made.append(mqueue.create_owned(qname, uid, APP_QUEUE_MESSAGES, vssproto.MAX_MESSAGE))
+                break
+            except (posix_ipc.Error, OSError, ValueError, MemoryError) as e:
+                for mq in made:
+                    mqueue.close(mq, unlink_name=True)
+                if not isinstance(e, posix_ipc.ExistentialError):
+                    return "", f"cannot create its queues: {queue_error(e)}"
+        else:
+            return "", "cannot create its queues: every name tried exists"
         q = AppQueues(made[0], made[1])
         self.queues[req_name] = q
         self.on_open(req_name, q)
