@@ -444,3 +444,30 @@ def test_vssadm_status_says_what_a_freeze_holds(brokers, apps):
     assert "freeze hooks run: (no hooks_dir)" in out and "mounts frozen: (none configured)" in out, out
     assert "(none)" not in out.replace("(none configured)", ""), out
     assert vssadm("thaw").returncode == 0
+
+
+def test_application_queues_never_reuse_an_existing_name(monkeypatch, tmp_path):
+    import posix_ipc
+
+    from workers import broker as br
+
+    platform = br.ProcessPlatform(BrokerSettings(prefix="fssd.test0002", rundir=str(tmp_path)), None, None)
+    tokens = iter(["aaaa", "bbbb"])
+    monkeypatch.setattr(br.secrets, "token_hex", lambda n: next(tokens))
+    squat = posix_ipc.MessageQueue("/fssd.test0002.app.aaaa", posix_ipc.O_CREX, max_messages=1, max_message_size=1)
+    key = ""
+    try:
+        key, err = platform.open_app("x", 1, 4321)
+        assert err == "" and key == "/fssd.test0002.app.bbbb"
+        for mq in (platform.queues[key].requests, platform.queues[key].answers):
+            st = os.fstat(mq.mqd)
+            assert st.st_uid == 4321 and st.st_mode & 0o777 == 0o600
+            assert (mq.max_messages, mq.max_message_size) == (br.APP_QUEUE_MESSAGES, 512)
+        assert squat.max_message_size == 1  # the squatter's queue is neither used nor removed
+    finally:
+        platform.close_app(key)
+        squat.unlink()
+        squat.close()
+    assert platform.queues == {}
+    from ipc import mqueue
+    assert not mqueue.exists("/fssd.test0002.app.bbbb") and not mqueue.exists("/fssd.test0002.ans.bbbb")
