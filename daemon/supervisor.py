@@ -152,6 +152,7 @@ class Supervisor:
                 hooks_dir=vss.hooks_dir,
                 hyperv_device=vss.hyperv_device,
                 debug=self.debug,
+                group=self.cfg.daemon.group, max_apps=vss.max_apps, max_apps_per_uid=vss.max_apps_per_uid,
             )
             return "workers.broker", msgspec.json.encode(settings).decode(), []
 

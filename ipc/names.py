@@ -73,6 +73,16 @@ def reply_queue(prefix: str, pid: int) -> str:
     return f"/{prefix}.req.{pid}"
 
 
+def vss_socket(rundir: str) -> str:
+    """The VSS broker's socket: requestors and applications connect here (SO_PEERCRED)."""
+    return os.path.join(rundir, "vss.sock")
+
+
+def app_queues(prefix: str, token: str) -> tuple[str, str]:
+    """A registered application's requests and answers queues (created by the broker)."""
+    return f"/{prefix}.app.{token}", f"/{prefix}.ans.{token}"
+
+
 def owned_by(prefix: str, posix_name: str) -> bool:
     """True if a name found in /dev/shm or /dev/mqueue belongs to this instance."""
     return posix_name.lstrip("/").startswith(prefix + ".")
