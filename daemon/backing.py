@@ -4,9 +4,10 @@ fssconfig opens or creates the store with the caller's own rights
 (daemon/storeopen.py) and passes the descriptor over the control socket. Here
 the supervisor checks what it got: a regular file (the caller's own, unless
 the caller is root) or a block device, open read-write and not O_APPEND, not
-on the snapshotted volume, on a file system the VSS broker freezes, or on an
-nbdfuse mount (it may be this volume's export: the copy-on-write would
-deadlock or write into itself), and not any volume's data or another
+on the snapshotted volume, on a file system the VSS broker freezes, or on a
+FUSE file system (its server may be this volume's own export through nbdfuse,
+which nothing in the mount table reveals: the copy-on-write would deadlock or
+write into itself), and not any volume's data or another
 snapshot's store by identity, including second paths to it: a loop device
 over an image (LOOP_GET_STATUS64), partitions, and device-mapper/md stacks
 whose /sys/block slaves lead to one.
@@ -69,17 +70,15 @@ def _loop_backing(rdev: int, fd: int | None) -> set[tuple]:
     """What a loop device's data is: the backing file's (dev, inode), or the backing block device."""
     own = -1
     if fd is None:
-        try:  # a stack member: /dev/block is udev's, root's own directory
-            fd = own = os.open(f"/dev/block/{os.major(rdev)}:{os.minor(rdev)}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            fd = None
+        fd = _open_node(rdev)
+        own = fd if fd is not None else -1
     out: set[tuple] = set()
     try:
         if fd is not None:
             buf = fcntl.ioctl(fd, _LOOP_GET_STATUS64, bytes(_LOOP_INFO64.size))
             lo_device, lo_inode, lo_rdevice = _LOOP_INFO64.unpack(buf)[:3]
             out.add(("file", lo_device, lo_inode))
-            if lo_rdevice != lo_device:  # the kernel reports the backing block device's rdev here
+            if lo_rdevice and lo_rdevice != lo_device:  # a backing block device: its rdev (0 for a file)
                 out.add(("blk", lo_rdevice))
             return out
     except OSError:
@@ -94,6 +93,21 @@ def _loop_backing(rdev: int, fd: int | None) -> set[tuple]:
     except OSError:
         pass
     return out
+
+
+def _open_node(rdev: int) -> int | None:
+    """A stack member's node, read-only, to ask it: udev's /dev/block/M:m, else /dev/<kernel name>,
+    each only if it is that very device (root's own /dev, never a path from a client)."""
+    for node in (f"/dev/block/{os.major(rdev)}:{os.minor(rdev)}", "/dev/" + os.path.basename(_sysdir(rdev))):
+        try:
+            fd = os.open(node, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+            return fd
+        os.close(fd)
+    return None
 
 
 def _below(rdev: int, fd: int | None = None, with_parent: bool = True) -> set[tuple]:
@@ -256,24 +270,16 @@ def check_store(
         if (not is_dev and _inside(shown, m)) or (mdev is not None and mdev in lands_on):
             raise BackingError(errno.EINVAL, f"{shown}: backing store on {m}, which the VSS broker freezes, would deadlock")
     for dev, m, fstype in mounts:
-        if dev in lands_on and fstype in ("fuse.nbdfuse", "fuseblk.nbdfuse", "fuse"):
-            if fstype == "fuse" and not _is_nbdfuse(m):
-                continue
+        # A FUSE server is a process: it may be one of our own exports seen through nbdfuse (the
+        # mount says only "fuse /dev/fuse", not whom it serves), and any copy-on-write would wait on it.
+        if dev in lands_on and (fstype in ("fuse", "fuseblk") or fstype.startswith(("fuse.", "fuseblk."))):
             raise BackingError(
                 errno.EINVAL,
-                f"{shown}: backing store on an nbdfuse mount ({m}): it may be served by fssd's own export, and the copy-on-write would write into itself",
+                f"{shown}: backing store on a FUSE file system ({m}): it may be fssd's own export through nbdfuse, and the copy-on-write would wait on it",
             )
 
     size = os.lseek(fd, 0, os.SEEK_END) if is_dev else 0
     return BackingStore(fd, shown, False, is_dev, size, 512 if is_dev else _block_size(fd), owner=uid)
-
-
-def _is_nbdfuse(mount: str) -> bool:
-    try:
-        with open("/proc/self/mounts") as f:
-            return any(line.split()[1] == mount and line.split()[0] == "nbdfuse" for line in f)
-    except OSError:
-        return False
 
 
 def _block_size(fd: int) -> int:
