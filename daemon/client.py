@@ -43,7 +43,14 @@ class ControlClient:
             sock = self.connect()
         try:
             chan = Channel(sock, control.Reply)
-            chan.send(req, fds)
+            try:
+                chan.send(req, fds)
+            except (BrokenPipeError, ConnectionResetError):
+                # fssd refused the connection (too many) and said why before closing: read that.
+                got = chan.recv(timeout=1.0)
+                if got is None:
+                    raise NotRunning("fssd closed the connection without answering") from None
+                return got[0]
             got = chan.recv(timeout=self.timeout)
             if got is None:
                 raise NotRunning("fssd closed the connection without answering")

@@ -6,7 +6,8 @@ connection is checked again with SO_PEERCRED, and a Configure carries the
 backing store as a descriptor the caller opened (SCM_RIGHTS).
 
 Bounded: at most MAX_CONNECTIONS connections, MAX_PER_UID for any one
-non-root uid, RESERVED of them kept for root and the group; a request is at
+non-root uid, RESERVED of them kept for root (so root's fssconfig answers
+whatever others hold open); a request is at
 most MAX_REQUEST bytes, checked on its length before any of it is kept, and
 must arrive whole within FRAME_TIMEOUT (the first one within FRAME_TIMEOUT
 of the connect); an idle connection is closed after IDLE_TIMEOUT. Out of
@@ -42,7 +43,7 @@ log = logging.getLogger("control")
 _MUTATING = (control.Configure, control.Unconfigure)
 
 MAX_CONNECTIONS = 64
-RESERVED = 16  # of MAX_CONNECTIONS, only for root and the group
+RESERVED = 16  # of MAX_CONNECTIONS, only for root
 MAX_PER_UID = 8  # any one uid but root
 FRAME_TIMEOUT = 5.0
 IDLE_TIMEOUT = 60.0
@@ -187,14 +188,13 @@ class ControlServer:
         except OSError:
             sock.close()
             return
-        privileged = self._privileged(pid, uid, gid)
         n = len(self.conns)
         mine = sum(1 for u in self.conns.values() if u == uid)
         why = None
         if n >= MAX_CONNECTIONS:
             why = f"{n} connections open"
-        elif not privileged and n >= MAX_CONNECTIONS - RESERVED:
-            why = f"{n} connections open ({RESERVED} kept for root and the group)"
+        elif uid != 0 and n >= MAX_CONNECTIONS - RESERVED:
+            why = f"{n} connections open ({RESERVED} kept for root)"
         elif uid != 0 and mine >= MAX_PER_UID:
             why = f"uid {uid} has {mine} connections open (at most {MAX_PER_UID})"
         if why:
@@ -237,6 +237,7 @@ class ControlServer:
         codec = FrameCodec(control.Request, MAX_REQUEST)
         fds: list[int] = []
         deadline = time.monotonic() + FRAME_TIMEOUT  # the first request, whole, within this
+        first = True
         try:
             while True:
                 timeout = deadline - time.monotonic()
@@ -265,7 +266,7 @@ class ControlServer:
                     log.warning("refused a malformed control request from uid %d (pid %d): %s", uid, pid, e)
                     await self._send(sock, self.codec.encode(control.Error(errno.EMSGSIZE if "exceeds" in str(e) else errno.EINVAL, f"malformed request: {e}")))
                     return
-                if was_idle and codec.buffered:
+                if was_idle and codec.buffered and not first:
                     deadline = time.monotonic() + FRAME_TIMEOUT  # a request has begun: it must finish soon
                 for req in msgs:
                     n = getattr(req, "nfds", 0) if isinstance(req, control.Configure) else 0
@@ -275,6 +276,8 @@ class ControlServer:
                         os.close(fd)
                     reply = await self._dispatch(req, claimed, pid, uid, gid)
                     await self._send(sock, self.codec.encode(reply))
+                if msgs:
+                    first = False
                 if not codec.buffered:
                     deadline = time.monotonic() + IDLE_TIMEOUT
         except (ConnectionError, asyncio.TimeoutError, OSError) as e:

@@ -264,3 +264,152 @@ def test_sizes_are_refused_in_the_users_terms(fssd, shmdir):
     assert r.returncode == 1 and "backing store size 10 (10B) is too small" in r.stderr and "0 bytes" not in r.stderr, r.stderr
     assert not (shmdir / "bk").exists(), "the file fssconfig made for the refused configure is gone"
     assert in_use(fssd) == []
+
+
+# -- break 4: bounded control socket ----------------------------------------------------------
+
+# Opens N connections as whoever runs it, starts a request on each and never finishes it;
+# reports how many fssd refused at once, then how long each held one lived.
+FLOOD = r"""
+import json, select, socket, struct, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(struct.pack(">I", 4000) + b"\x81" * 100)  # 100 of 4000 bytes
+    socks.append(s)
+t0 = time.monotonic()
+refused, held = 0, []
+deadline = time.monotonic() + 1.0
+pending = list(socks)
+while pending and time.monotonic() < deadline:
+    r, _, _ = select.select(pending, [], [], 0.1)
+    for s in r:
+        data = s.recv(65536)
+        refused += 1
+        pending.remove(s)
+        s.close()
+        if b"too many connections" not in data:
+            print(json.dumps({"unexpected": data.decode(errors="replace")}), flush=True)
+print(json.dumps({"refused": refused, "held": len(pending)}), flush=True)
+sys.stdin.readline()
+gone = []
+while pending and time.monotonic() - t0 < 30:
+    r, _, _ = select.select(pending, [], [], 0.2)
+    for s in r:
+        if not s.recv(65536):
+            gone.append(time.monotonic() - t0)
+            pending.remove(s)
+print(json.dumps({"dropped_after": gone, "still_open": len(pending)}), flush=True)
+"""
+
+
+def timed_list(f) -> float:
+    import time
+
+    t = time.monotonic()
+    r = f.fssconfig("-l", check=False)
+    took = time.monotonic() - t
+    assert r.returncode == 0, r.stderr
+    return took
+
+
+def test_connection_caps_and_half_sent_requests(grouped, users):
+    from daemon.control_server import FRAME_TIMEOUT, MAX_PER_UID
+
+    f = grouped
+    env = {"PATH": "/usr/bin:/bin"}
+    flood = subprocess.Popen(
+        users.argv(users.member, "/usr/bin/python3", "-c", FLOOD, f.rundir / "control.sock", 40),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd="/",
+    )
+    try:
+        got = json.loads(flood.stdout.readline())
+        assert got == {"refused": 40 - MAX_PER_UID, "held": MAX_PER_UID}, got
+        assert timed_list(f) < 1.0, "root's fssconfig -l answers at once while a member holds its cap"
+        r = users.fssconfig(users.member, "-r", f.rundir, "-l")
+        assert r.returncode == 1 and f"too many connections to fssd: uid {users.uid(users.member)} has {MAX_PER_UID} connections open" in r.stderr, r.stderr
+        flood.stdin.write("\n")
+        flood.stdin.flush()
+        out = json.loads(flood.stdout.readline())
+    finally:
+        flood.kill()
+        flood.wait()
+    # Each half-sent request was dropped at the frame timeout (counted from its connect), none later.
+    assert out["still_open"] == 0 and len(out["dropped_after"]) == MAX_PER_UID
+    assert all(t < FRAME_TIMEOUT + 3 for t in out["dropped_after"]), out
+    assert "dropped: a request arrived only in part in time" in f.log.read_text()
+    assert users.fssconfig(users.member, "-r", f.rundir, "-l").returncode == 0
+    refusals = f.log.read_text().count("refused a connection from uid")
+    assert 1 <= refusals <= 2, f"refusals are logged once a minute, not per connection ({refusals})"
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_big_frames_cost_no_memory(grouped):
+    """600 connections each announcing a 1 MiB request and sending 1 MiB - 1 of it (issue 9's recipe)."""
+    import socket
+    import struct
+
+    f = grouped
+    pid = f.proc.pid
+    before = rss_kib(pid)
+    socks = []
+    try:
+        for _ in range(600):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(0.5)
+            s.connect(str(f.rundir / "control.sock"))
+            try:
+                s.sendall(struct.pack(">I", 1 << 20) + bytes((1 << 20) - 1))
+            except (BrokenPipeError, ConnectionResetError, socket.timeout):
+                pass  # refused on the length, before the body was wanted
+            socks.append(s)
+        assert timed_list(f) < 1.0
+        grown = rss_kib(pid) - before
+    finally:
+        for s in socks:
+            s.close()
+    assert grown < 16 * 1024, f"supervisor RSS grew {grown} KiB (bound: 16 MiB)"
+    assert "frame of 1048576 bytes exceeds the limit 65536" in f.log.read_text()
+
+
+def test_out_of_descriptors_backs_off_with_one_warning(grouped):
+    """EMFILE in accept: no log line per attempt, no busy loop, service again once descriptors free up."""
+    import socket
+    import time
+
+    f = grouped
+    pid = f.proc.pid
+    nfds = len(os.listdir(f"/proc/{pid}/fd"))
+    old = run("prlimit", "--pid", pid, "--nofile", "--raw", "--noheadings", "--output", "SOFT,HARD").stdout.split()
+    run("prlimit", "--pid", pid, f"--nofile={nfds + 4}:{old[1]}")
+    socks = []
+    try:
+        for _ in range(30):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(f.rundir / "control.sock"))
+            socks.append(s)
+        wait_for(lambda: "not accepting for" in f.log.read_text(), 10, "the EMFILE warning")
+        cpu0 = _cpu_seconds(pid)
+        t0 = time.monotonic()
+        wait_for(lambda: time.monotonic() - t0 > 2, 5, "two seconds of exhaustion", interval=0.2)
+        busy = _cpu_seconds(pid) - cpu0
+        assert busy < 0.5, f"supervisor used {busy:.2f} s of CPU in 2 s while out of descriptors"
+    finally:
+        for s in socks:
+            s.close()
+        run("prlimit", "--pid", pid, f"--nofile={old[0]}:{old[1]}")
+    assert f.log.read_text().count("not accepting for") == 1
+    wait_for(lambda: f.fssconfig("-l", check=False).returncode == 0, 10, "fssd to accept again")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
