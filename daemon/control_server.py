@@ -57,6 +57,18 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", raw)
 
 
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+
+
+def peer_groups(sock: socket.socket, pid: int, gid: int) -> set[int]:
+    """The peer's groups as the kernel recorded them at connect (SO_PEERGROUPS), else from /proc."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 1024)
+        return {gid, *struct.unpack(f"{len(raw) // 4}I", raw)}
+    except OSError:
+        return _peer_groups(pid, gid)
+
+
 def _peer_groups(pid: int, gid: int) -> set[int]:
     groups = {gid}
     try:
@@ -171,14 +183,14 @@ class ControlServer:
         self._loop.call_later(self._backoff, resume)
         self._backoff = min(self._backoff * 2, 2.0)
 
-    def _privileged(self, pid: int, uid: int, gid: int) -> bool:
+    def _privileged(self, uid: int, groups: set[int]) -> bool:
         if uid == 0:
             return True
         group = self.sup.cfg.daemon.group
         if not group:
             return False
         try:
-            return grp.getgrnam(group).gr_gid in _peer_groups(pid, gid)
+            return grp.getgrnam(group).gr_gid in groups
         except KeyError:
             return False
 
@@ -209,7 +221,7 @@ class ControlServer:
         sock.setblocking(False)
         key = id(sock)
         self.conns[key] = uid
-        task = asyncio.ensure_future(self._serve(sock, pid, uid, gid))
+        task = asyncio.ensure_future(self._serve(sock, pid, uid, peer_groups(sock, pid, gid)))
         self.tasks.add(task)
 
         def done(t):
@@ -233,7 +245,7 @@ class ControlServer:
     async def _send(self, sock: socket.socket, data: bytes) -> None:
         await asyncio.wait_for(self._loop.sock_sendall(sock, data), FRAME_TIMEOUT)
 
-    async def _serve(self, sock: socket.socket, pid: int, uid: int, gid: int) -> None:
+    async def _serve(self, sock: socket.socket, pid: int, uid: int, groups: set[int]) -> None:
         codec = FrameCodec(control.Request, MAX_REQUEST)
         fds: list[int] = []
         deadline = time.monotonic() + FRAME_TIMEOUT  # the first request, whole, within this
@@ -274,7 +286,7 @@ class ControlServer:
                     fds = []
                     for fd in rest:  # descriptors no request declared
                         os.close(fd)
-                    reply = await self._dispatch(req, claimed, pid, uid, gid)
+                    reply = await self._dispatch(req, claimed, pid, uid, groups)
                     await self._send(sock, self.codec.encode(reply))
                 if msgs:
                     first = False
@@ -286,12 +298,12 @@ class ControlServer:
             for fd in fds:
                 os.close(fd)
 
-    async def _dispatch(self, req, fds: list[int], pid: int, uid: int, gid: int):
+    async def _dispatch(self, req, fds: list[int], pid: int, uid: int, groups: set[int]):
         sup = self.sup
         try:
             if isinstance(req, _MUTATING) and sup.shutting_down:
                 return control.Error(errno.ESHUTDOWN, "fssd is shutting down")
-            if isinstance(req, _MUTATING) and not self._privileged(pid, uid, gid):
+            if isinstance(req, _MUTATING) and not self._privileged(uid, groups):
                 log.warning("refused %s from uid %d (pid %d): not root or in the fssd group", type(req).__name__, uid, pid)
                 return control.Error(errno.EPERM, "Operation not permitted")
             if isinstance(req, control.ListSnapshots):

@@ -23,6 +23,14 @@ from secusers import Users
 MiB = 1 << 20
 
 
+@pytest.fixture(autouse=True)
+def _umask():
+    """Directories the tests make must be searchable by the other uids whatever CI's umask is."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
 @pytest.fixture(scope="module")
 def users():
     u = Users()
