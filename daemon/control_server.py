@@ -119,6 +119,7 @@ class ControlServer:
         self.listener: socket.socket | None = None
         self.conns: dict[int, int] = {}  # id -> uid
         self.tasks: set[asyncio.Task] = set()
+        self.busy: set[asyncio.Task] = set()  # carrying out a request
         self._paused = False
         self._backoff = 0.05
         self._emfile = _RateLimited()
@@ -141,10 +142,13 @@ class ControlServer:
                 self._loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
-        for t in list(self.tasks):
+        # Connections waiting for a request go now; one whose request is being carried out
+        # (a configure holding a freeze) finishes it and answers: it is never cut short.
+        idle = [t for t in self.tasks if t not in self.busy]
+        for t in idle:
             t.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if idle:
+            await asyncio.gather(*idle, return_exceptions=True)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -286,8 +290,15 @@ class ControlServer:
                     fds = []
                     for fd in rest:  # descriptors no request declared
                         os.close(fd)
-                    reply = await self._dispatch(req, claimed, pid, uid, groups)
-                    await self._send(sock, self.codec.encode(reply))
+                    me = asyncio.current_task()
+                    self.busy.add(me)
+                    try:
+                        reply = await self._dispatch(req, claimed, pid, uid, groups)
+                        await self._send(sock, self.codec.encode(reply))
+                    finally:
+                        self.busy.discard(me)
+                    if self.listener is None:
+                        return  # stopping: answered, and no further requests
                 if msgs:
                     first = False
                 if not codec.buffered:

@@ -45,34 +45,64 @@ def group_gid(group: str | None) -> int:
         return -1
 
 
-def _check_parents(path: str) -> None:
-    d = os.path.dirname(path)
-    while True:
-        st = os.stat(d)
-        sticky_root = st.st_mode & stat.S_ISVTX and st.st_uid == 0
-        if st.st_uid != 0:
-            raise UntrustedRundir(f"{d} is owned by uid {st.st_uid}, not root")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_root:
-            raise UntrustedRundir(f"{d} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} (mode {stat.S_IMODE(st.st_mode):04o})")
-        if d == "/":
-            return
+def _trusted_dir(d: str, st: os.stat_result) -> None:
+    sticky_root = st.st_mode & stat.S_ISVTX and st.st_uid == 0
+    if st.st_uid != 0:
+        raise UntrustedRundir(f"{d} is owned by uid {st.st_uid}, not root")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_root:
+        raise UntrustedRundir(f"{d} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} (mode {stat.S_IMODE(st.st_mode):04o})")
+
+
+def _check_ancestors(path: str) -> None:
+    """Every existing directory above `path`, as written (a symlink among them must be root's:
+    it sits in a directory only root can change) and as resolved."""
+    for chain in (path, os.path.realpath(path)):
+        d = os.path.dirname(chain)
+        while True:
+            try:
+                st = os.lstat(d)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if stat.S_ISLNK(st.st_mode):
+                    if st.st_uid != 0:
+                        raise UntrustedRundir(f"{d} is a symlink owned by uid {st.st_uid}, not root")
+                else:
+                    _trusted_dir(d, st)
+            if d == "/":
+                break
+            d = os.path.dirname(d)
+
+
+def _make(real: str) -> None:
+    """Create the run directory (0700) and any missing parents (0755, root's), whatever the umask."""
+    missing = []
+    d = real
+    while not os.path.lexists(d):
+        missing.append(d)
         d = os.path.dirname(d)
+    for m in reversed(missing):
+        leaf = m == real
+        try:
+            os.mkdir(m, 0o700 if leaf else 0o755)
+        except FileExistsError:
+            continue
+        if not leaf:
+            os.chmod(m, 0o755)
 
 
 def trust_rundir(path: str, gid: int = -1) -> None:
-    """Check `path` (created if missing, parents root's 0755), then set its mode and group.
+    """Check `path` (created if missing), then set its mode and group.
 
     Raises UntrustedRundir with the reason; fssd prints it and exits."""
     path = os.path.abspath(path)
-    real = os.path.realpath(path)
     try:
-        _check_parents(real)
-        if not os.path.isdir(real):
-            os.makedirs(os.path.dirname(real), mode=0o755, exist_ok=True)
-            try:
-                os.mkdir(real, 0o700)
-            except FileExistsError:
-                pass
+        _check_ancestors(path)
+        if os.path.islink(path) and os.lstat(path).st_uid != 0:
+            raise UntrustedRundir(f"{path} is a symlink owned by uid {os.lstat(path).st_uid}, not root")
+        real = os.path.realpath(path)
+        _make(real)
+        _check_ancestors(real)
         fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except UntrustedRundir:
         raise

@@ -95,7 +95,9 @@ def open_store(typed: str) -> OpenedStore:
             raise StoreError(f"{typed}: no such directory (a trailing slash names a directory that must exist)")
         if not stat.S_ISDIR(lst.st_mode):
             raise StoreError(f"{typed}: not a directory")
-    if _under_dev(path) and (lst is None or not stat.S_ISBLK(lst.st_mode)):
+    # Where it really is: /tmp/d/sda with /tmp/d -> /dev is under /dev too.
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    if (_under_dev(path) or _under_dev(real)) and (lst is None or not stat.S_ISBLK(lst.st_mode)):
         what = "no such block device" if lst is None else "not a block device"
         raise StoreError(f"{typed}: {what} (a backing store under /dev must be an existing block device)")
 

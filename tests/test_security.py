@@ -251,6 +251,10 @@ def test_store_paths_mean_what_they_say(fssd, shmdir):
     r = fssd.fssconfig("fss0", "data", missing_dev, check=False)
     assert r.returncode == 1 and r.stderr.strip() == f"fssconfig: {missing_dev}: no such block device (a backing store under /dev must be an existing block device)"
     assert not os.path.lexists(missing_dev)
+    os.symlink("/dev", shmdir / "devlink")
+    r = fssd.fssconfig("fss0", "data", shmdir / "devlink" / "fssd-test-no-such-disk", check=False)
+    assert r.returncode == 1 and "no such block device" in r.stderr and not os.path.lexists(missing_dev)
+    (shmdir / "devlink").unlink()
     r = fssd.fssconfig("fss0", "data", "/dev/null", check=False)
     assert r.returncode == 1 and "/dev/null: not a block device" in r.stderr
     r = fssd.fssconfig("fss0", "data", f"{shmdir}/nodir/", check=False)
@@ -439,3 +443,23 @@ def test_systemd_made_run_directory_gets_the_models_modes_and_fd_limit(fssd_fact
     soft, hard = next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files"))
     assert soft == hard, "the soft descriptor limit is raised to the hard one"
     assert users.fssconfig(users.member, "-r", f.rundir, "-l").returncode == 0
+
+
+def test_run_directory_path_through_a_strangers_symlink_is_refused(fssd_factory, shmdir, users):
+    """A root-owned, trusted target reached through a symlink the stranger could re-point later."""
+    f = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "16M"}], start=False, base=shmdir)
+    target = shmdir / "realrun"
+    target.mkdir(mode=0o755)
+    link = shmdir / "linkrun"
+    os.symlink(target, link)
+    os.lchown(link, users.uid(users.stranger), -1)
+    r = run(BIN / "fssd", "-c", f.config, "-r", link, check=False, timeout=30)
+    assert r.returncode == 2 and r.stderr.strip() == f"fssd: refusing run directory {link}: {link} is a symlink owned by uid {users.uid(users.stranger)}, not root", r.stderr
+    # Missing parents are made root's and 0755 whatever the umask; the directory itself per the model.
+    deep = shmdir / "a" / "b" / "run"
+    os.umask(0o077)
+    f2 = fssd_factory([{"name": "data", "path": str(shmdir / "data2.img"), "size": "16M"}], start=False, base=shmdir)
+    f2.rundir = deep
+    f2.write_config()
+    f2.start()
+    assert [mode_owner(p) for p in (shmdir / "a", shmdir / "a" / "b", deep)] == [(0o755, "root", "root")] * 2 + [(0o700, "root", "root")]
