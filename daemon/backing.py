@@ -53,8 +53,11 @@ _LOOP_GET_STATUS64 = 0x4C05
 _LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")  # struct loop_info64
 
 
+SYSFS = "/sys"  # a tree shaped like it in unit tests
+
+
 def _sysdir(rdev: int) -> str:
-    return os.path.realpath(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    return os.path.realpath(f"{SYSFS}/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
 
 
 def _dev_of_sysdir(d: str) -> int | None:
@@ -180,7 +183,7 @@ def volume_identities(st: os.stat_result) -> set[tuple]:
     return {identity(st)}
 
 
-def store_identities(fd: int, st: os.stat_result) -> set[tuple]:
+def store_identities(fd: int | None, st: os.stat_result) -> set[tuple]:
     """Every storage a store's writes would land in or over."""
     if stat.S_ISBLK(st.st_mode):
         return _below(st.st_rdev, fd) | _above(st.st_rdev)
