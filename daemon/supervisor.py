@@ -61,6 +61,7 @@ class Supervisor:
         self.vss_state = workermsg.VssState("stopped")
         self.notifier = Notifier.from_env()
         self.env = child_env(dict(os.environ))
+        self.env[names.INSTANCE_ENV] = os.path.abspath(self.rundir)
         self.snaps = SnapshotManager(self)
         self.control = ControlServer(self)
         self.stop_event = asyncio.Event()
@@ -442,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # e.g. ELOOP: fssd.pid is a symlink
         print(f"fssd: {os.path.join(cfg.daemon.rundir, 'fssd.pid')}: {e.strerror}", file=sys.stderr)
         return 2
-    setproctitle.setproctitle("fssd: supervisor")
+    setproctitle.setproctitle(names.proc_title("supervisor", cfg.daemon.rundir))
     cleanup_names(names.instance_prefix(cfg.daemon.rundir))
     sup = Supervisor(cfg, os.path.abspath(args.config), args.debug, args.syslog)
     try:

@@ -13,11 +13,25 @@ import os
 
 DEFAULT_RUNDIR = "/run/fssd"
 RUNDIR_ENV = "FSSD_RUNDIR"
+# Set by the supervisor in its workers' environment: which instance they belong to.
+INSTANCE_ENV = "FSSD_INSTANCE"
 
 
 def resolve_rundir(cli_value: str | None) -> str:
     """`-r RUNDIR`, else $FSSD_RUNDIR, else /run/fssd (every client tool)."""
     return cli_value or os.environ.get(RUNDIR_ENV) or DEFAULT_RUNDIR
+
+
+def proc_title(body: str, rundir: str | None = None) -> str:
+    """`fssd: BODY` for the default instance, `fssd[RUNDIR]: BODY` for any other.
+
+    NetBSD-like titles for the instance an administrator runs, while a second
+    instance never answers `pgrep -f 'fssd: fss0'` meant for the first.
+    """
+    rundir = rundir or os.environ.get(INSTANCE_ENV) or DEFAULT_RUNDIR
+    if os.path.abspath(rundir) == DEFAULT_RUNDIR:
+        return f"fssd: {body}"
+    return f"fssd[{os.path.abspath(rundir)}]: {body}"
 
 
 def instance_prefix(rundir: str) -> str:

@@ -22,7 +22,7 @@ import time
 
 import msgspec
 
-from ipc import hyperv, logfmt, mqueue, vssproto
+from ipc import hyperv, logfmt, mqueue, names, vssproto
 from ipc.channel import Channel, FrameError
 from ipc.names import broker_queue
 from ipc.vssproto import ToApp, VssReply
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import setproctitle
 
-        setproctitle.setproctitle("fssd: vss broker")
+        setproctitle.setproctitle(names.proc_title("vss broker", settings.rundir))
     except ImportError:
         pass
     holder = _setup_logging(settings.debug)
