@@ -125,11 +125,11 @@ class ControlServer:
         self._emfile = _RateLimited()
         self._refused = _RateLimited()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Before any worker is spawned, so they inherit it too.
+        log.debug("descriptor limit %d", raise_fd_limit())
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        limit = raise_fd_limit()
-        log.debug("descriptor limit %d", limit)
         gid = rundirmod.group_gid(self.sup.cfg.daemon.group)
         self.listener = rundirmod.bind_unix(self.path, group_access=True, gid=gid)
         self.listener.setblocking(False)
