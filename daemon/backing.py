@@ -22,6 +22,8 @@ import stat
 import struct
 from typing import NamedTuple
 
+from ipc.units import humanize
+
 
 class BackingError(Exception):
     def __init__(self, code: int, message: str):
@@ -295,12 +297,6 @@ def _block_size(fd: int) -> int:
 
 
 # -- sizes -----------------------------------------------------------------------------
-
-
-def humanize(n: int) -> str:
-    from ipc.units import humanize as h
-
-    return h(n)
 
 
 def check_cluster(requested: int, csize: int, volume_size: int) -> None:

@@ -28,8 +28,6 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from daemon import rundir as rundirmod
 from daemon.snapshots import ControlError
 from ipc import control, names

@@ -463,3 +463,18 @@ def test_run_directory_path_through_a_strangers_symlink_is_refused(fssd_factory,
     f2.write_config()
     f2.start()
     assert [mode_owner(p) for p in (shmdir / "a", shmdir / "a" / "b", deep)] == [(0o755, "root", "root")] * 2 + [(0o700, "root", "root")]
+
+
+def test_existing_store_untouched_by_a_refused_configure_and_unlinked_by_x(fssd, shmdir):
+    mine = shmdir / "mine"
+    mine.write_bytes(os.urandom(300_000))
+    before = state(mine)
+    for args in (("fss0", "nosuchvol", mine), ("fss0", "data", mine, "1g"), ("fss9", "data", mine)):
+        r = fssd.fssconfig(*args, check=False)
+        assert r.returncode == 1, r
+    assert state(mine) == before, "a refused configure truncates nothing"
+    fssd.fssconfig("-x", "fss0", "data", mine)
+    assert not mine.exists()
+    assert json.loads(fssd.fssconfig("-l", "--json", "fss0").stdout)[0]["backup"] == "(unlinked)"
+    run("qemu-io", "-f", "raw", "-c", "write -P 7 0 1M", fssd.uri("data"))
+    assert json.loads(fssd.fssconfig("-l", "--json", "fss0").stdout)[0]["copies"] == 16
