@@ -258,21 +258,3 @@ class Mounts:
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
-
-
-def run_tool_as(uid: int, gid: int, module: str, *args, groups: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
-    """A command-line tool (its `main`) run as another user, whatever the checkout's mode.
-
-    The interpreter starts as root and imports the tool first, then drops to
-    uid/gid (and `groups`) before main() runs: the checkout and its .venv may
-    sit in a 0700 directory the user could not traverse, and what the test is
-    about, the user the daemon sees on its socket (SO_PEERCRED), is the same.
-    """
-    code = (
-        "import os, sys\n"
-        f"import {module} as tool\n"
-        f"os.setgroups({list(groups)!r}); os.setresgid({gid}, {gid}, {gid}); os.setresuid({uid}, {uid}, {uid})\n"
-        "assert os.getuid() == os.geteuid() == " + str(uid) + "\n"
-        f"sys.exit(tool.main({[str(a) for a in args]!r}))\n"
-    )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
