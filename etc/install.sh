@@ -108,7 +108,10 @@ install_python() {
 	stage="$DESTDIR$VENV"
 	rm -rf "$stage"
 	say "creating the virtual environment $stage"
-	"$PYTHON" -m venv "$stage"
+	if ! "$PYTHON" -m venv "$stage"; then
+		echo "install.sh: $PYTHON -m venv failed (Debian: apt-get install python3-venv)" >&2
+		exit 1
+	fi
 	record "t $VENV"
 	# --no-compile: byte code is compiled below, with the paths it will run from.
 	# shellcheck disable=SC2086
