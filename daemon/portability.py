@@ -16,7 +16,7 @@ import msgspec
 class Facts(msgspec.Struct, frozen=True):
     system: str  # sys.platform
     pidfd: bool  # os.pidfd_open: the supervisor watches workers through pidfds
-    proc: bool  # /proc/PID/status: peer group checks on the control socket
+    proc: bool  # /proc: the mount table (store and freeze checks), peers' groups, worker titles
     rwf_dsync: bool  # os.RWF_DSYNC: FUA writes on the volume
     mqueues: bool  # POSIX message queues compiled into posix_ipc (FreeBSD: mqueuefs)
 
@@ -37,7 +37,7 @@ def problems(cfg, f: Facts) -> list[str]:
     if not f.pidfd:
         out.append(f"this system ({f.system}) has no pidfd_open(2) (Linux 5.3 or later): the supervisor cannot watch its workers")
     if not f.proc:
-        out.append(f"this system ({f.system}) has no /proc/PID/status: the control socket cannot check its peers' groups")
+        out.append(f"this system ({f.system}) has no Linux /proc: fssd reads the mount table and its peers' groups there")
     if not f.rwf_dsync:
         out.append(f"this system ({f.system}) has no RWF_DSYNC (Linux 4.7 or later): the volume worker cannot do FUA writes")
     linux = f.system.startswith("linux")

@@ -33,7 +33,7 @@ def test_freebsd_refuses_the_linux_only_parts(tmp_path):
     lines = portability.problems(cfg, FREEBSD)
     assert [l.split(":")[0] for l in lines] == [
         "this system (freebsd14) has no pidfd_open(2) (Linux 5.3 or later)",
-        "this system (freebsd14) has no /proc/PID/status",
+        "this system (freebsd14) has no Linux /proc",
         "this system (freebsd14) has no RWF_DSYNC (Linux 4.7 or later)",
         "[vss] freeze",
     ]
