@@ -105,8 +105,10 @@ def test_make_install_serves_a_volume_and_uninstall_removes_exactly_what_it_adde
             proc.wait()
         log.close()
 
-    # Unchanged config: uninstall takes everything install added, and nothing else.
+    # Installing again keeps the config and still knows what the first install made;
+    # with the config unchanged, uninstall takes everything install added, and nothing else.
     conf.write_bytes(original)
+    assert "keeping existing" in make("install", **v).stdout
     make("uninstall", **v)
     assert listing(root) == before
 
