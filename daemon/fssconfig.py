@@ -38,7 +38,7 @@ options:
   -C                take the snapshot application-consistently (VSS CHECK,
                     FREEZE, barrier, THAW) and print the freeze window
   -c                unconfigure the device when its last NBD client disconnects
-  -x                unlink the backing file right after creating it
+  -x                unlink the backing file once the snapshot is configured
   -l                list the devices (all, or the one named)
   -u                unconfigure the device
   -v                verbose: list the device after configuring or before
