@@ -483,6 +483,10 @@ class ServerConnection:
         return True
 
     def _opt_meta_context(self, opt: int, data: bytes):
+        if opt == OPT_SET_META_CONTEXT:
+            # SET replaces the selection "including when this command fails" (spec):
+            # whatever happens below, what an earlier SET chose is gone.
+            self.meta_base_allocation = False
         if opt == OPT_SET_META_CONTEXT and not self.structured:
             self._opt_reply(opt, REP_ERR_INVALID, b"NBD_OPT_SET_META_CONTEXT needs structured replies first")
             return True
@@ -609,11 +613,19 @@ class ServerConnection:
     def simple_reply(self, cookie: int, error: int = 0) -> bytes:
         return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
-    def read_reply_header(self, cookie: int, offset: int, length: int) -> bytes:
-        """Header to send before `length` bytes of read data (structured or simple)."""
+    def read_reply_header(self, cookie: int, offset: int, length: int, done: bool = True) -> bytes:
+        """Header to send before `length` bytes of read data (structured or simple).
+
+        done=False (structured only): the data chunk does not end the reply, so an
+        error met while its bytes are still being produced can be reported after
+        them; finish with read_reply_end() or error_reply()."""
         if self.structured:
-            return _CHUNK_DATA.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
+            return _CHUNK_DATA.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0, REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
         return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+
+    def read_reply_end(self, cookie: int) -> bytes:
+        """The NONE chunk flagged DONE that ends a structured read sent with done=False."""
+        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
 
     def error_reply(self, cookie: int, error: int, message: str = "") -> bytes:
         if self.structured:

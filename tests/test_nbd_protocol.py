@@ -423,6 +423,37 @@ def test_set_meta_context_selects_and_replaces():
     assert errno_of(conn, req(nbd.CMD_BLOCK_STATUS, 7, 0, 4096)) == nbd.EINVAL
 
 
+@pytest.mark.parametrize(
+    "failing",
+    [
+        meta_data("nope", "base:allocation"),  # unknown export: ERR_UNKNOWN
+        meta_data("data", "base:allocation")[:-3],  # malformed: ERR_INVALID
+        b"",  # too short to hold anything
+    ],
+)
+def test_failed_set_meta_context_clears_the_selection(failing):
+    # "replaces all previously-set metadata contexts, including when this command fails"
+    conn = negotiated()
+    ask(conn, opt(nbd.OPT_STRUCTURED_REPLY))
+    _, r = ask(conn, opt(nbd.OPT_SET_META_CONTEXT, meta_data("data", "base:allocation")))
+    assert [n for _, n in contexts(r)] == [b"base:allocation"]
+    _, r = ask(conn, opt(nbd.OPT_SET_META_CONTEXT, failing))
+    assert len(r) == 1 and r[0][1] & 0x80000000
+    assert not conn.meta_base_allocation
+    assert feed(conn, opt(nbd.OPT_GO, info_data("data"))) == [Ready(VOL)]
+    assert errno_of(conn, req(nbd.CMD_BLOCK_STATUS, 7, 0, 4096)) == nbd.EINVAL
+
+
+def test_failed_list_meta_context_keeps_the_selection():
+    # LIST never selects anything, so neither does its failure clear anything.
+    conn = negotiated()
+    ask(conn, opt(nbd.OPT_STRUCTURED_REPLY))
+    ask(conn, opt(nbd.OPT_SET_META_CONTEXT, meta_data("data", "base:allocation")))
+    _, r = ask(conn, opt(nbd.OPT_LIST_META_CONTEXT, meta_data("nope")))
+    assert [t for _, t, _ in r] == [nbd.REP_ERR_UNKNOWN]
+    assert conn.meta_base_allocation
+
+
 def test_set_meta_context_reply_matches_what_block_status_accepts():
     # Whatever SET answers for "base:" (the spec leaves namespace-only SET queries to the
     # server), BLOCK_STATUS must be accepted exactly when a context was announced.
@@ -716,6 +747,15 @@ def test_structured_read_reply_layout():
     h = conn.read_reply_header(0xABCDEF, 4096, 512)
     # magic, flags=DONE, type=OFFSET_DATA, cookie, length = 8 (offset) + data
     assert h == struct.pack(">IHHQIQ", 0x668E33EF, 1, 1, 0xABCDEF, 8 + 512, 4096)
+
+
+def test_structured_read_reply_not_done_then_none_chunk():
+    # A read whose data can still fail after its header left: the data chunk is not
+    # the last one, and a NONE chunk flagged DONE ends the reply.
+    conn = transmission()
+    h = conn.read_reply_header(0xABCDEF, 4096, 512, done=False)
+    assert h == struct.pack(">IHHQIQ", 0x668E33EF, 0, 1, 0xABCDEF, 8 + 512, 4096)
+    assert conn.read_reply_end(0xABCDEF) == struct.pack(">IHHQI", 0x668E33EF, 1, 0, 0xABCDEF, 0)
 
 
 def test_structured_error_reply_layout():

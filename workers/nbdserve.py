@@ -217,14 +217,9 @@ class Server:
                     out.append(conn.read_reply_header(req.cookie, req.offset, n))
                     out.append(data)  # queued: one sendmsg per batch
                     return
-                src = backend.sendfile_source(req.offset, n)
+                src = backend.sendfile_source(req.offset, n)  # raises before anything is sent: an error reply
                 if src is not None:
-                    out.append(conn.read_reply_header(req.cookie, req.offset, n))
-                    _send_or_break(sock, out)
-                    try:
-                        _sendfile(sock, src[0], src[1], n)
-                    except OSError as e:  # the header is out: this reply can't be mended
-                        raise _StreamBroken(f"READ {req.offset}+{n} failed after its header was sent: {e}") from e
+                    self._sendfile_read(conn, req, src, out, sock)
                     return
                 # Large replies leave at once from a buffer this connection reuses.
                 view = reads.get(n)
@@ -263,6 +258,55 @@ class Server:
             if not (cmd == nbd.CMD_WRITE_ZEROES and code == nbd.ENOTSUP):
                 log.warning("%s: %s %d+%d failed: %s", self.export.name, nbd.CMD_NAMES[cmd], req.offset, req.length, e)
             out.append(conn.error_reply(req.cookie, code, f"{nbd.CMD_NAMES[cmd]}: {e.strerror or e}"))
+
+
+    def _sendfile_read(self, conn: nbd.ServerConnection, req: nbd.Request, src: tuple[int, int], out: list, sock) -> None:
+        """A large READ straight from the file. The data chunk's header leaves first, so
+        with structured replies it is not flagged DONE: a NONE chunk ends the reply, or,
+        when the file fails mid-way, the rest of the chunk is padded and an error chunk
+        says the read failed. Simple replies have no way to say it: the stream is broken."""
+        n = req.length
+        structured = conn.structured
+        out.append(conn.read_reply_header(req.cookie, req.offset, n, done=not structured))
+        _send_or_break(sock, out)
+        try:
+            _sendfile(sock, src[0], src[1], n)
+        except _SendfileFailed as e:
+            cause = e.__cause__ or e
+            if not structured or e.socket_side:
+                raise _StreamBroken(f"READ {req.offset}+{n} failed after its header was sent: {cause}") from e
+            self.errors += 1
+            log.warning("%s: READ %d+%d failed after %d bytes were sent: %s", self.export.name, req.offset, n, e.sent, cause)
+            try:
+                _send_zeroes(sock, n - e.sent)
+            except OSError as e2:
+                raise _StreamBroken(f"READ {req.offset}+{n}: cannot finish the failed chunk: {e2}") from e2
+            code = nbd_errno(cause) if isinstance(cause, OSError) else nbd.EIO
+            out.append(conn.error_reply(req.cookie, code, f"READ: {getattr(cause, 'strerror', None) or cause}"))
+            return
+        if structured:
+            out.append(conn.read_reply_end(req.cookie))  # queued: leaves with the batch's replies
+
+
+class _SendfileFailed(Exception):
+    """sendfile() stopped after `sent` bytes; socket_side: the client's end failed, not the file."""
+
+    def __init__(self, sent: int, socket_side: bool):
+        super().__init__(f"sendfile failed after {sent} bytes")
+        self.sent = sent
+        self.socket_side = socket_side
+
+
+# sendfile() errors that come from the socket (the stream is gone), not from the file.
+_SOCKET_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EAGAIN, errno.ETIMEDOUT, errno.ESHUTDOWN}
+_ZEROES = bytes(256 * 1024)
+
+
+def _send_zeroes(sock: socket.socket, n: int) -> None:
+    while n:
+        k = min(n, len(_ZEROES))
+        sock.sendall(memoryview(_ZEROES)[:k])
+        n -= k
 
 
 class _StreamBroken(Exception):
@@ -308,12 +352,16 @@ def _send(sock: socket.socket, out: list) -> None:
     out.clear()
 
 
-def _sendfile(sock: socket.socket, fd: int, offset: int, length: int) -> None:
+def _sendfile(sock: socket.socket, fd: int, offset: int, length: int) -> int:
     sfd = sock.fileno()
-    end = offset + length
+    start, end = offset, offset + length
     while offset < end:
-        n = os.sendfile(sfd, fd, offset, end - offset)
+        try:
+            n = os.sendfile(sfd, fd, offset, end - offset)
+        except OSError as e:
+            raise _SendfileFailed(offset - start, e.errno in _SOCKET_ERRNOS) from e
         if n == 0:
-            # The file is shorter than the header promised: the stream can't be mended.
-            raise OSError(errno.EIO, "short read from the volume during sendfile")
+            # The file is shorter than the header promised.
+            raise _SendfileFailed(offset - start, False) from OSError(errno.EIO, "short read from the volume during sendfile")
         offset += n
+    return length
