@@ -1,0 +1,312 @@
+"""Bounded resources on the NBD sockets ([daemon] nbd_* keys), against a live fssd.
+
+Connection caps (total and per peer uid), the handshake deadline, the idle and
+stalled-request deadlines, the memory half-sent WRITEs may pin, accept() under
+descriptor exhaustion, and idle connections that must not cost a thread each.
+Each check is followed by a real client (nbdinfo) being served correctly.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import socket
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from fsshelp import BIN, Fssd, run, wait_for
+from test_nbd_malformed import Closed, Raw, connect
+from test_nbd_protocol import info_data, opt, req
+
+from ipc import nbd
+
+MiB = 1 << 20
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def nbdinfo_ok(fssd, export: str = "data") -> None:
+    out = run("nbdinfo", "--size", fssd.uri(export), timeout=30).stdout
+    assert int(out) == 64 * MiB
+
+
+def refused_in_option_phase(fssd, export: str = "data") -> str:
+    """A new connection: greeting, then GO answered NBD_REP_ERR_POLICY; its message."""
+    c = Raw(fssd.sock(export))
+    try:
+        c.hello()
+        (typ, msg), = c.option(nbd.OPT_GO, info_data(export))
+        assert typ == nbd.REP_ERR_POLICY, typ
+        return msg.decode()
+    finally:
+        c.close()
+
+
+def make_fssd(tmp_path_factory, name: str, extra: str):
+    shm = Path(tempfile.mkdtemp(prefix=f"fssd-test-{name}-", dir="/dev/shm"))
+    f = Fssd(tmp_path_factory.mktemp(name) / "i0", [{"name": "data", "path": str(shm / "data.img"), "size": "64M"}], extra=extra)
+    return f, shm
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory):
+    """Small caps and short deadlines, so each bound is reached in a test's time."""
+    f, shm = make_fssd(
+        tmp_path_factory,
+        "nbdlim",
+        "\n".join(
+            [
+                "nbd_max_connections = 48",
+                "nbd_max_connections_per_uid = 48",
+                "nbd_handshake_timeout = 1.5",
+                "nbd_request_timeout = 4",
+                "nbd_idle_timeout = 8",
+                'nbd_buffer_limit = "64M"',
+            ]
+        ),
+    )
+    try:
+        f.start()
+        yield f
+    finally:
+        try:
+            f.stop()
+        finally:
+            f.kill_everything()
+            shutil.rmtree(shm, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """Room for a thousand connections from one uid, the default deadlines."""
+    f, shm = make_fssd(tmp_path_factory, "nbdwide", "nbd_max_connections = 1100\nnbd_max_connections_per_uid = 1000")
+    try:
+        f.start()
+        yield f
+    finally:
+        try:
+            f.stop()
+        finally:
+            f.kill_everything()
+            shutil.rmtree(shm, ignore_errors=True)
+
+
+def close_all(conns) -> None:
+    for c in conns:
+        c.close()
+
+
+# -- connection caps ---------------------------------------------------------------------
+
+
+def test_connections_over_the_cap_are_refused_in_the_option_phase(tight):
+    pid = tight.worker_pid("volume", "data")
+    held = [connect(tight) for _ in range(48)]
+    try:
+        msg = refused_in_option_phase(tight)
+        assert "too many connections to data (at most 48)" in msg
+        p = run("nbdinfo", "--size", tight.uri("data"), check=False, timeout=30)
+        assert p.returncode != 0 and "server policy prevents NBD_OPT_GO" in p.stderr, p.stderr
+        # The held connections are served all the while.
+        assert held[0].pread(1, 0, 4096) == bytes(4096)
+        held.pop().close()
+        wait_for(lambda: run("nbdinfo", "--size", tight.uri("data"), check=False).returncode == 0, what="a free slot")
+    finally:
+        close_all(held)
+    assert tight.worker_pid("volume", "data") == pid
+    nbdinfo_ok(tight)
+    assert "too many connections to data" in tight.log.read_text()
+
+
+def test_connections_per_uid_are_capped(wide):
+    held = []
+    try:
+        for _ in range(1000):
+            c = Raw(wide.sock("data"))
+            held.append(c)
+            c.go("data")
+        msg = refused_in_option_phase(wide)
+        assert "from uid 0 (at most 1000)" in msg, msg
+    finally:
+        close_all(held)
+    wait_for(lambda: run("nbdinfo", "--size", wide.uri("data"), check=False).returncode == 0, what="served again")
+
+
+# -- deadlines -------------------------------------------------------------------------------
+
+
+def test_a_silent_handshake_is_dropped_at_the_timeout(tight):
+    c = Raw(tight.sock("data"))
+    try:
+        t0 = time.monotonic()
+        c.recv(18)  # the greeting; then nothing
+        assert c.hung_up()
+        took = time.monotonic() - t0
+        assert 1.2 < took < 6, took
+    finally:
+        c.close()
+    nbdinfo_ok(tight)
+
+
+def test_a_trickling_handshake_is_dropped_at_the_timeout(tight):
+    # Each option answered promptly, yet the whole option phase has 1.5 s.
+    c = Raw(tight.sock("data"))
+    try:
+        t0 = time.monotonic()
+        c.hello()
+        with pytest.raises((Closed, BrokenPipeError, ConnectionResetError)):
+            while time.monotonic() - t0 < 10:
+                assert c.option(nbd.OPT_LIST)[-1][0] == nbd.REP_ACK
+                time.sleep(0.2)  # the slow client under test, not a wait for readiness
+        assert time.monotonic() - t0 < 6
+    finally:
+        c.close()
+
+
+def test_an_idle_connection_is_dropped_at_the_idle_timeout(tight):
+    c = connect(tight)
+    try:
+        assert c.pread(1, 0, 512) == bytes(512)
+        t0 = time.monotonic()
+        assert c.hung_up()
+        assert 7 < time.monotonic() - t0 < 14
+    finally:
+        c.close()
+
+
+def test_a_half_sent_request_is_dropped_at_the_request_timeout(tight):
+    c = connect(tight)
+    try:
+        c.send(req(nbd.CMD_WRITE, 1, 0, 65536) + bytes(1000))
+        t0 = time.monotonic()
+        assert c.hung_up()
+        assert 3.5 < time.monotonic() - t0 < 8
+    finally:
+        c.close()
+    nbdinfo_ok(tight)
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+def test_half_sent_large_writes_do_not_grow_the_worker_past_its_budget(tight):
+    """40 clients each send a 32 MiB WRITE's header and up to 16 MiB of it, then stall.
+    Without a budget that is 640 MiB resident; the bound is the 64 MiB budget plus
+    1 MiB per connection (plus slack for the interpreter)."""
+    pid = tight.worker_pid("volume", "data")
+    # An honest maximal WRITE first: the budget must not get in its way.
+    c = connect(tight)
+    big = os.urandom(32 * MiB)
+    assert c.pwrite(1, 0, big) == 0
+    assert c.pread(2, 0, 32 * MiB) == big
+    c.close()
+    del big
+    base = rss(pid)
+    conns = [connect(tight) for _ in range(40)]
+    peak = base
+    try:
+        chunk = bytes(1 * MiB)
+        sent = [0] * len(conns)
+        for c in conns:
+            c.s.setblocking(False)
+            c.s.send(req(nbd.CMD_WRITE, 9, 0, 32 * MiB))
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            for i, c in enumerate(conns):
+                if sent[i] < 16 * MiB:
+                    try:
+                        sent[i] += c.s.send(chunk[: 16 * MiB - sent[i]])
+                    except BlockingIOError:
+                        pass
+            peak = max(peak, rss(pid))
+            time.sleep(0.02)  # sampling period of the RSS probe
+        bound = 64 * MiB + 40 * MiB + 48 * MiB
+        # Two payloads fit the budget and were taken whole; the rest wait in the clients'
+        # socket buffers, not in the worker (without a budget all 640 MiB get in).
+        assert sum(sent) >= 32 * MiB
+        assert peak - base < bound, f"RSS grew by {(peak - base) / MiB:.0f} MiB (bound {bound / MiB:.0f} MiB)"
+    finally:
+        close_all(conns)
+    assert tight.worker_pid("volume", "data") == pid
+    c = connect(tight)
+    try:
+        probe = os.urandom(4 * MiB)
+        assert c.pwrite(3, 8 * MiB, probe) == 0
+        assert c.pread(4, 8 * MiB, len(probe)) == probe
+    finally:
+        c.close()
+    nbdinfo_ok(tight)
+
+
+# -- threads and descriptors ----------------------------------------------------------------
+
+
+def test_a_thousand_idle_connections_do_not_cost_a_thousand_threads(wide):
+    pid = wide.worker_pid("volume", "data")
+    before = threads(pid)
+    held = []
+    try:
+        for i in range(1000):
+            c = Raw(wide.sock("data"))
+            held.append(c)
+            if i % 2:
+                c.go("data")  # idle in transmission
+            else:
+                c.hello()  # idle in the option phase (well within the 10 s deadline)
+        during = threads(pid)
+        assert during < before + 20, (before, during)
+        # They are live connections: one of them is served at once.
+        assert held[1].pread(1, 0, 4096) == bytes(4096)
+    finally:
+        close_all(held)
+    nbdinfo_ok(wide)
+
+
+def test_accept_backs_off_when_descriptors_run_out(wide):
+    pid = wide.worker_pid("volume", "data")
+    nofile = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+    logged_before = wide.log.read_text().count("cannot accept connections")
+    conns = []
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds + 8, nofile[1]))
+        for _ in range(40):  # beyond the limit: they wait in the listen backlog
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(wide.sock("data"))
+            conns.append(s)
+        wait_for(lambda: "cannot accept connections: Too many open files" in wide.log.read_text(), what="the warning")
+        cpu0 = sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[11:13])
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2:
+            time.sleep(0.1)  # the back-off under test: two seconds of it
+        cpu1 = sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[11:13])
+        assert cpu1 - cpu0 < 0.5 * os.sysconf("SC_CLK_TCK"), "accept() is spinning"
+        assert wide.log.read_text().count("cannot accept connections") - logged_before == 1
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, nofile)
+        for s in conns:
+            s.close()
+    assert wide.worker_pid("volume", "data") == pid
+    wait_for(lambda: run("nbdinfo", "--size", wide.uri("data"), check=False).returncode == 0, what="accepting again")
+
+
+def test_a_bad_limit_is_refused_at_start(tight):
+    """A bad value stops fssd with one line naming the key."""
+    bad = Fssd(tight.tmp.parent / "bad", [{"name": "x", "path": str(tight.tmp / "none.img"), "size": "1M"}], extra='nbd_buffer_limit = "1M"')
+    p = run(BIN / "fssd", "-c", bad.config, "-d", check=False, timeout=30)
+    assert p.returncode == 2
+    assert "nbd_buffer_limit must be at least 64M" in p.stderr + p.stdout
+    assert "at `$.daemon`" in p.stderr + p.stdout
