@@ -211,7 +211,11 @@ class Server:
                     elif data is _WAKE:
                         self._take_handbacks()
                     elif data in self._watched:
-                        self._on_event(data, mask)
+                        try:
+                            self._on_event(data, mask)
+                        except Exception:  # a bug must cost one connection, never the export
+                            log.exception("%s: internal error; closing this connection", self.export.name)
+                            self._drop(data)
                 now = time.monotonic()
                 if not listening and now >= resume_at:
                     sel.register(self.listener, selectors.EVENT_READ, None)
@@ -224,6 +228,10 @@ class Server:
             log.exception("%s: internal error in the connection loop", self.export.name)
             raise
         finally:
+            with self._lock:
+                back, self._handback = self._handback, []
+            for c in back:
+                self._close(c)
             for c in list(self._watched):
                 self._drop(c)
             sel.close()
@@ -393,7 +401,13 @@ class Server:
         t = threading.Thread(target=self._run_conn, args=(c,), name="nbd-conn", daemon=True)
         with self._lock:
             self._threads.add(t)
-        t.start()
+        try:
+            t.start()
+        except RuntimeError as e:  # no thread to be had (memory, pids): this client waits no longer
+            with self._lock:
+                self._threads.discard(t)
+            self._warn_drop(logging.WARNING, "%s: closing a connection: cannot start a thread: %s", self.export.name, e)
+            self._close(c)
 
     def _take_handbacks(self) -> None:
         try:
