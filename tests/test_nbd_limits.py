@@ -308,6 +308,7 @@ def test_half_sent_large_writes_do_not_grow_the_worker_past_its_budget(tight):
 def test_a_thousand_idle_connections_do_not_cost_a_thousand_threads(wide):
     pid = wide.worker_pid("volume", "data")
     before = threads(pid)
+    mem = rss(pid)
     held = []
     try:
         for i in range(1000):
@@ -318,8 +319,10 @@ def test_a_thousand_idle_connections_do_not_cost_a_thousand_threads(wide):
             else:
                 c.hello()  # idle in the option phase (well within the 10 s deadline)
         during = threads(pid)
-        print(f"threads of the volume worker: {before} before, {during} with 1000 idle connections")
+        grown = rss(pid) - mem
+        print(f"threads of the volume worker: {before} before, {during} with 1000 idle connections; RSS +{grown / MiB:.0f} MiB")
         assert during < before + 20, (before, during)
+        assert grown < 100 * MiB
         # They are live connections: one of them is served at once.
         assert held[1].pread(1, 0, 4096) == bytes(4096)
     finally:

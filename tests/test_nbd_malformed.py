@@ -459,6 +459,21 @@ def test_pipelined_large_reads_do_not_pile_up(fssd, snap):
     assert grown < 128 * MiB, f"snapshot worker peak memory grew by {grown // MiB} MiB for {n} pipelined 32 MiB reads"
 
 
+def test_live_large_read_is_a_data_chunk_then_a_none_chunk(fssd, vol_pid):
+    # The volume's large reads leave with sendfile: the data chunk is not flagged DONE
+    # (the file could still fail), a NONE chunk flagged DONE ends the reply.
+    c = connect(fssd)
+    try:
+        c.send(req(nbd.CMD_READ, 3, 0, 256 * 1024))
+        magic, flags, typ, cookie, length, offset = struct.unpack(">IHHQIQ", c.recv(28))
+        assert (magic, flags, typ, cookie, length, offset) == (nbd.STRUCTURED_REPLY_MAGIC, 0, nbd.REPLY_TYPE_OFFSET_DATA, 3, 8 + 256 * 1024, 0)
+        assert c.recv(256 * 1024)[: len(SNAP)] == SNAP
+        assert struct.unpack(">IHHQI", c.recv(20)) == (nbd.STRUCTURED_REPLY_MAGIC, nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_NONE, 3, 0)
+    finally:
+        c.close()
+    still_serves(fssd, vol_pid)
+
+
 # == a failing sendfile read, against the serving loop with a backend that fails ==========
 
 
