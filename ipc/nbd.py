@@ -287,10 +287,11 @@ class ServerConnection:
 
     def release_memory(self, keep: int = 0) -> bool:
         """Return the buffer's pages beyond `keep` bytes to the system; False (and nothing
-        done) while a message is partly buffered. Untouched again, they cost nothing."""
-        if self._pos != self._end or self._discard:
+        done) while buffered bytes lie beyond `keep`. Untouched again, they cost nothing."""
+        if self._pos == self._end:
+            self._pos = self._end = 0
+        if self._end > keep:
             return False
-        self._pos = self._end = 0
         keep = -(-keep // mmap.PAGESIZE) * mmap.PAGESIZE
         if keep < RECV_BUFFER:
             self._buf.madvise(mmap.MADV_DONTNEED, keep, RECV_BUFFER - keep)

@@ -890,6 +890,8 @@ def test_release_memory_only_between_messages():
     conn.receive_data(req(nbd.CMD_WRITE, 1, 0, 4096) + bytes(100))
     assert conn.events() == []
     assert not conn.release_memory()  # half a WRITE is buffered: kept
+    assert conn.release_memory(keep=MiB)  # ... but it lies within the first MiB
+    assert conn.buffered == 128
     conn.receive_data(bytes(3996))
     assert len(conn.events()) == 1
     assert conn.release_memory()

@@ -508,7 +508,7 @@ class Server:
 
     def _release(self, c: _Conn, keep: int) -> None:
         """Give the budget back: the read buffer always, the receive buffer's share when
-        nothing is buffered (its pages beyond `keep` return to the system)."""
+        what is buffered lies within `keep` bytes (the pages beyond return to the system)."""
         if c.reads is not None:
             c.reads_mv = None
             try:
@@ -526,9 +526,11 @@ class Server:
     def _read_view(self, c: _Conn, n: int) -> memoryview:
         """A buffer for a large read reply, paid for from the budget first."""
         if n > c.reads_held:
-            if not self._budget.take(n - c.reads_held, self.limits.request_timeout):
-                self._warn_budget(logging.WARNING, "%s: buffer budget of %d bytes exhausted; refusing a read", self.export.name, self.limits.buffer_limit)
-                raise OSError(errno.ENOMEM, "the server's buffer budget is exhausted")
+            if not self._budget.take(n - c.reads_held, 0):
+                self._release(c, keep=CONN_FREE)  # wait holding nothing idle (see _converse)
+                if not self._budget.take(n, self.limits.request_timeout):
+                    self._warn_budget(logging.WARNING, "%s: buffer budget of %d bytes exhausted; refusing a read", self.export.name, self.limits.buffer_limit)
+                    raise OSError(errno.ENOMEM, "the server's buffer budget is exhausted")
             c.reads_held = n
         if c.reads_mv is None:
             c.reads = mmap.mmap(-1, nbd.MAX_PAYLOAD)
@@ -573,20 +575,24 @@ class Server:
                 queued = 0
             if budget.waiters and (c.held or c.reads_held):
                 self._release(c, keep=CONN_FREE)  # others wait for memory this connection is not using
-            soft = CONN_FREE + c.held
-            view = conn.receive_buffer(soft)
-            top = conn.filled + len(view)
-            if top > soft:
-                # A message larger than this connection's share: pay for it before touching it.
-                if budget.take(top - soft, self.limits.request_timeout):
-                    c.held += top - soft
-                else:
+            # Receive within the free share, except for a message larger than it (a big
+            # WRITE), whose bytes are paid for from the budget before they are touched.
+            view = conn.receive_buffer(CONN_FREE)
+            extra = conn.filled + len(view) - CONN_FREE
+            if extra > c.held:
+                if not budget.take(extra - c.held, 0):
+                    # Wait holding nothing the others may be waiting for (what this connection
+                    # has buffered lies within its free share: it never reads past a message).
                     view.release()
-                    self._warn_budget(logging.WARNING, "%s: buffer budget of %d bytes exhausted; refusing a WRITE", self.export.name, self.limits.buffer_limit)
-                    if not conn.refuse_pending_write(nbd.ENOMEM, "the server's buffer budget is exhausted"):
-                        raise _StreamBroken("no buffer for the next message")
-                    evs = conn.events()
-                    continue
+                    self._release(c, keep=CONN_FREE)
+                    if not budget.take(extra - c.held, self.limits.request_timeout):
+                        self._warn_budget(logging.WARNING, "%s: buffer budget of %d bytes exhausted; refusing a WRITE", self.export.name, self.limits.buffer_limit)
+                        if not conn.refuse_pending_write(nbd.ENOMEM, "the server's buffer budget is exhausted"):
+                            raise _StreamBroken("no buffer for the next message")
+                        evs = conn.events()
+                        continue
+                    view = conn.receive_buffer(CONN_FREE)
+                c.held = extra
             try:
                 n = sock.recv_into(view)
             except BlockingIOError:  # SO_RCVTIMEO: quiet for LINGER
@@ -785,7 +791,7 @@ class _Budget:
             if self.used + n <= self.limit:
                 self.used += n
                 return True
-            if n > self.limit or self.closed:
+            if n > self.limit or self.closed or timeout <= 0:
                 return False
             self.waiters += 1
             try:
