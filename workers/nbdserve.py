@@ -328,7 +328,19 @@ class Server:
 
     def _on_event(self, c: _Conn, mask: int) -> None:
         if c.proto.state is nbd.State.TRANSMISSION and not c.pending:
-            self._activate(c)  # a request (or the client's EOF) to read: a thread serves it
+            # A request to read: a thread serves it. A client that just hung up needs none
+            # (one peek per wake-up, never per request: many idle clients leaving at once
+            # must not start a thread each).
+            try:
+                peek = c.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                peek = b""
+            if peek:
+                self._activate(c)
+            else:
+                self._drop(c)
             return
         if mask & selectors.EVENT_WRITE:
             self._flush(c)
