@@ -7,6 +7,7 @@ A bad file stops fssd with one line that names the file and the key
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import msgspec
 
@@ -32,7 +33,7 @@ class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # -- NBD export bounds, per export (each worker applies them to its own socket) --
     # Connections served at once; more are told "too many connections" and closed.
     nbd_max_connections: int = 64
-    # Of those, from one peer uid (SO_PEERCRED on the Unix socket).
+    # Of those, from one peer uid (SO_PEERCRED on the Unix socket); root is not capped per uid.
     nbd_max_connections_per_uid: int = 32
     # Seconds from connect to the end of the option phase (qemu-nbd: 10).
     nbd_handshake_timeout: float = 10.0
@@ -104,6 +105,10 @@ class VssSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     hooks_dir: str | None = None
     # Serve the Hyper-V VSS channel (e.g. /dev/vmbus/hv_vss); None = off.
     hyperv_device: str | None = None
+    # Registered applications at most, in all and per uid (root is not capped per uid);
+    # each costs two of the system's message queues (fs.mqueue.queues_max, 256 by default).
+    max_apps: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 64
+    max_apps_per_uid: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
 
     def __post_init__(self):
         if not 0 < self.timeout <= 3600:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from fsshelp import BIN, Fssd, run, wait_for
+from secusers import Users
 from test_nbd_malformed import Closed, Raw, connect
 from test_nbd_protocol import info_data, opt, req
 
@@ -38,7 +39,7 @@ def threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def nbdinfo_ok(fssd, export: str = "data") -> None:
+def nbdinfo_ok(fssd, export: str = "data") -> None:  # fss0 is as large as data
     out = run("nbdinfo", "--size", fssd.uri(export), timeout=30).stdout
     assert int(out) == 64 * MiB
 
@@ -62,13 +63,24 @@ def make_fssd(tmp_path_factory, name: str, extra: str):
 
 
 @pytest.fixture(scope="module")
-def tight(tmp_path_factory):
-    """Small caps and short deadlines, so each bound is reached in a test's time."""
+def users():
+    u = Users()
+    try:
+        yield u.create()
+    finally:
+        u.remove()
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory, users):
+    """Small caps and short deadlines, so each bound is reached in a test's time; a
+    snapshot fss0, whose export the [daemon] group's members may open too."""
     f, shm = make_fssd(
         tmp_path_factory,
         "nbdlim",
         "\n".join(
             [
+                f'group = "{users.group}"',
                 "nbd_max_connections = 48",
                 "nbd_max_connections_per_uid = 40",
                 "nbd_handshake_timeout = 1.5",
@@ -80,6 +92,7 @@ def tight(tmp_path_factory):
     )
     try:
         f.start()
+        f.fssconfig("fss0", "data", str(shm / "bs0"))
         yield f
     finally:
         try:
@@ -91,8 +104,8 @@ def tight(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
-    """Room for a thousand connections from one uid, the default deadlines."""
-    f, shm = make_fssd(tmp_path_factory, "nbdwide", "nbd_max_connections = 1100\nnbd_max_connections_per_uid = 1000")
+    """Room for a thousand connections (root's: not capped per uid), the default deadlines."""
+    f, shm = make_fssd(tmp_path_factory, "nbdwide", "nbd_max_connections = 1100")
     try:
         f.start()
         yield f
@@ -109,21 +122,21 @@ def close_all(conns) -> None:
         c.close()
 
 
-STRANGER = 65534  # nobody
-
-
-def stranger_connections(fssd, n: int, export: str = "data") -> list[Raw]:
-    """n connections whose peer credentials (SO_PEERCRED) are another uid's: a child
-    drops to that uid (keeping gid 0, which the socket's mode lets in), connects
-    through a directory descriptor opened before, and hands the sockets back."""
+def member_connections(fssd, users: Users, n: int, export: str = "fss0") -> list[Raw]:
+    """n connections whose peer credentials (SO_PEERCRED) are a [daemon] group member's:
+    a child drops to that user and group, connects through a descriptor of the run
+    directory opened before (the test's tmp directory is root's alone), and hands the
+    sockets back."""
+    uid, gid = users.uid(users.member), users.gid()
     ours, theirs = socket.socketpair()
     dfd = os.open(fssd.rundir, os.O_PATH | os.O_DIRECTORY)
     pid = os.fork()
     if pid == 0:  # the child: no pytest machinery from here on, only os._exit
         code = 1
         try:
-            os.setgroups([])
-            os.setresuid(STRANGER, STRANGER, STRANGER)
+            os.setgroups([gid])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
             socks = []
             for _ in range(n):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -154,41 +167,42 @@ def stranger_connections(fssd, n: int, export: str = "data") -> list[Raw]:
 # -- connection caps ---------------------------------------------------------------------
 
 
-def test_connections_over_the_cap_are_refused_in_the_option_phase(tight):
-    pid = tight.worker_pid("volume", "data")
-    held = [connect(tight) for _ in range(40)]  # root's share
+def test_connections_over_the_cap_are_refused_in_the_option_phase(tight, users):
+    pid = tight.worker_pid("snapshot", "fss0")
+    held = [connect(tight, "fss0") for _ in range(44)]  # root: past the per-uid 40, which root is spared
     try:
-        for c in stranger_connections(tight, 8):
+        for c in member_connections(tight, users, 4):
             held.append(c)
-            c.go("data")
-        msg = refused_in_option_phase(tight)
-        assert "too many connections to data (at most 48)" in msg
-        p = run("nbdinfo", "--size", tight.uri("data"), check=False, timeout=30)
+            c.go("fss0")
+        msg = refused_in_option_phase(tight, "fss0")
+        assert "too many connections to fss0 (at most 48)" in msg
+        p = run("nbdinfo", "--size", tight.uri("fss0"), check=False, timeout=30)
         assert p.returncode != 0 and "server policy prevents NBD_OPT_GO" in p.stderr, p.stderr
         # The held connections are served all the while.
         assert held[0].pread(1, 0, 4096) == bytes(4096)
+        assert held[-1].pread(2, 0, 4096) == bytes(4096)
         held.pop().close()
-        wait_for(lambda: run("nbdinfo", "--size", tight.uri("data"), check=False).returncode == 0, what="a free slot")
+        wait_for(lambda: run("nbdinfo", "--size", tight.uri("fss0"), check=False).returncode == 0, what="a free slot")
     finally:
         close_all(held)
-    assert tight.worker_pid("volume", "data") == pid
-    nbdinfo_ok(tight)
-    assert "too many connections to data" in tight.log.read_text()
+    assert tight.worker_pid("snapshot", "fss0") == pid
+    nbdinfo_ok(tight, "fss0")
+    assert "too many connections to fss0" in tight.log.read_text()
 
 
-def test_one_uid_at_its_cap_leaves_room_for_root(tight):
-    held = stranger_connections(tight, 41)
+def test_one_uid_at_its_cap_leaves_room_for_root(tight, users):
+    held = member_connections(tight, users, 41)
     try:
         for c in held[:40]:
-            c.go("data")
-        # The 41st connection of that uid is refused, with the reason ...
+            c.go("fss0")
+        # The member's 41st connection is refused, with the reason ...
         held[40].hello()
-        (typ, msg), = held[40].option(nbd.OPT_GO, info_data("data"))
+        (typ, msg), = held[40].option(nbd.OPT_GO, info_data("fss0"))
         assert typ == nbd.REP_ERR_POLICY
-        assert f"too many connections to data from uid {STRANGER} (at most 40)" in msg.decode()
+        assert f"too many connections to fss0 from uid {users.uid(users.member)} (at most 40)" in msg.decode()
         # ... while root, a different peer, is served at once.
-        nbdinfo_ok(tight)
-        c = connect(tight)
+        nbdinfo_ok(tight, "fss0")
+        c = connect(tight, "fss0")
         assert c.pread(1, 0, 4096) == bytes(4096)
         c.close()
     finally:

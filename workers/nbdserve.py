@@ -264,7 +264,7 @@ class Server:
         with self._lock:
             if len(self._conns) >= lim.max_connections:
                 refusal = f"too many connections to {self.export.name} (at most {lim.max_connections})"
-            elif self._per_peer.get(peer, 0) >= lim.max_connections_per_uid:
+            elif peer != _ROOT and self._per_peer.get(peer, 0) >= lim.max_connections_per_uid:
                 refusal = f"too many connections to {self.export.name} from {peer} (at most {lim.max_connections_per_uid})"
         if refusal is not None:
             self._warn_refuse(logging.WARNING, "%s: refusing a connection: %s", self.export.name, refusal)
@@ -850,6 +850,7 @@ class _RateLimited:
 
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+_ROOT = "uid 0"  # not capped per uid (as the VSS broker's registrations): the total cap still holds
 
 
 def _peer(sock: socket.socket) -> str:
