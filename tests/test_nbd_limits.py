@@ -347,6 +347,30 @@ def test_a_thousand_idle_connections_do_not_cost_a_thousand_threads(wide):
     nbdinfo_ok(wide)
 
 
+def test_nbdcopy_is_unaffected_by_hundreds_of_idle_and_stalled_connections(wide, tmp_path):
+    held = []
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(32 * MiB))
+    try:
+        for i in range(300):
+            c = Raw(wide.sock("data"))
+            held.append(c)
+            if i % 3 == 0:
+                c.go("data")  # idle
+            elif i % 3 == 1:
+                c.hello()  # in the option phase
+            else:
+                c.go("data")
+                c.send(req(nbd.CMD_WRITE, 1, 0, 1 * MiB) + bytes(4096))  # a WRITE sent in part
+        run("nbdcopy", "-C", 4, "-T", 4, src, wide.uri("data"))
+        back = tmp_path / "back.img"
+        back.write_bytes(b"")
+        run("nbdcopy", "-C", 4, "-T", 4, wide.uri("data"), back)
+        assert back.read_bytes()[: 32 * MiB] == src.read_bytes()
+    finally:
+        close_all(held)
+
+
 def test_accept_backs_off_when_descriptors_run_out(wide):
     pid = wide.worker_pid("volume", "data")
     nofile = resource.prlimit(pid, resource.RLIMIT_NOFILE)

@@ -177,11 +177,6 @@ class Server:
         with self._lock:
             return len(self._conns)
 
-    @property
-    def serving_threads(self) -> int:
-        with self._lock:
-            return len(self._threads)
-
     # -- the selector thread ---------------------------------------------------------
 
     def serve_forever(self) -> None:
