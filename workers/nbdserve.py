@@ -668,9 +668,10 @@ class Server:
 
     def _sendfile_read(self, conn: nbd.ServerConnection, req: nbd.Request, src: tuple[int, int], out: list, sock) -> None:
         """A large READ straight from the file. The data chunk's header leaves first, so
-        with structured replies it is not flagged DONE: a NONE chunk ends the reply, or,
-        when the file fails mid-way, the rest of the chunk is padded and an error chunk
-        says the read failed. Simple replies have no way to say it: the stream is broken."""
+        with structured replies it is not flagged DONE (doc/proto.md: not while an error
+        can still be detected): a NONE chunk ends the reply, or, when the file fails
+        mid-way, the chunk is completed with zero padding and an error chunk says the
+        read failed. Simple replies have no way to say it: the stream is broken."""
         n = req.length
         structured = conn.structured
         out.append(conn.read_reply_header(req.cookie, req.offset, n, done=not structured))
