@@ -1,14 +1,20 @@
 """What every worker process shares: its command line and its channel to the supervisor.
 
-Workers are spawned as `python -m workers.<kind> --channel-fd N SETTINGS_JSON`.
-EOF on the channel means the supervisor is gone: the worker finishes what is
-in flight and exits, so no worker outlives its supervisor.
+Workers are spawned as `python -m workers.<kind> --channel-fd N SETTINGS_JSON`
+(through workers.launch, which ties their life to the supervisor's).
+EOF on the channel means the supervisor is gone: the worker exits at once,
+without executing anything a client still has queued (a new instance may
+already be serving the volume, and a late write would land behind its
+snapshots' backs). Backends ask supervisor_alive() before each request, so
+even a request racing with the supervisor's death is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import socket
 from typing import Any, Iterator
 
@@ -18,6 +24,30 @@ from ipc import workermsg
 from ipc.channel import Channel
 
 log = logging.getLogger("worker")
+
+# Set by workers.launch; 0 when a worker was started some other way (then only EOF counts).
+SUPERVISOR_PID = 0
+EXIT_SUPERVISOR_GONE = 75  # EX_TEMPFAIL
+_gone = False
+
+
+def supervisor_alive() -> bool:
+    """False once the supervisor is gone: EOF seen on the channel, or we were reparented."""
+    return not _gone and (not SUPERVISOR_PID or os.getppid() == SUPERVISOR_PID)
+
+
+def refuse_if_orphaned() -> None:
+    """Called before a request touches any data: an orphan executes nothing."""
+    if _gone or (SUPERVISOR_PID and os.getppid() != SUPERVISOR_PID):
+        raise OSError(errno.ESHUTDOWN, "the supervisor is gone; not executing")
+
+
+def _supervisor_gone(why: str) -> None:
+    global _gone
+    _gone = True
+    log.error("%s: exiting without executing anything still queued", why)
+    logging.shutdown()
+    os._exit(EXIT_SUPERVISOR_GONE)
 
 
 def command_line(prog: str, settings_type: Any, argv: list[str] | None) -> tuple[Any, int]:
@@ -33,13 +63,15 @@ def channel(fd: int) -> Channel:
 
 
 def supervisor_messages(chan: Channel) -> Iterator[tuple[Any, list[int]]]:
-    """(message, descriptors) from the supervisor, until Stop or the supervisor goes away."""
+    """(message, descriptors) from the supervisor, until Stop (then the caller finishes
+    what is in flight). The supervisor going away ends the process here and now."""
     while True:
         try:
             got = chan.recv()
         except (OSError, ValueError) as e:
-            log.error("channel to the supervisor failed: %s", e)
-            return
-        if got is None or isinstance(got[0], workermsg.Stop):
+            _supervisor_gone(f"channel to the supervisor failed ({e})")
+        if got is None:
+            _supervisor_gone("the supervisor is gone (end of file on its channel)")
+        if isinstance(got[0], workermsg.Stop):
             return
         yield got
