@@ -53,20 +53,26 @@ BLOCK = 4096
 STRIPE = 4  # blocks a writer owns in a row
 ZERO = -1  # the version of a block WRITE_ZEROES cleared
 KINDS = ("supervisor", "volume", "snapshot", "broker")
+DEVICES = ("fss0", "fss1", "fss2", "fss3")
+CLUSTERS = (4096, 16384, 65536)
+
+
+def _tag(b: int) -> int:
+    return (b << 8) | 0xA5  # never 0: no version of any block reads as zeroes
 
 
 def block_bytes(version: int, b: int) -> bytes:
     if version == ZERO:
         return bytes(BLOCK)
-    return struct.pack("<QQ", version, b) * (BLOCK // 16)
+    return struct.pack("<QQ", version, _tag(b)) * (BLOCK // 16)
 
 
 def decode(data: bytes | memoryview, b: int) -> int | None:
     """The version a block holds, or None when it is no whole version of this block."""
-    v, bb = struct.unpack_from("<QQ", data, 0)
-    if v == 0 and bb == 0 and data == bytes(BLOCK):
+    v, tag = struct.unpack_from("<QQ", data, 0)
+    if tag == 0 and data == bytes(BLOCK):
         return ZERO
-    if bb != b or data != block_bytes(v, b):
+    if tag != _tag(b) or data != block_bytes(v, b):
         return None
     return v
 
@@ -242,7 +248,7 @@ class Snap:
 
 
 class Stress:
-    def __init__(self, workdir: Path, seed: int, size: int, writers: int, vss: bool, log=print):
+    def __init__(self, workdir: Path, seed: int, size: int, writers: int, vss: bool, log=print, env: dict | None = None, kinds: tuple = KINDS):
         self.seed = seed
         self.rng = random.Random(seed)
         self.size = size
@@ -256,7 +262,8 @@ class Stress:
             for b in range(self.nblocks):
                 fh.write(block_bytes(0, b))
         self.f = Fssd(workdir / "fssd", [{"name": "data", "path": str(self.image), "size": size}],
-                      vss={"enabled": vss, "freeze": []} if vss else {"enabled": False}, devices=4,
+                      # Short VSS timeouts: a broker killed mid-FREEZE costs a round seconds, not a minute.
+                      vss={"enabled": vss, "freeze": [], "timeout": 2} if vss else {"enabled": False}, devices=4,
                       extra="max_restarts = 1000")
         self.model = Model(self.nblocks)
         self.storming = threading.Event()
@@ -268,6 +275,8 @@ class Stress:
         self.snapshots_taken = 0
         self.snapshot_refusals = 0
         self.writers: list[Writer] = []
+        self.env = env
+        self.kinds = [k for k in kinds if k != "broker" or vss]
 
     # -- fssd --------------------------------------------------------------------------
 
@@ -370,13 +379,15 @@ class Stress:
             wait_for(w.idle.is_set, 60, f"{w.name} to pause")
 
     def kill(self, kind: str) -> str:
+        if kind == "broker" and not self.vss:
+            return "nothing (no broker)"
         if kind == "supervisor":
             pid = self.f.proc.pid
             os.kill(pid, signal.SIGKILL)
             self.f.proc.wait()
             self.f._logf.close()
             self.f.proc = None
-            self.f.start()  # as systemd would; it waits until the old workers are gone
+            self.f.start(env=self.env)  # as systemd would; it waits until the old workers are gone
             lost = [s.store for s in self.snaps.values()]
             self.snaps.clear()  # snapshots last while fssd runs
             left = [str(p) for p in lost if p.exists()]
@@ -387,7 +398,7 @@ class Stress:
         if kind == "snapshot":
             if not self.snaps:
                 return "snapshot: none configured"
-            key = self.rng.choice(sorted(self.snaps))
+            key = self.rng.choice(sorted(list(self.snaps)))
         pid = self.pid_of(kind, key)
         if pid is None:
             return f"{kind}: none running"
@@ -395,24 +406,33 @@ class Stress:
         wait_for(lambda: self.pid_of(kind, key) not in (None, pid) or (kind == "snapshot" and not self.snap_usable(key)), 60, f"{kind} to come back")
         return f"{kind} {key or ''} (pid {pid})".replace("  ", " ")
 
+    def sync_devices(self) -> None:
+        """A configure cut short by a kill may still have made its snapshot: remove the unknown."""
+        for info in self.status().snapshots:
+            if info.in_use and info.device not in self.snaps:
+                self.unconfigure(info.device)
+
     def round(self, i: int, kind: str) -> None:
         t0 = time.monotonic()
         acked0 = sum(w.acked for w in self.writers)
-        self.storming.set()
-        free = [d for d in ("fss0", "fss1", "fss2", "fss3") if d not in self.snaps]
+        self.sync_devices()
+        free = [d for d in DEVICES if d not in self.snaps]
         if not free:  # make room: the oldest goes
-            self.pause()
             self.unconfigure(sorted(self.snaps)[0])
-            self.storming.set()
-            free = [d for d in ("fss0", "fss1", "fss2", "fss3") if d not in self.snaps]
-        # Snapshots during the storm; the kill at a random moment among them.
-        if kind == "snapshot" and not self.snaps:
-            self.configure(free.pop(0), self.rng.choice([4096, 16384, 65536]), False)
-        time.sleep(self.rng.uniform(0.05, 0.3))
-        if free:
-            self.configure(free.pop(0), self.rng.choice([4096, 16384, 65536]), self.vss and self.rng.random() < 0.5)
-        time.sleep(self.rng.uniform(0.05, 0.4))
-        what = self.kill(kind) if kind != "broker" or self.vss else "nothing (no broker)"
+            free = [d for d in DEVICES if d not in self.snaps]
+        self.storming.set()
+        if kind == "snapshot" and not self.snaps:  # something to kill
+            self.configure(free.pop(0), self.rng.choice(CLUSTERS), False)
+        # The kill comes at a random moment, maybe in the middle of taking a snapshot.
+        what: list[str] = []
+        delay = self.rng.uniform(0.05, 0.6)
+        killer = threading.Thread(target=lambda: (time.sleep(delay), what.append(self.kill(kind))), name="killer")
+        killer.start()
+        for _ in range(2):
+            time.sleep(self.rng.uniform(0.02, 0.25))
+            if free:
+                self.configure(free.pop(0), self.rng.choice(CLUSTERS), self.vss and self.rng.random() < 0.5)
+        killer.join()
         self.kills[kind] += 1
         time.sleep(self.rng.uniform(0.1, 0.3))  # the storm goes on against the restarted process
         self.pause()
@@ -421,15 +441,15 @@ class Stress:
         for s in list(self.snaps.values()):
             self.check_snapshot(s)
         acked = sum(w.acked for w in self.writers) - acked0
-        self.log(f"round {i}: killed {what}; {acked} writes answered; checked volume + {len(self.snaps)} snapshot(s) "
+        self.log(f"round {i}: killed {what[0] if what else '?'}; {acked} writes answered; checked volume + {len(self.snaps)} snapshot(s) "
                  f"({(self.bytes_checked - before) >> 20} MiB); losses {len(self.losses)}; {time.monotonic() - t0:.1f} s")
 
     def run(self, rounds: int) -> dict:
-        self.f.start()
+        self.f.start(env=self.env)
         self.writers = [Writer(i, self.nwriters, self) for i in range(self.nwriters)]
         for w in self.writers:
             w.start()
-        kinds = [k for k in KINDS if k != "broker" or self.vss]
+        kinds = self.kinds
         order: list[str] = []
         try:
             for i in range(rounds):
@@ -464,10 +484,10 @@ class Stress:
         }
 
 
-def run_stress(seed: int, rounds: int, writers: int = 6, size: int = 16 << 20, vss: bool = True, log=print) -> dict:
+def run_stress(seed: int, rounds: int, writers: int = 6, size: int = 16 << 20, vss: bool = True, log=print, env: dict | None = None, kinds: tuple = KINDS) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fssd-stress-", dir="/dev/shm"))
     try:
-        return Stress(work, seed, size, writers, vss, log).run(rounds)
+        return Stress(work, seed, size, writers, vss, log, env, kinds).run(rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
