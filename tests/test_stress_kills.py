@@ -221,3 +221,45 @@ def test_killed_volume_worker_leaks_no_backing_store(fssd_factory, shmdir):
     run("nbdcopy", f.uri("fss0"), out)
     assert sha256_file(out) == sha256_file(base)
     m.close()
+
+
+def test_reconcile_frees_reserved_but_unpublished_clusters_and_reuses_them_first(tmp_path):
+    """The allocation a killed worker left (holes, a tail, a wrong count) made right, then used up exactly."""
+    import uuid
+
+    from workers.cow import SnapshotTarget
+
+    cs, count = 4096, 64
+    vol = tmp_path / "vol.img"
+    old = bytes((i // cs) % 251 + 1 for i in range(cs * count))
+    vol.write_bytes(old)
+    bs = tmp_path / "bs"
+    bs.touch()
+    name = f"/fssd-test-{uuid.uuid4().hex[:12]}"
+    tc = 1
+    m = ClusterMap.create(name, cs, cs * count, bs_limit_clusters=tc + count)  # room for every cluster
+    vfd, bfd = os.open(vol, os.O_RDWR), os.open(bs, os.O_RDWR)
+    try:
+        m.activate()
+        # As a killed worker left it: slots 1-3 and 6 published; 4-5 and 7-9 reserved, never published.
+        for c, k in ((10, 1), (11, 2), (12, 3), (20, 6)):
+            m.table[c] = k
+        m.bs_next, m.copies = 10, 3
+        t = SnapshotTarget("fss0", m, bfd, vfd)
+        reclaimed, _took = t.reconcile()
+        assert (reclaimed, m.bs_next, m.copies) == (5, 7, 4)
+        # Every other cluster still fits (the holes are used before the end), and reads right.
+        for c in range(count):
+            t.copy(c * cs, cs)
+        assert m.valid and m.copies == count and m.bs_next == tc + count
+        slots = sorted(k for k in m.table)
+        assert slots == list(range(tc, tc + count))
+        with open(bs, "rb") as f:
+            for c in set(range(count)) - {10, 11, 12, 20}:  # those four were never really copied here
+                f.seek(m.table[c] * cs)
+                assert f.read(cs) == old[c * cs : (c + 1) * cs]
+    finally:
+        os.close(vfd)
+        os.close(bfd)
+        m.close()
+        ClusterMap.unlink(name)
