@@ -286,7 +286,7 @@ class Stress:
     def pid_of(self, kind: str, key: str | None = None) -> int | None:
         try:
             st = self.status()
-        except NotRunning:
+        except (NotRunning, OSError):
             return None
         for w in st.workers:
             if w.kind == kind and w.alive and (key is None or key in w.name):
@@ -299,7 +299,7 @@ class Stress:
         try:
             reply = ControlClient(str(self.f.rundir), timeout=60).request(
                 control.Configure(device=device, path="data", backup=str(store), cluster=cluster, consistent=consistent))
-        except NotRunning:
+        except (NotRunning, OSError):  # the supervisor was killed meanwhile
             reply = None
         finally:
             self.model.window_close(window)
@@ -312,7 +312,7 @@ class Stress:
         self.snapshots_taken += 1
 
     def unconfigure(self, device: str) -> None:
-        with contextlib.suppress(NotRunning):
+        with contextlib.suppress(NotRunning, OSError):
             ControlClient(str(self.f.rundir), timeout=60).request(control.Unconfigure(device))
         self.snaps.pop(device, None)
 
@@ -424,15 +424,27 @@ class Stress:
         if kind == "snapshot" and not self.snaps:  # something to kill
             self.configure(free.pop(0), self.rng.choice(CLUSTERS), False)
         # The kill comes at a random moment, maybe in the middle of taking a snapshot.
-        what: list[str] = []
+        what: list = []
         delay = self.rng.uniform(0.05, 0.6)
-        killer = threading.Thread(target=lambda: (time.sleep(delay), what.append(self.kill(kind))), name="killer")
+
+        def killer_run() -> None:
+            time.sleep(delay)
+            try:
+                what.append(self.kill(kind))
+            except BaseException as e:  # handed to the main thread below
+                what.append(e)
+
+        killer = threading.Thread(target=killer_run, name="killer")
         killer.start()
-        for _ in range(2):
-            time.sleep(self.rng.uniform(0.02, 0.25))
-            if free:
-                self.configure(free.pop(0), self.rng.choice(CLUSTERS), self.vss and self.rng.random() < 0.5)
-        killer.join()
+        try:
+            for _ in range(2):
+                time.sleep(self.rng.uniform(0.02, 0.25))
+                if free:
+                    self.configure(free.pop(0), self.rng.choice(CLUSTERS), self.vss and self.rng.random() < 0.5)
+        finally:
+            killer.join()
+        if what and isinstance(what[0], BaseException):
+            raise what[0]
         self.kills[kind] += 1
         time.sleep(self.rng.uniform(0.1, 0.3))  # the storm goes on against the restarted process
         self.pause()

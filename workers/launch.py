@@ -55,9 +55,6 @@ def main(argv: list[str]) -> int:
         return EXIT_ORPHANED  # the supervisor died before the line above could take effect
     if hold_fd >= 0:
         os.set_inheritable(hold_fd, False)
-    from workers import spawned
-
-    spawned.SUPERVISOR_PID = sup_pid
     module, sys.argv = argv[0], argv
     runpy.run_module(module, run_name="__main__", alter_sys=True)
     return 0
