@@ -134,10 +134,12 @@ class SnapshotManager:
                 store = backing.open_store(req.backup, req.device, req.unlink, self._taken())
             except backing.BackingError as e:
                 raise ControlError(e.errno, str(e)) from None
+            self.sup.record_made(store)  # from now on a kill must not leave the file behind
             try:
                 return await self._configure(req, vol, name, store)
             except BaseException:
                 backing.discard(store, unlinked=False)  # the unlink is configure's very last step
+                self.sup.record_made()
                 raise
 
     def _taken(self) -> dict[tuple, str]:

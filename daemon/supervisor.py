@@ -87,10 +87,12 @@ class Supervisor:
         self.record_made()
         return s
 
-    def record_made(self) -> None:
-        """Write down the sockets and store files fssd made, for a successor to clean up after a kill."""
+    def record_made(self, configuring=None) -> None:
+        """Write down the sockets and store files fssd made, for a successor to clean up after
+        a kill; `configuring` is the store of a snapshot being configured (not yet listed)."""
         made = [(p, "socket") for p in sorted(self._sockets)] + [(names.control_socket(self.rundir), "socket")]
-        made += [(s.store.path, "store") for s in self.snaps.snaps.values() if s.store.created and not s.store.unlink_now]
+        stores = [s.store for s in self.snaps.snaps.values()] + ([configuring] if configuring else [])
+        made += [(st.path, "store") for st in stores if st.created]
         leftovers.save(self.rundir, made)
 
     async def start_volume(self, section: configmod.VolumeSection) -> None:

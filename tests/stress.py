@@ -156,32 +156,13 @@ class Writer(threading.Thread):
         self.st = st
         self.rng = random.Random(st.seed * 1000 + idx)
         nstripes = st.nblocks // STRIPE
-        self.stripes = [s for s in range(nstripes) if s % nwriters == idx]
+        self.stripes = [s for s in range(1, nstripes) if s % nwriters == idx]  # stripe 0: the Staller's
         self.sock: socket.socket | None = None
         self.idle = threading.Event()
         self.acked = self.unanswered = self.errors = 0
 
     def _connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(30)
-        try:
-            s.connect(self.st.f.sock("data"))
-            hdr = _recv(s, 18)
-            assert struct.unpack(">QQ", hdr[:16]) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
-            s.sendall(struct.pack(">I", nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES))
-            name = b"data"
-            s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 6 + len(name)) + struct.pack(">I", len(name)) + name + b"\0\0")
-            while True:
-                _m, _o, typ, n = struct.unpack(">QIII", _recv(s, 20))
-                _recv(s, n)
-                if typ == nbd.REP_ACK:
-                    break
-                if typ & 0x80000000:
-                    raise ConnectionError(f"NBD_OPT_GO refused: {typ:#x}")
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
+        self.sock = nbd_connect(self.st.f.sock("data"))
 
     def run(self) -> None:
         while not self.st.finished:
@@ -227,6 +208,68 @@ class Writer(threading.Thread):
         else:
             self.acked += 1
         self.st.model.answered(self.idx, not err)
+
+
+def nbd_connect(path: str, export: bytes = b"data") -> socket.socket:
+    """Handshake (fixed newstyle, NBD_OPT_GO; simple replies) and return the socket."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    try:
+        s.connect(path)
+        hdr = _recv(s, 18)
+        assert struct.unpack(">QQ", hdr[:16]) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
+        s.sendall(struct.pack(">I", nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES))
+        s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 6 + len(export)) + struct.pack(">I", len(export)) + export + b"\0\0")
+        while True:
+            _m, _o, typ, n = struct.unpack(">QIII", _recv(s, 20))
+            _recv(s, n)
+            if typ == nbd.REP_ACK:
+                return s
+            if typ & 0x80000000:
+                raise ConnectionError(f"NBD_OPT_GO refused: {typ:#x}")
+    except BaseException:
+        s.close()
+        raise
+
+
+STALLER = -1  # the model's writer id for the staller
+READ_COOKIE = 1 << 62
+
+
+class Staller:
+    """A client that queues 16 READs of 1 MiB and a WRITE to block 0 (its own) and reads no
+    replies, so the write waits behind the stalled READs. Its supervisor killed, the worker
+    must never execute that write: a new instance may already be serving the volume."""
+
+    def __init__(self, st: "Stress"):
+        self.st = st
+        self.sock = nbd_connect(st.f.sock("data"))
+        self.version = st.model.sending(STALLER, range(0, 1), False)
+        for i in range(16):
+            cookie = READ_COOKIE + i  # never a write's version
+            self.sock.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, cookie, (i % (st.size >> 20)) << 20, 1 << 20))
+        self.sock.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, self.version, 0, BLOCK) + block_bytes(self.version, 0))
+        wait_for(self._stalled, 20, "the worker to start answering the staller's READs")
+
+    def _stalled(self) -> bool:
+        import fcntl
+        import termios
+
+        return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+
+    def drain(self) -> int | None:
+        """Read everything the server still sends: the write's reply (its error), or None."""
+        try:
+            while True:
+                _magic, err, cookie = struct.unpack(">IIQ", _recv(self.sock, 16))
+                if cookie == self.version:
+                    return err
+                if not err:
+                    _recv(self.sock, 1 << 20)
+        except (OSError, EOFError):
+            return None
+        finally:
+            self.sock.close()
 
 
 def _recv(s: socket.socket, n: int) -> bytes:
@@ -275,6 +318,8 @@ class Stress:
         self.snapshots_taken = 0
         self.snapshot_refusals = 0
         self.writers: list[Writer] = []
+        self.generation = 0  # supervisor kills so far: which instance a configure reached
+        self.configuring: Path | None = None
         self.env = env
         self.kinds = [k for k in kinds if k != "broker" or vss]
 
@@ -295,6 +340,8 @@ class Stress:
 
     def configure(self, device: str, cluster: int, consistent: bool) -> None:
         store = self.work / f"bs-{device}"
+        gen = self.generation
+        self.configuring = store
         window = self.model.window_open()
         try:
             reply = ControlClient(str(self.f.rundir), timeout=60).request(
@@ -303,7 +350,10 @@ class Stress:
             reply = None
         finally:
             self.model.window_close(window)
-        if not isinstance(reply, control.Configured):
+            self.configuring = None
+        if not isinstance(reply, control.Configured) or gen != self.generation:
+            # Refused, cut short, or answered across a supervisor kill (which instance made it
+            # is unknown: sync_devices removes it if it exists).
             self.snapshot_refusals += 1
             return
         t_ns = int(reply.snapshot.taken * 1e9)  # the barrier's stamp
@@ -384,12 +434,14 @@ class Stress:
         if kind == "supervisor":
             pid = self.f.proc.pid
             os.kill(pid, signal.SIGKILL)
+            self.generation += 1
+            # Snapshots last while fssd runs; their stores (and one being configured) must go.
+            lost = [s.store for s in self.snaps.values()] + ([self.configuring] if self.configuring else [])
+            self.snaps.clear()
             self.f.proc.wait()
             self.f._logf.close()
             self.f.proc = None
             self.f.start(env=self.env)  # as systemd would; it waits until the old workers are gone
-            lost = [s.store for s in self.snaps.values()]
-            self.snaps.clear()  # snapshots last while fssd runs
             left = [str(p) for p in lost if p.exists()]
             if left:
                 self.losses.append(f"backing stores left behind by the killed instance: {left}")
@@ -423,9 +475,10 @@ class Stress:
         self.storming.set()
         if kind == "snapshot" and not self.snaps:  # something to kill
             self.configure(free.pop(0), self.rng.choice(CLUSTERS), False)
+        staller = Staller(self) if kind == "supervisor" else None
         # The kill comes at a random moment, maybe in the middle of taking a snapshot.
         what: list = []
-        delay = self.rng.uniform(0.05, 0.6)
+        delay = self.rng.uniform(0.05, 1.2)
 
         def killer_run() -> None:
             time.sleep(delay)
@@ -445,6 +498,16 @@ class Stress:
             killer.join()
         if what and isinstance(what[0], BaseException):
             raise what[0]
+        if staller is not None:
+            # The staller's write went unanswered when its supervisor died: it may have landed
+            # by now, never later. Look, then let the staller read on: nothing may land after.
+            self.model.answered(STALLER, False)
+            self.pause()
+            self.check_live()
+            err = staller.drain()
+            if err == 0:
+                self.losses.append("a write queued before the supervisor was killed was executed afterwards")
+            self.storming.set()
         self.kills[kind] += 1
         time.sleep(self.rng.uniform(0.1, 0.3))  # the storm goes on against the restarted process
         self.pause()
