@@ -467,6 +467,7 @@ class Stress:
     def round(self, i: int, kind: str) -> None:
         t0 = time.monotonic()
         acked0 = sum(w.acked for w in self.writers)
+        before = self.bytes_checked
         self.sync_devices()
         free = [d for d in DEVICES if d not in self.snaps]
         if not free:  # make room: the oldest goes
@@ -511,7 +512,6 @@ class Stress:
         self.kills[kind] += 1
         time.sleep(self.rng.uniform(0.1, 0.3))  # the storm goes on against the restarted process
         self.pause()
-        before = self.bytes_checked
         self.check_live()
         for s in list(self.snaps.values()):
             self.check_snapshot(s)

@@ -1,7 +1,8 @@
 """A short seeded slice of the fault-injection loop (tests/stress.py; `make stress` runs it longer).
 
-Also shows the check is not blind: the same loop against a copy of fssd whose
-volume worker skips the copy-before-write finds the snapshot changed.
+Also shows the check is not blind: the same loop against a copy of fssd with
+one guarantee removed on purpose (the copy-before-write; workers dying with
+their supervisor) finds the damage.
 """
 
 import os
@@ -21,16 +22,38 @@ def test_every_process_kind_killed_under_a_write_storm_loses_nothing():
     assert s["bytes checked"] >= 4 * (16 << 20)
 
 
-def test_the_check_catches_a_volume_worker_without_copy_before_write(tmp_path):
+def _broken_copy(tmp_path: Path, patches: list[tuple[str, str, str]]) -> dict:
+    """fssd's packages copied and patched; the environment that runs fssd from the copy."""
     broken = tmp_path / "broken"
     for pkg in ("daemon", "workers", "ipc"):
         shutil.copytree(ROOT / pkg, broken / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    vol = broken / "workers" / "volume.py"
-    src = vol.read_text()
-    good = "            if self.targets:\n                self._protect(offset, len(data))\n"
-    assert src.count(good) == 1
-    vol.write_text(src.replace(good, "            pass  # broken on purpose: writes land without copying for the snapshots\n"))
-    env = {"PYTHONPATH": str(broken) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for rel, good, bad in patches:
+        f = broken / rel
+        src = f.read_text()
+        assert src.count(good) == 1, (rel, good)
+        f.write_text(src.replace(good, bad))
+    return {"PYTHONPATH": str(broken) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_the_check_catches_a_volume_worker_without_copy_before_write(tmp_path):
+    env = _broken_copy(tmp_path, [(
+        "workers/volume.py",
+        "            if self.targets:\n                self._protect(offset, len(data))\n",
+        "            pass  # broken on purpose: writes land without copying for the snapshots\n",
+    )])
     s = run_stress(seed=8, rounds=1, writers=4, vss=False, env=env, kinds=("volume",), log=print)
     assert s["losses"] > 0
     assert any("not as at the snapshot's instant" in d for d in s["loss details"]), s["loss details"]
+
+
+def test_the_check_catches_workers_that_outlive_their_supervisor(tmp_path):
+    """As before issue 8: no PR_SET_PDEATHSIG, end of file on the channel finishes queued
+    requests, and no lock keeps a new instance from starting meanwhile."""
+    env = _broken_copy(tmp_path, [
+        ("workers/launch.py", "    set_parent_death_signal(sig)\n", ""),
+        ("workers/spawned.py", '            _supervisor_gone("the supervisor is gone (end of file on its channel)")\n', "            return\n"),
+        ("daemon/procs.py", "        held = [] if self.hold_fd is None else [self.hold_fd]\n", "        held = []\n"),
+    ])
+    s = run_stress(seed=5, rounds=1, writers=4, vss=False, env=env, kinds=("supervisor",), log=print)
+    assert "a write queued before the supervisor was killed was executed afterwards" in s["loss details"], s["loss details"]
+    assert any(d.startswith("volume block 0: holds") for d in s["loss details"]), s["loss details"]
