@@ -139,10 +139,12 @@ class SnapshotManager:
                     raise ControlError(e.errno, str(e)) from None
                 store = store._replace(unlink_now=req.unlink, dirfd=fds[1] if req.nfds == 2 else -1, name=req.name)
                 fds = []  # the store's now
+                self.sup.record_made(store)  # from now on a kill must not leave the file behind
                 try:
                     return await self._configure(req, vol, vol.section.name, store)
                 except BaseException:
                     backing.discard(store, unlinked=True)  # fssconfig removes a file it made for a failed configure
+                    self.sup.record_made()
                     raise
         finally:
             for fd in fds:
