@@ -245,7 +245,7 @@ class SnapshotManager:
         if snap.note:
             log.info("%s: %s", req.device, snap.note)
         self.sup.update_status()
-        return control.Configured(self.info(req.device), held, window_ms, snap.window_ms if snap.suspended else None)
+        return control.Configured(self.info(req.device), held, window_ms, snap.window_ms if snap.consistency == "file-system" and snap.suspended else None)
 
     async def _barrier(self, worker: Worker, snap: Snapshot) -> int:
         msg = workermsg.AttachSnapshot(snap.device, snap.map.name, worker.next_req())
@@ -291,7 +291,9 @@ class SnapshotManager:
                                      sup.env, sup.debug, sup.use_syslog)
         except suspend.SuspendError as e:
             raise ControlError(e.errno, str(e)) from None
-        snap.suspended = [t.point for t in plan.targets]
+        snap.suspended = [t.point for t in plan.targets if t.point not in r.already]
+        if r.already and not under_vss:
+            snap.note = f"{', '.join(r.already)} was frozen already (not by fssd): snapshot taken inside that freeze"
         if not under_vss:
             snap.consistency, snap.window_ms = "file-system", r.window_ms
             log.debug("%s: synced %s in %.1f ms before the suspend", snap.device, ", ".join(snap.suspended), r.sync_ms)

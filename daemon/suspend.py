@@ -131,6 +131,7 @@ class Result(NamedTuple):
     held_us: int
     window_ms: float
     sync_ms: float
+    already: list[str]  # frozen by someone else before: the barrier ran inside their freeze
 
 
 async def around(device: str, targets: list[Target], freeze_max: float, barrier: Callable[[], Awaitable[int]],
@@ -166,6 +167,7 @@ class _Suspension:
         self.thawed_at: float | None = None  # when whoever thawed began to
         self.thawed: suspendmsg.Thawed | None = None
         self.watch: asyncio.Future | None = None
+        self.already: list[str] = []
 
     def _spawn(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -201,6 +203,8 @@ class _Suspension:
         """The suspend process died: FIFREEZE outlives it, so thaw through our own descriptors."""
         self.thawed_at = time.monotonic()
         for fd, mount in reversed(list(zip(self.fds, self.mounts))):
+            if mount in self.already:
+                continue  # someone else's freeze
             try:
                 freeze.thaw_fd(fd, mount)
             except freeze.FreezeError as e:
@@ -232,6 +236,7 @@ class _Suspension:
                 code = errno.EBUSY if "already frozen" in reason else errno.EIO
                 raise SuspendError(code, f"{self.device}: cannot suspend {', '.join(self.mounts)}: {reason}")
             # Frozen: from here to the thaw, nothing is logged (the log may be on a frozen file system).
+            self.already = list(first.already)
             watch = self.watch = asyncio.ensure_future(self._recv())
             hold = _test_hold()
             if hold:
@@ -270,7 +275,7 @@ class _Suspension:
         window = self.thawed.window_ms if self.thawed else (self.thawed_at - t_start) * 1000
         if self.thawed and self.thawed.errors:
             log.error("%s: thaw reported: %s", self.device, "; ".join(self.thawed.errors))
-        return Result(held_us, window, first.sync_ms)
+        return Result(held_us, window, first.sync_ms, self.already)
 
     def _early(self, msg) -> None:
         """The suspend process ended the freeze (Thawed), or died (None): record when."""

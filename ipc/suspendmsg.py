@@ -21,6 +21,7 @@ class Thaw(_Msg, tag="thaw"):
 class Frozen(_Msg, tag="frozen"):
     sync_ms: float  # syncfs before the freeze (outside the window)
     freeze_ms: float  # FIFREEZE of every mount (inside the window)
+    already: list[str] = []  # frozen by someone else already (EBUSY): left as they are, never thawed here
 
 
 class Failed(_Msg, tag="failed"):

@@ -78,10 +78,13 @@ class Writer:
 
 
 def frozen(mnt) -> bool:
-    """FIFREEZE on a frozen file system is EBUSY; on a thawed one it freezes (so undo at once)."""
+    """FIFREEZE on a frozen file system is EBUSY at once; on a thawed one it freezes (so undo at
+    once), or fails in its sync with EIO when the volume's export is gone (fssd killed)."""
     r = subprocess.run(["fsfreeze", "-f", str(mnt)], capture_output=True, text=True, timeout=10)
     if r.returncode == 0:
         subprocess.run(["fsfreeze", "-u", str(mnt)], check=True, timeout=10)
+        return False
+    if "input/output error" in r.stderr.lower():
         return False
     assert "busy" in r.stderr.lower(), r.stderr
     return True
@@ -235,3 +238,163 @@ def test_no_suspend_is_crash_consistent_and_the_check_shows_it(fstype, fssd_fact
     assert r.returncode == 0, r.stderr
     got = sum(p.stat().st_size for p in (tmp_path / "snap").glob("f*.rec"))
     assert got < before, f"a crash-consistent XFS snapshot with all {before} bytes and nothing in its log"
+
+
+def test_mount_found_without_a_mountpoint_is_suspended(fssd_factory, shmdir, mounts, tmp_path):
+    """No mountpoint configured: the loop mount over nbdfuse of this export is found in mountinfo."""
+    f, mnt = setup(fssd_factory, shmdir, mounts, tmp_path, mountpoint=False)
+    with Writer(mnt) as w:
+        wait_for(lambda: w.sizes() > 1 << 20, 60, "the writer to write 1 MiB")
+        out = f.fssconfig("-v", "fss0", "data", shmdir / "bs0").stdout
+        # A store on that file system would deadlock the copy-on-write: refused, and the file it made removed.
+        r = f.fssconfig("fss1", "data", mnt / "bs1", check=False)
+    assert f"fss0: file-system-consistent snapshot, suspended {mnt} for" in out, out
+    assert "crash-consistent" not in out
+    assert r.returncode == 1 and f"fssconfig: fss1: {mnt} holds a backing store: suspending it would deadlock" in r.stderr, r.stderr
+    assert not (mnt / "bs1").exists()
+    assert "fss1: not in use" in f.fssconfig("-l").stdout
+    snapdev = snapshot_device(f, mounts, tmp_path)
+    assert not needs_recovery("ext4", snapdev)
+    run("e2fsck", "-fn", snapdev)
+    assert mount_snapshot_plain_ro(mounts, snapdev, tmp_path / "snap", "ext4").returncode == 0
+    assert check_prefixes(tmp_path / "snap", mnt) > 1 << 20
+
+
+def test_nothing_mounted_says_crash_consistent_in_one_line(fssd_factory, shmdir, tmp_path):
+    mp = tmp_path / "not-mounted"
+    mp.mkdir()
+    f = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "64M"},
+                      {"name": "web", "path": str(shmdir / "web.img"), "size": "64M", "mountpoint": str(mp)}])
+    out = f.fssconfig("-v", "fss0", "data", shmdir / "bs0").stdout
+    line = "fss0: data has no mountpoint configured: snapshot is crash-consistent"
+    assert out.splitlines()[0] == line, out
+    assert "data has no mountpoint configured: snapshot is crash-consistent" in f.fssconfig("-l", "-v", "fss0").stdout
+    out = f.fssconfig("-v", "fss1", "web", shmdir / "bs1").stdout
+    assert f"fss1: web is not mounted at its mountpoint {mp}: snapshot is crash-consistent" in out, out
+    assert f.fssconfig("fss2", "data", shmdir / "bs2").stdout == ""  # without -v, fssconfig stays quiet as NetBSD's
+    log = f.log.read_text()
+    assert line in log and f"fss1: web is not mounted at its mountpoint {mp}" in log
+    listing = f.fssconfig("-l", "--json").stdout
+    assert '"consistency": "crash"' in listing
+
+
+def test_a_file_system_frozen_already_is_left_frozen(fssd_factory, shmdir, mounts, tmp_path):
+    """fsfreeze -f, fssconfig, fsfreeze -u (the classic sequence) works, and fssd never thaws a freeze it did not make."""
+    f, mnt = setup(fssd_factory, shmdir, mounts, tmp_path)
+    (mnt / "a").write_bytes(b"x" * 100_000)
+    run("fsfreeze", "-f", mnt)
+    try:
+        out = f.fssconfig("-v", "fss0", "data", shmdir / "bs0").stdout
+        assert frozen(mnt), "fssd thawed a freeze it did not make"
+    finally:
+        run("fsfreeze", "-u", mnt)
+    assert f"fss0: {mnt} was frozen already (not by fssd): snapshot taken inside that freeze" in out, out
+    snapdev = snapshot_device(f, mounts, tmp_path)
+    assert not needs_recovery("ext4", snapdev)
+
+
+# -- the thaw is guaranteed -------------------------------------------------------------
+
+
+def suspend_pid(f) -> int | None:
+    """This instance's `fssd: suspend fss0` process (a child of its supervisor), if there is one."""
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/stat") as st:
+                ppid = int(st.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{p}/cmdline", "rb") as c:
+                title = c.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == f.proc.pid and title.startswith(b"fssd: suspend fss0"):
+            return int(p)
+    return None
+
+
+POLL_SYSCALLS = {"x86_64": {"7", "271"}, "aarch64": {"73"}}[platform.machine()]  # poll / ppoll
+
+
+def holding_freeze(pid: int) -> bool:
+    """The suspend process waits in poll() only once it has frozen and said so."""
+    try:
+        with open(f"/proc/{pid}/syscall") as s:
+            return s.read().split()[0] in POLL_SYSCALLS
+    except (OSError, IndexError):
+        return False
+
+
+def start_held(fssd_factory, shmdir, mounts, tmp_path, freeze_max):
+    """A configure whose suspend window is held open (test only: FSSD_TEST_HOLD_SUSPEND)."""
+    f, mnt = setup(fssd_factory, shmdir, mounts, tmp_path, vss={"enabled": False, "freeze_max": freeze_max}, env={TEST_HOLD_ENV: "120"})
+    p = subprocess.Popen([str(BIN / "fssconfig"), "-r", str(f.rundir), "fss0", "data", str(shmdir / "bs0")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = wait_for(lambda: suspend_pid(f), 20, "the suspend process")
+    wait_for(lambda: holding_freeze(pid), 20, "the suspend process to hold the freeze")
+    assert frozen(mnt)
+    return f, mnt, p, pid
+
+
+def test_sigkill_of_the_suspend_process_thaws_at_once(fssd_factory, shmdir, mounts, tmp_path):
+    f, mnt, p, pid = start_held(fssd_factory, shmdir, mounts, tmp_path, freeze_max=20)
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not frozen(mnt), 20, "the supervisor to thaw", interval=0.05)
+    assert time.monotonic() - t0 < 5, "thawed by the supervisor, not by waiting for freeze_max"
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 1
+    assert f"fssconfig: fss0: suspend process (pid {pid}) killed by SIGKILL while {mnt} was suspended; thawed, snapshot not taken" in err, err
+    assert "fss0: not in use" in f.fssconfig("-l").stdout
+    assert not (shmdir / "bs0").exists()
+
+
+def test_sigkill_of_the_supervisor_thaws_at_once(fssd_factory, shmdir, mounts, tmp_path):
+    f, mnt, p, pid = start_held(fssd_factory, shmdir, mounts, tmp_path, freeze_max=20)
+    t0 = time.monotonic()
+    os.kill(f.proc.pid, signal.SIGKILL)
+    wait_for(lambda: not frozen(mnt), 20, "the suspend process to thaw", interval=0.05)
+    assert time.monotonic() - t0 < 5, "thawed on the supervisor's death, not by waiting for freeze_max"
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the suspend process to exit")
+    p.communicate(timeout=30)
+    assert p.returncode == 1
+
+
+def test_a_window_longer_than_freeze_max_is_thawed_and_takes_nothing(fssd_factory, shmdir, mounts, tmp_path):
+    f, mnt, p, pid = start_held(fssd_factory, shmdir, mounts, tmp_path, freeze_max=2)
+    t0 = time.monotonic()
+    wait_for(lambda: not frozen(mnt), 20, "the thaw at freeze_max", interval=0.05)
+    assert time.monotonic() - t0 < 2.5
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 1
+    assert f"fssconfig: fss0: {mnt} thawed after freeze_max 2 s, before the snapshot was taken; try again" in err, err
+    assert "fss0: not in use" in f.fssconfig("-l").stdout
+    assert f"fss0: thawed {mnt} after" in f.log.read_text()  # logged by the suspend process, after the thaw
+
+
+# -- fssconfig -C -t ------------------------------------------------------------------
+
+
+def test_fssconfig_C_timeout_applies_to_the_vss_phases(fssd_factory, shmdir, tmp_path):
+    f = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "64M"}], vss={"enabled": True, "timeout": 30})
+    app = subprocess.Popen([str(BIN / "appvss"), "-n", "-w", "1", "-r", str(f.rundir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "registered" in app.stdout.readline()
+        t0 = time.monotonic()
+        r = f.fssconfig("-C", "-t", "0.3", "fss0", "data", shmdir / "bs0", check=False)
+        assert time.monotonic() - t0 < 1.0, "the 0.3 s phase timeout was not applied"
+        assert r.returncode == 1 and "VSS CHECK failed" in r.stderr and "within 0.3 s" in r.stderr, r.stderr
+        out = f.fssconfig("-C", "-t", "5", "fss0", "data", shmdir / "bs0").stdout
+        assert "fss0: application-consistent snapshot, freeze window" in out
+    finally:
+        app.send_signal(signal.SIGTERM)
+        app.wait(30)
+    for args, msg in [
+        (["-C", "-t", "0"], "-t 0: timeout must be between 0 and 3600 seconds"),
+        (["-C", "-t", "soon"], "-t soon: timeout must be between 0 and 3600 seconds"),
+        (["-t", "5"], "-t applies to -C (the VSS phases)"),
+        (["-C", "--no-suspend"], "-C and --no-suspend exclude each other"),
+    ]:
+        r = f.fssconfig(*args, "fss1", "data", shmdir / "bs1", check=False)
+        assert r.returncode == 1 and r.stderr.startswith(f"fssconfig: {msg}\n"), r.stderr
+    assert "fss1: not in use" in f.fssconfig("-l").stdout

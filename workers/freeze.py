@@ -32,6 +32,10 @@ class FreezeError(Exception):
         self.reason = reason
 
 
+class AlreadyFrozen(FreezeError):
+    """FIFREEZE said EBUSY: someone else holds this file system frozen; not ours to hold or thaw."""
+
+
 def _refuse_root(mount: str) -> None:
     if os.path.realpath(mount) == "/":
         raise FreezeError(mount, "refusing to freeze / (nothing could thaw it)")
@@ -48,9 +52,9 @@ def freeze_fd(fd: int, mount: str) -> None:
     try:
         fcntl.ioctl(fd, FIFREEZE, 0)
     except OSError as e:
-        # EBUSY: frozen already, by someone else; not ours to hold or thaw.
-        what = "already frozen" if e.errno == errno.EBUSY else os.strerror(e.errno or 0)
-        raise FreezeError(mount, f"FIFREEZE failed: {what}") from None
+        if e.errno == errno.EBUSY:
+            raise AlreadyFrozen(mount, "FIFREEZE failed: already frozen") from None
+        raise FreezeError(mount, f"FIFREEZE failed: {os.strerror(e.errno or 0)}") from None
 
 
 def thaw_fd(fd: int, mount: str) -> bool:

@@ -96,18 +96,23 @@ def run(s: SuspendSettings, chan: socket.socket) -> int:
     _syncfs(s.fds)
     sync_ms = (time.monotonic() - t) * 1000
     frozen: list[tuple[int, str]] = []
+    already: list[str] = []
     t0 = time.monotonic()
     by = "request"
     try:
         try:
             for fd, mount in zip(s.fds, s.mounts):
-                freeze.freeze_fd(fd, mount)
+                try:
+                    freeze.freeze_fd(fd, mount)
+                except freeze.AlreadyFrozen:
+                    already.append(mount)  # quiescent already (fsfreeze -f before fssconfig): leave it be
+                    continue
                 frozen.append((fd, mount))
         except freeze.FreezeError as e:
             by = "failed"
             return _fail(send, frozen, str(e))
         freeze_ms = (time.monotonic() - t0) * 1000
-        send(suspendmsg.Frozen(sync_ms, freeze_ms))
+        send(suspendmsg.Frozen(sync_ms, freeze_ms, already))
         by = _wait(chan, wake_r, t0 + s.freeze_max)
     finally:
         if by != "failed":
@@ -117,7 +122,7 @@ def run(s: SuspendSettings, chan: socket.socket) -> int:
             send(suspendmsg.Thawed(window, thaw_at, by, [str(e) for e in errors]))
             # Only now may anything be logged.
             level = logging.DEBUG if by == "request" and not errors else logging.WARNING
-            log.log(level, "%s: thawed %s after %.1f ms (%s)%s", s.device, ", ".join(s.mounts), window,
+            log.log(level, "%s: thawed %s after %.1f ms (%s)%s", s.device, ", ".join(m for _, m in frozen) or "nothing", window,
                     "the barrier is done" if by == "request" else by, "; " + "; ".join(map(str, errors)) if errors else "")
     return 0
 
