@@ -244,6 +244,7 @@ class _Suspension:
             held_us = None
             barrier_done_at = None
             barrier_error: BaseException | None = None
+            barrier_at = time.monotonic()
             if not watch.done():
                 task = asyncio.ensure_future(barrier())
                 await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -275,6 +276,11 @@ class _Suspension:
         window = self.thawed.window_ms if self.thawed else (self.thawed_at - t_start) * 1000
         if self.thawed and self.thawed.errors:
             log.error("%s: thaw reported: %s", self.device, "; ".join(self.thawed.errors))
+        if self.thawed:
+            ms = lambda a, b: (b - a) * 1000  # noqa: E731
+            log.debug("%s: suspend window %.1f ms = FIFREEZE %.1f + to the barrier %.1f + barrier %.1f + to FITHAW %.1f + FITHAW %.1f "
+                      "(syncfs before: %.1f ms)", self.device, window, first.freeze_ms, ms(first.frozen_at, barrier_at),
+                      ms(barrier_at, barrier_done_at), ms(barrier_done_at, self.thawed.thaw_at), self.thawed.thaw_ms, first.sync_ms)
         return Result(held_us, window, first.sync_ms, self.already)
 
     def _early(self, msg) -> None:

@@ -21,6 +21,7 @@ class Thaw(_Msg, tag="thaw"):
 class Frozen(_Msg, tag="frozen"):
     sync_ms: float  # syncfs before the freeze (outside the window)
     freeze_ms: float  # FIFREEZE of every mount (inside the window)
+    frozen_at: float = 0.0  # time.monotonic() once every FIFREEZE returned
     already: list[str] = []  # frozen by someone else already (EBUSY): left as they are, never thawed here
 
 
@@ -33,6 +34,7 @@ class Thawed(_Msg, tag="thawed"):
     thaw_at: float  # time.monotonic() (system-wide) just before the first FITHAW
     by: str  # "request", "freeze_max", "signal", "supervisor gone"
     errors: list[str] = []
+    thaw_ms: float = 0.0  # the FITHAWs
 
 
 MAX_PACKET = 65536

@@ -386,6 +386,7 @@ def test_fssconfig_C_timeout_applies_to_the_vss_phases(fssd_factory, shmdir, tmp
         assert r.returncode == 1 and "VSS CHECK failed" in r.stderr and "within 0.3 s" in r.stderr, r.stderr
         out = f.fssconfig("-C", "-t", "5", "fss0", "data", shmdir / "bs0").stdout
         assert "fss0: application-consistent snapshot, freeze window" in out
+        assert "    application-consistent (VSS), freeze window" in f.fssconfig("-l", "-v", "fss0").stdout
     finally:
         app.send_signal(signal.SIGTERM)
         app.wait(30)
@@ -398,3 +399,54 @@ def test_fssconfig_C_timeout_applies_to_the_vss_phases(fssd_factory, shmdir, tmp
         r = f.fssconfig(*args, "fss1", "data", shmdir / "bs1", check=False)
         assert r.returncode == 1 and r.stderr.startswith(f"fssconfig: {msg}\n"), r.stderr
     assert "fss1: not in use" in f.fssconfig("-l").stdout
+
+
+# -- proving a mount is the volume's (daemon.volmounts), on a made-up /proc and /sys --------
+
+
+def fake_host(tmp_path, argv, devname="nbd0", dev=(43, 0)):
+    """A /sys with one nbd device whose connecting process has `argv`, and that process in /proc."""
+    from workers.freeze import Mount
+
+    sysfs, proc = tmp_path / "sys", tmp_path / "proc"
+    blk = sysfs / "dev" / "block" / f"{dev[0]}:{dev[1]}"
+    blk.mkdir(parents=True)
+    (blk / "pid").write_text("4242\n")
+    (blk / "uevent").write_text(f"MAJOR={dev[0]}\nMINOR={dev[1]}\nDEVNAME={devname}\n")
+    p = proc / "4242"
+    p.mkdir(parents=True)
+    (p / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    os.symlink("/", p / "cwd")
+    m = Mount("/srv/data", os.makedev(*dev), "ext4", f"/dev/{devname}", frozenset({"rw"}), frozenset({"rw"}))
+    return m, str(proc), str(sysfs)
+
+
+@pytest.mark.parametrize("argv,claimed", [
+    (["nbd-client", "-unix", "/run/fssd/data.sock", "/dev/nbd0", "-N", "data"], True),
+    (["nbd-client", "-N", "data", "-u", "/run/fssd/../fssd/data.sock", "/dev/nbd0"], True),
+    (["qemu-nbd", "-c", "/dev/nbd0", "nbd+unix:///data?socket=/run/fssd/data.sock"], True),
+    (["nbd-client", "-unix", "/run/fssd/data.sock", "/dev/nbd0", "-N", "web"], False),  # another export
+    (["nbd-client", "-unix", "/run/other/data.sock", "/dev/nbd0", "-N", "data"], False),  # another instance
+    (["qemu-nbd", "-c", "/dev/nbd0", "nbd+unix:///data?socket=/run/other/data.sock"], False),
+    (["nbd-client", "-unix", "/run/fssd/data.sock", "/dev/nbd0"], False),  # default export: not proven
+])
+def test_nbd_device_is_claimed_only_by_its_export(tmp_path, argv, claimed):
+    from daemon import volmounts
+
+    m, proc, sysfs = fake_host(tmp_path, argv)
+    got = volmounts.volume_mounts([m], "data", "/run/fssd/data.sock", proc, sysfs)
+    assert bool(got) == claimed, got
+    if claimed:
+        assert got[0][1] == "/dev/nbd0 is an nbd device connected to export data (pid 4242)"
+
+
+def test_other_devices_are_never_claimed(tmp_path):
+    from daemon import volmounts
+    from workers.freeze import Mount
+
+    m, proc, sysfs = fake_host(tmp_path, ["nbd-client", "-unix", "/run/fssd/data.sock", "/dev/nbd0", "-N", "data"])
+    disk = Mount("/home", os.makedev(8, 1), "ext4", "/dev/sda1", frozenset({"rw"}), frozenset({"rw"}))
+    assert volmounts.volume_mounts([disk], "data", "/run/fssd/data.sock", proc, sysfs) == []
+    # A loop device that is not bound (or not there) proves nothing.
+    loop = Mount("/mnt/l", os.makedev(7, 200), "ext4", "/dev/loop200", frozenset({"rw"}), frozenset({"rw"}))
+    assert volmounts.volume_mounts([loop], "data", "/run/fssd/data.sock", proc, sysfs) == []

@@ -112,14 +112,15 @@ def run(s: SuspendSettings, chan: socket.socket) -> int:
             by = "failed"
             return _fail(send, frozen, str(e))
         freeze_ms = (time.monotonic() - t0) * 1000
-        send(suspendmsg.Frozen(sync_ms, freeze_ms, already))
+        send(suspendmsg.Frozen(sync_ms, freeze_ms, time.monotonic(), already))
         by = _wait(chan, wake_r, t0 + s.freeze_max)
     finally:
         if by != "failed":
             thaw_at = time.monotonic()
             errors = _thaw(frozen)
-            window = (time.monotonic() - t0) * 1000
-            send(suspendmsg.Thawed(window, thaw_at, by, [str(e) for e in errors]))
+            t1 = time.monotonic()
+            window = (t1 - t0) * 1000
+            send(suspendmsg.Thawed(window, thaw_at, by, [str(e) for e in errors], (t1 - thaw_at) * 1000))
             # Only now may anything be logged.
             level = logging.DEBUG if by == "request" and not errors else logging.WARNING
             log.log(level, "%s: thawed %s after %.1f ms (%s)%s", s.device, ", ".join(m for _, m in frozen) or "nothing", window,
