@@ -168,6 +168,7 @@ class _Suspension:
         self.thawed: suspendmsg.Thawed | None = None
         self.watch: asyncio.Future | None = None
         self.already: list[str] = []
+        self.thaw_errors: list[str] = []
 
     def _spawn(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -208,7 +209,7 @@ class _Suspension:
             try:
                 freeze.thaw_fd(fd, mount)
             except freeze.FreezeError as e:
-                log.error("%s: %s", self.device, e)
+                self.thaw_errors.append(str(e))  # logged once everything else is thawed
 
     def _gone(self) -> str:
         try:
@@ -269,6 +270,8 @@ class _Suspension:
                 self._early(watch.result())
         finally:
             await self._reap()
+            if self.thaw_errors:
+                log.error("%s: %s", self.device, "; ".join(self.thaw_errors))
         if barrier_error is not None:
             raise barrier_error
         if barrier_done_at is None or barrier_done_at > self.thawed_at:
