@@ -450,3 +450,38 @@ def test_other_devices_are_never_claimed(tmp_path):
     # A loop device that is not bound (or not there) proves nothing.
     loop = Mount("/mnt/l", os.makedev(7, 200), "ext4", "/dev/loop200", frozenset({"rw"}), frozenset({"rw"}))
     assert volmounts.volume_mounts([loop], "data", "/run/fssd/data.sock", proc, sysfs) == []
+
+
+def test_root_is_never_suspended(tmp_path):
+    from daemon import suspend
+
+    with pytest.raises(suspend.SuspendError, match="/: fssd never freezes /"):
+        suspend.plan("data", "/", str(tmp_path / "data.sock"), {})
+
+
+def test_store_on_a_loop_device_over_the_volume_is_refused(fssd_factory, shmdir, mounts, tmp_path):
+    """A raw store that is a loop device whose file lives on the volume's file system: the
+    copy-on-write into it would wait on the frozen file system. Found through the loop driver."""
+    f, mnt = setup(fssd_factory, shmdir, mounts, tmp_path)
+    backing = mnt / "store.img"
+    with open(backing, "wb") as fh:
+        fh.truncate(64 << 20)
+    loop = run("losetup", "-f", "--show", backing).stdout.strip()
+    mounts._undo.append(("loop", loop))
+    r = f.fssconfig("fss0", "data", loop, check=False)
+    assert r.returncode == 1 and f"fssconfig: fss0: {mnt} holds a backing store: suspending it would deadlock" in r.stderr, r.stderr
+    assert "fss0: not in use" in f.fssconfig("-l").stdout
+    assert not frozen(mnt)
+
+
+def test_C_suspends_what_the_broker_does_not_freeze(fssd_factory, shmdir, mounts, tmp_path):
+    """-C with `[vss] freeze = []`: the broker freezes no mount, so the volume's file system is
+    suspended inside the broker's window; the snapshot mounts without recovery."""
+    f, mnt = setup(fssd_factory, shmdir, mounts, tmp_path, vss={"enabled": True, "freeze": []})
+    with Writer(mnt) as w:
+        wait_for(lambda: w.sizes() > 1 << 20, 60, "the writer to write 1 MiB")
+        out = f.fssconfig("-C", "fss0", "data", shmdir / "bs0").stdout
+    assert "fss0: application-consistent snapshot, freeze window" in out, out
+    snapdev = snapshot_device(f, mounts, tmp_path)
+    assert not needs_recovery("ext4", snapdev)
+    run("e2fsck", "-fn", snapdev)
