@@ -364,7 +364,7 @@ def test_a_window_longer_than_freeze_max_is_thawed_and_takes_nothing(fssd_factor
     f, mnt, p, pid = start_held(fssd_factory, shmdir, mounts, tmp_path, freeze_max=2)
     t0 = time.monotonic()
     wait_for(lambda: not frozen(mnt), 20, "the thaw at freeze_max", interval=0.05)
-    assert time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 < 3.5, "not thawed at freeze_max (2 s) but by the end of the test hold (120 s)"
     _, err = p.communicate(timeout=30)
     assert p.returncode == 1
     assert f"fssconfig: fss0: {mnt} thawed after freeze_max 2 s, before the snapshot was taken; try again" in err, err
@@ -382,8 +382,9 @@ def test_fssconfig_C_timeout_applies_to_the_vss_phases(fssd_factory, shmdir, tmp
         assert "registered" in app.stdout.readline()
         t0 = time.monotonic()
         r = f.fssconfig("-C", "-t", "0.3", "fss0", "data", shmdir / "bs0", check=False)
-        assert time.monotonic() - t0 < 1.0, "the 0.3 s phase timeout was not applied"
+        # appvss answers CHECK after 1 s, inside the broker's own 30 s: only the 0.3 s can fail it.
         assert r.returncode == 1 and "VSS CHECK failed" in r.stderr and "within 0.3 s" in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 3
         out = f.fssconfig("-C", "-t", "5", "fss0", "data", shmdir / "bs0").stdout
         assert "fss0: application-consistent snapshot, freeze window" in out
         assert "    application-consistent (VSS), freeze window" in f.fssconfig("-l", "-v", "fss0").stdout
