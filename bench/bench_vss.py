@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 
 from ipc import mqueue, vssproto  # noqa: E402
 from ipc.channel import Channel  # noqa: E402
-from ipc.names import app_queue, broker_queue, instance_prefix  # noqa: E402
+from ipc.names import instance_prefix  # noqa: E402
 from ipc.vss_client import Requestor  # noqa: E402
 from ipc.workermsg import FromWorker, Ready  # noqa: E402
 from workers.broker import BrokerSettings  # noqa: E402
@@ -63,8 +63,8 @@ def start_apps(rundir: str, n: int) -> list[subprocess.Popen]:
     return procs
 
 
-def freeze_window(prefix: str, rounds: int) -> list[float]:
-    req = Requestor(prefix)
+def freeze_window(rundir: str, rounds: int) -> list[float]:
+    req = Requestor(rundir)
     out = []
     for _ in range(rounds):
         assert req.request("check").ok
@@ -86,8 +86,8 @@ def queue_rtt(n: int = 5000) -> list[float]:
     if pid == 0:
         try:
             for _ in range(n + 200):
-                req = vssproto.decode_to_app(mqueue.receive(a, None))
-                mqueue.send(b, vssproto.encode(vssproto.Answer(req.msgid, "echo", os.getpid(), True)), None)
+                req = vssproto.decode_request(mqueue.receive(a, None))
+                mqueue.send(b, vssproto.encode(vssproto.Answer(req.msgid, True)), None)
         finally:
             os._exit(0)
     out = []
@@ -95,7 +95,7 @@ def queue_rtt(n: int = 5000) -> list[float]:
         for i in range(n + 200):
             t = time.perf_counter_ns()
             mqueue.send(a, vssproto.encode(vssproto.Request(i, "freeze")), None)
-            ans = vssproto.decode_to_broker(mqueue.receive(b, None))
+            ans = vssproto.decode_answer(mqueue.receive(b, None))
             assert ans.msgid == i
             if i >= 200:
                 out.append((time.perf_counter_ns() - t) / 1000)
@@ -118,28 +118,26 @@ def main() -> int:
         print(f"freeze window (FREEZE sent -> THAW answered), {args.rounds} rounds, mounts: {args.mount or 'none'}")
         for n in (0, 1, 8):
             apps += start_apps(rundir, n - len(apps))
-            w = freeze_window(prefix, args.rounds)
+            w = freeze_window(rundir, args.rounds)
             print(f"  {n} apps: median {statistics.median(w):7.2f} ms  max {max(w):7.2f} ms")
         r = queue_rtt()
         r.sort()
         print(f"queue round trip (Request -> Answer, 2 processes, msgspec), {len(r)} samples: "
               f"median {statistics.median(r):.1f} us  p99 {r[int(len(r) * 0.99)]:.1f} us  min {r[0]:.1f} us")
         t = []
-        req = Requestor(prefix)
+        req = Requestor(rundir)
         for _ in range(200):
             t0 = time.perf_counter()
             req.request("status")
             t.append((time.perf_counter() - t0) * 1e6)
-        print(f"vssadm-style status request (reply queue made per call): median {statistics.median(t):.0f} us")
+        print(f"vssadm-style status request (a socket connection per call): median {statistics.median(t):.0f} us")
     finally:
         for p in apps:
             p.terminate()
         for p in apps:
             p.wait()
-            mqueue.unlink(app_queue(prefix, p.args[p.args.index('--name') + 1], p.pid))
         broker.terminate()
         broker.wait()
-        mqueue.unlink(broker_queue(prefix))
         chan.sock.close()
         os.rmdir(rundir)
     return 0

@@ -18,12 +18,16 @@ import sys
 import time
 
 from ipc import logfmt
-from ipc.names import instance_prefix, resolve_rundir
+from ipc.names import resolve_rundir
 from ipc.vss_client import Application, VssError
 
 log = logging.getLogger("appvss")
 
 SUCCESS, TIMEOUT, FAILURE = 0, 1, 2
+
+
+class Stopped(Exception):
+    """SIGTERM / SIGINT: leave whatever we are doing (a simulated wait included) and unregister."""
 
 
 def simulate(op: str, mode: int, work: float) -> tuple[bool, str]:
@@ -39,10 +43,22 @@ def simulate(op: str, mode: int, work: float) -> tuple[bool, str]:
     return True, ""
 
 
-def daemonize() -> None:
-    """Double fork: no controlling terminal, not a session leader, stdio on /dev/null."""
+def daemonize() -> int:
+    """Double fork: no controlling terminal, not a session leader, stdio on /dev/null.
+
+    Returns the write end of a pipe on which the daemon reports one line (its
+    pid once registered, or its error); the original process prints that line
+    and exits with the daemon's verdict, so the caller learns the pid.
+    """
+    r, w = os.pipe()
     if os.fork() > 0:
-        os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            line = f.readline().decode(errors="replace").strip()
+        ok = line.startswith("appvss: registered")
+        print(line or "appvss: the daemon exited before registering", file=sys.stdout if ok else sys.stderr, flush=True)
+        os._exit(0 if ok else 1)
+    os.close(r)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
@@ -52,6 +68,7 @@ def daemonize() -> None:
         os.dup2(null, fd)
     if null > 2:
         os.close(null)
+    return w
 
 
 def _mode(text: str) -> int:
@@ -72,28 +89,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="appvss")
     ap.add_argument("-r", "--rundir")
     args = ap.parse_args(argv)
+    if not 0 <= args.w <= 3600:
+        ap.error("-w must be between 0 and 3600 seconds")
     modes = {"check": args.c, "freeze": args.f, "thaw": args.t}
 
-    if not args.n:
-        daemonize()
+    report = -1 if args.n else daemonize()
     logfmt.setup("appvss", args.d, use_syslog=not args.n)
-    prefix = instance_prefix(resolve_rundir(args.rundir))
-    stop = False
+
+    def tell(line: str) -> None:
+        """The one line the user sees: on stdout (-n) or through the pipe to the original process."""
+        if report < 0:
+            print(line, file=sys.stdout if line.startswith("appvss: registered") else sys.stderr, flush=True)
+        else:
+            os.write(report, (line + "\n").encode())
+
+    stopping = False
 
     def on_term(signum, frame):
-        nonlocal stop
-        stop = True
+        # The flag covers a wait in C that swallows the exception (a queue receive); the
+        # exception cuts a simulated work time short. Once only: cleanup must not be interrupted.
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise Stopped()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    app = Application(prefix, args.name)
+    app = Application(resolve_rundir(args.rundir), args.name)
     try:
-        app.open()
         app.register()
         log.info("registered as %s, pid %d", args.name, os.getpid())
-        if args.n:
-            print(f"appvss: registered {args.name} pid {os.getpid()}", flush=True)
-        while not stop:
+        tell(f"appvss: registered {args.name} pid {os.getpid()}")
+        while not stopping:
             req = app.receive(timeout=0.5)
             if req is None:
                 continue
@@ -101,11 +128,18 @@ def main(argv: list[str] | None = None) -> int:
             ok, reason = simulate(req.op, modes[req.op], args.w)
             app.answer(req, ok, reason)
             log.info("sent response %s for %s", "OK" if ok else "FAIL", req.op)
+    except Stopped:
+        log.info("stopping: unregistered")
+        return 0
     except VssError as e:
-        log.error("%s", e)
+        if report >= 0:
+            log.error("%s", e)  # syslog; the user sees the line through the pipe
+        tell(f"appvss: {e}")
         return 1
     finally:
+        stopping = True  # a signal from here on only sets the flag
         app.close()
+    log.info("stopping: unregistered")
     return 0
 
 

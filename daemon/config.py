@@ -7,6 +7,7 @@ A bad file stops fssd with one line that names the file and the key
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import msgspec
 
@@ -73,6 +74,10 @@ class VssSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     hooks_dir: str | None = None
     # Serve the Hyper-V VSS channel (e.g. /dev/vmbus/hv_vss); None = off.
     hyperv_device: str | None = None
+    # Registered applications at most, in all and per uid (root is not capped per uid);
+    # each costs two of the system's message queues (fs.mqueue.queues_max, 256 by default).
+    max_apps: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 64
+    max_apps_per_uid: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
 
     def __post_init__(self):
         if not 0 < self.timeout <= 3600:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from ipc import workermsg
+from ipc import names, workermsg
 from ipc.channel import send_frame
 from ipc.framing import FrameCodec, FrameError
 
@@ -82,7 +82,7 @@ class Worker:
             with open(f"/proc/{self.pid}/cmdline", "rb") as f:
                 return f.read().split(b"\0")[0].decode(errors="replace").strip()
         except OSError:
-            return f"fssd: {self.kind} {self.key}"
+            return names.proc_title(f"{self.kind} {self.key}", self.env.get(names.INSTANCE_ENV))
 
     async def start(self) -> None:
         """Spawn and wait for its Ready message."""

@@ -55,7 +55,7 @@ def run(rundir: str, path: str, name: str, seconds: float | None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    app = Application(names.instance_prefix(rundir), name)
+    app = Application(rundir, name)
     app.register()
     seq = 0
     if os.path.exists(path):

@@ -307,7 +307,7 @@ class SnapshotManager:
         from ipc.vss_client import Requestor, VssError, VssTimeout
 
         timeout = timeout or self.sup.cfg.vss.timeout
-        requestor = Requestor(self.sup.prefix)
+        requestor = Requestor(self.sup.rundir)
 
         def ask(op: str) -> tuple[bool, str, bool]:
             """(ok, reason, unknown): unknown = no answer, the broker may have acted."""

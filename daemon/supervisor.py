@@ -60,6 +60,7 @@ class Supervisor:
         self.vss_state = workermsg.VssState("stopped")
         self.notifier = Notifier.from_env()
         self.env = child_env(dict(os.environ))
+        self.env[names.INSTANCE_ENV] = os.path.abspath(self.rundir)
         self.snaps = SnapshotManager(self)
         self.control = ControlServer(self)
         self.stop_event = asyncio.Event()
@@ -151,6 +152,7 @@ class Supervisor:
                 hooks_dir=vss.hooks_dir,
                 hyperv_device=vss.hyperv_device,
                 debug=self.debug,
+                group=self.cfg.daemon.group, max_apps=vss.max_apps, max_apps_per_uid=vss.max_apps_per_uid,
             )
             return "workers.broker", msgspec.json.encode(settings).decode(), []
 
@@ -437,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fssd: {e}", file=sys.stderr)
         return 2
     lock_fd = _lock_rundir(cfg.daemon.rundir)
-    setproctitle.setproctitle("fssd: supervisor")
+    setproctitle.setproctitle(names.proc_title("supervisor", cfg.daemon.rundir))
     cleanup_names(names.instance_prefix(cfg.daemon.rundir))
     sup = Supervisor(cfg, os.path.abspath(args.config), args.debug, args.syslog)
     try:

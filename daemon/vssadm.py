@@ -13,7 +13,7 @@ import time
 
 import msgspec
 
-from ipc.names import broker_queue, instance_prefix, resolve_rundir
+from ipc.names import resolve_rundir
 from ipc.vss_client import BrokerNotRunning, Requestor, VssError
 from ipc.vssproto import REQUEST_OPS, VssReply
 
@@ -34,7 +34,13 @@ def format_reply(r: VssReply) -> str:
         lines.append(line + ")")
     if r.op in ("status", "list"):
         lines.append(f"state: {r.state} since {_since(r.since)}")
-        lines.append(f"frozen: {' '.join(r.frozen) if r.frozen else '(none)'}")
+        if r.state == "frozen":
+            # What the freeze holds: applications, hooks, mounts (any of them may be none).
+            lines.append(f"applications held: {' '.join(r.held) if r.held else '(none registered)'}")
+            lines.append(f"freeze hooks run: {r.hooks if r.hooks else '(no hooks_dir)'}")
+            lines.append(f"mounts frozen: {' '.join(r.frozen) if r.frozen else '(none configured)'}")
+        else:
+            lines.append(f"frozen: {' '.join(r.frozen) if r.frozen else '(nothing)'}")
         lines.append(f"applications: {len(r.apps)}{' (truncated)' if r.truncated else ''}")
     if r.op == "list" and r.apps:
         lines.append(f"{'NAME':<20} {'PID':>7} {'STATE':<10} {'LAST OP':<8} {'MS':>9}  LAST ANSWER")
@@ -54,14 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout is not None and not 0 < args.timeout <= 3600:
         ap.error("timeout must be between 0 and 3600 seconds")
     rundir = resolve_rundir(args.rundir)
-    prefix = instance_prefix(rundir)
     try:
-        reply = Requestor(prefix).request(args.op, args.timeout)
-    except BrokerNotRunning:
-        print(f"vssadm: fssd is not running (no broker at {rundir})", file=sys.stderr)
+        reply = Requestor(rundir).request(args.op, args.timeout)
+    except BrokerNotRunning as e:
+        print(f"vssadm: {e}", file=sys.stderr)
         return 1
     except VssError as e:
-        print(f"vssadm: {args.op}: {e} (broker queue {broker_queue(prefix)})", file=sys.stderr)
+        print(f"vssadm: {args.op}: {e}", file=sys.stderr)
         return 1
     worker = _broker_worker(rundir) if args.op in ("status", "list") else None
     if args.json:

@@ -46,6 +46,33 @@ def create(name: str, mode: int = 0o600, max_messages: int = 10, max_message_siz
     return mq
 
 
+def create_owned(name: str, uid: int, max_messages: int, max_message_size: int) -> Queue:
+    """A new queue for exactly one uid: O_EXCL, mode 0600, then handed to `uid` with fchown.
+
+    Created 0600 and root's until the fchown, so nobody else can open it in between; a
+    name that already exists is an error (the caller picks another), never reused.
+    The attributes are checked on the open queue: the kernel may not grant what was asked.
+    """
+    mq = Queue(name, posix_ipc.O_CREX, mode=0o600, max_messages=max_messages, max_message_size=max_message_size)
+    try:
+        os.fchown(mq.mqd, uid, -1)
+        os.fchmod(mq.mqd, 0o600)
+        if (mq.max_messages, mq.max_message_size) != (max_messages, max_message_size):
+            raise OSError(f"queue {name} has {mq.max_messages} x {mq.max_message_size} bytes, "
+                          f"not {max_messages} x {max_message_size}")
+    except BaseException:
+        close(mq, unlink_name=True)
+        raise
+    return mq
+
+
+def open_reader(name: str) -> Queue:
+    try:
+        return Queue(name, read=True, write=False)
+    except posix_ipc.ExistentialError:
+        raise NoQueue(name) from None
+
+
 def open_writer(name: str) -> Queue:
     """Open someone else's queue write-only (needs only w permission)."""
     try:

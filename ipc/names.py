@@ -13,11 +13,25 @@ import os
 
 DEFAULT_RUNDIR = "/run/fssd"
 RUNDIR_ENV = "FSSD_RUNDIR"
+# Set by the supervisor in its workers' environment: which instance they belong to.
+INSTANCE_ENV = "FSSD_INSTANCE"
 
 
 def resolve_rundir(cli_value: str | None) -> str:
     """`-r RUNDIR`, else $FSSD_RUNDIR, else /run/fssd (every client tool)."""
     return cli_value or os.environ.get(RUNDIR_ENV) or DEFAULT_RUNDIR
+
+
+def proc_title(body: str, rundir: str | None = None) -> str:
+    """`fssd: BODY` for the default instance, `fssd[RUNDIR]: BODY` for any other.
+
+    NetBSD-like titles for the instance an administrator runs, while a second
+    instance never answers `pgrep -f 'fssd: fss0'` meant for the first.
+    """
+    rundir = rundir or os.environ.get(INSTANCE_ENV) or DEFAULT_RUNDIR
+    if os.path.abspath(rundir) == DEFAULT_RUNDIR:
+        return f"fssd: {body}"
+    return f"fssd[{os.path.abspath(rundir)}]: {body}"
 
 
 def instance_prefix(rundir: str) -> str:
@@ -57,6 +71,16 @@ def app_queue(prefix: str, name: str, pid: int) -> str:
 def reply_queue(prefix: str, pid: int) -> str:
     """A requestor's (vssadm, the supervisor) private reply queue."""
     return f"/{prefix}.req.{pid}"
+
+
+def vss_socket(rundir: str) -> str:
+    """The VSS broker's socket: requestors and applications connect here (SO_PEERCRED)."""
+    return os.path.join(rundir, "vss.sock")
+
+
+def app_queues(prefix: str, token: str) -> tuple[str, str]:
+    """A registered application's requests and answers queues (created by the broker)."""
+    return f"/{prefix}.app.{token}", f"/{prefix}.ans.{token}"
 
 
 def owned_by(prefix: str, posix_name: str) -> bool:

@@ -1,34 +1,35 @@
 """The VSS client library: applications and requestors talk to the broker.
 
-An Application creates its own queue (its bytes are charged to its own uid,
-see ecosystem.md section 1.2), registers, then receives CHECK / FREEZE / THAW
-and answers OK or FAIL:
+Both connect to the broker's socket (RUNDIR/vss.sock), which only root and
+members of fssd's `[daemon] group` may use. An Application registers there
+and gets two queues the broker made for it (owned by its uid, mode 0600):
+CHECK / FREEZE / THAW arrive on one, its OK / FAIL answers go on the other.
+The connection stays open while it is registered; closing it unregisters.
 
-    with Application(prefix, "mydb") as app:
+    with Application(rundir, "mydb") as app:
         while True:
             req = app.receive(timeout=1.0)
             if req is not None:
                 ok = flush_and_hold() if req.op == "freeze" else True
                 app.answer(req, ok)
 
-A Requestor asks for a transaction and blocks for the reply; every call
-makes (and removes) its own reply queue, so one Requestor may be used from
-several threads at once:
+A Requestor asks for a transaction and blocks for the reply; every call has
+its own connection, so one Requestor may be used from several threads:
 
-    reply = Requestor(prefix).request("freeze", timeout=15)
+    reply = Requestor(rundir).request("freeze", timeout=15)
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import secrets
+import socket
 import time
 
 from ipc import mqueue, vssproto
-from ipc.names import app_queue, broker_queue, reply_queue
-from ipc.vssproto import Answer, Register, Registered, Request, Unregister, VssReply, VssRequest
+from ipc.names import vss_socket
+from ipc.vssproto import Answer, Opened, Register, Registered, Request, VssReply, VssRequest
 
 log = logging.getLogger("vss.client")
 
@@ -40,61 +41,122 @@ class VssError(Exception):
 
 
 class BrokerNotRunning(VssError):
-    """No broker inbox: fssd (or its broker) is not running for this run directory."""
+    """No broker socket: fssd (or its broker) is not running for this run directory."""
+
+    def __init__(self, rundir: str):
+        super().__init__(not_running(rundir))
+
+
+class VssPermissionError(VssError):
+    pass
 
 
 class VssTimeout(VssError):
     pass
 
 
+def not_running(rundir: str) -> str:
+    """The one wording every tool uses when there is no broker."""
+    return f"fssd is not running (no broker at {rundir})"
+
+
+def _connect(rundir: str, timeout: float) -> socket.socket:
+    path = vss_socket(rundir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+        sock.close()
+        raise BrokerNotRunning(rundir) from None
+    except PermissionError:
+        sock.close()
+        raise VssPermissionError(f"Permission denied on {path}: only root and fssd's [daemon] group may "
+                                 "use the VSS broker") from None
+    except OSError as e:
+        sock.close()
+        raise VssError(f"cannot connect to {path}: {e.strerror or e}") from None
+    return sock
+
+
+def _recv_one(sock: socket.socket, deadline: float, what: str):
+    """The broker's next frame, or VssTimeout / VssError."""
+    reader = vssproto.client_reader()
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            data = sock.recv(max(reader.wants(), 65536))
+        except TimeoutError:
+            break
+        except OSError as e:
+            raise VssError(f"broker connection lost: {e.strerror or e}") from None
+        if not data:
+            raise VssError(f"the broker closed the connection before answering {what}")
+        try:
+            msgs = reader.feed(data)
+        except vssproto.ProtocolError as e:
+            raise VssError(str(e)) from None
+        if msgs:
+            return msgs[0]
+    raise VssTimeout(f"no reply from the broker to {what} within the wait")
+
+
+def _send(sock: socket.socket, msg, what: str) -> None:
+    try:
+        sock.sendall(vssproto.frame(msg))
+    except OSError as e:
+        raise VssError(f"cannot send {what} to the broker: {e.strerror or e}") from None
+
+
 class Application:
-    def __init__(self, prefix: str, name: str, pid: int | None = None, mode: int = 0o600):
-        self.prefix = prefix
+    def __init__(self, rundir: str, name: str):
+        self.rundir = rundir
         self.name = name
-        self.pid = pid or os.getpid()
-        self.queue_name = app_queue(prefix, name, self.pid)
-        self._mode = mode
-        self._mq: mqueue.Queue | None = None
-        self._registered = False
+        self.pid = os.getpid()
+        self._sock: socket.socket | None = None
+        self._requests: mqueue.Queue | None = None
+        self._answers: mqueue.Queue | None = None
 
     # -- lifecycle
 
-    def open(self) -> "Application":
-        if self._mq is None:
-            self._mq = mqueue.create(self.queue_name, self._mode, 10, vssproto.MAX_MESSAGE)
-        return self
-
     def register(self, timeout: float = 5.0) -> None:
-        """Register with the broker and wait for its acknowledgement."""
-        self.open()
-        self._send(Register(self.name, self.pid, self.queue_name), timeout)
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            msg = self._next(left)
-            if isinstance(msg, Registered):
-                if not msg.ok:
-                    raise VssError(f"broker refused registration of {self.name!r}: {msg.reason}")
-                self._registered = True
-                return
-            # A Request cannot precede our Registered (one queue, FIFO); anything else is noise.
-        raise VssTimeout(f"broker did not acknowledge registration of {self.name!r} within {timeout} s")
+        """Register with the broker and open the queues it made for us."""
+        if self._sock is not None:
+            return
+        sock = _connect(self.rundir, timeout)
+        try:
+            _send(sock, Register(self.name), "the registration")
+            msg = _recv_one(sock, time.monotonic() + timeout, "the registration")
+            if not msg.ok:
+                raise VssError(f"broker refused registration of {self.name!r}: {msg.reason}")
+            if not isinstance(msg, Registered):
+                raise VssError(f"broker answered the registration of {self.name!r} with a {type(msg).__name__}")
+            self.pid = msg.pid or self.pid
+            self._requests = mqueue.open_reader(msg.requests)
+            self._answers = mqueue.open_writer(msg.answers)
+            _send(sock, Opened(), "the registration")
+        except BaseException:
+            sock.close()
+            mqueue.close(self._requests)
+            mqueue.close(self._answers)
+            self._requests = self._answers = None
+            raise
+        self._sock = sock
 
-    def unregister(self, timeout: float = 1.0) -> None:
-        if self._registered:
-            self._registered = False
-            try:
-                self._send(Unregister(self.name, self.pid), timeout)
-            except VssError as e:
-                log.debug("unregister: %s", e)
+    open = register  # older name
 
     def close(self) -> None:
-        """Unregister (best effort) and remove our queue."""
-        self.unregister()
-        mqueue.close(self._mq, unlink_name=True)
-        self._mq = None
+        """Unregister (closing the connection is enough) and let go of the queues."""
+        mqueue.close(self._requests)
+        mqueue.close(self._answers)
+        self._requests = self._answers = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    unregister = close
 
     def __enter__(self) -> "Application":
-        self.open()
         self.register()
         return self
 
@@ -104,63 +166,39 @@ class Application:
     @property
     def fileno(self) -> int:
         """Readable when a request is waiting (for select/poll loops)."""
-        assert self._mq is not None
-        return self._mq.mqd
+        assert self._requests is not None
+        return self._requests.mqd
 
     # -- requests
 
     def receive(self, timeout: float | None = None) -> Request | None:
         """Next CHECK / FREEZE / THAW request, or None after timeout seconds."""
+        assert self._requests is not None, "register() first"
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            msg = self._next(left)
-            if isinstance(msg, Request):
-                return msg
-            if msg is None and deadline is not None and time.monotonic() >= deadline:
+            data = mqueue.receive(self._requests, left)
+            if data is not None:
+                try:
+                    return vssproto.decode_request(data)
+                except vssproto.ProtocolError as e:
+                    log.warning("%s: dropped: %s", self.name, e)
+            if deadline is not None and time.monotonic() >= deadline:
                 return None
 
     def answer(self, req: Request, ok: bool, reason: str = "", timeout: float = 2.0) -> None:
-        self._send(Answer(req.msgid, self.name, self.pid, ok, reason[:400]), timeout)
-
-    # -- internals
-
-    def _next(self, timeout: float | None):
-        assert self._mq is not None, "open() first"
-        data = mqueue.receive(self._mq, timeout)
-        if data is None:
-            return None
+        assert self._answers is not None, "register() first"
         try:
-            return vssproto.decode_to_app(data)
-        except vssproto.ProtocolError as e:
-            log.warning("%s: dropped: %s", self.name, e)
-            return None
-
-    def _send(self, msg, timeout: float) -> None:
-        _send_to_broker(self.prefix, vssproto.encode(msg), timeout)
-
-
-def _send_to_broker(prefix: str, data: bytes, timeout: float) -> None:
-    try:
-        mq = mqueue.open_writer(broker_queue(prefix))
-    except mqueue.NoQueue:
-        raise BrokerNotRunning(f"no broker queue {broker_queue(prefix)}") from None
-    try:
-        mqueue.send(mq, data, timeout)
-    except mqueue.QueueFull:
-        raise VssTimeout(f"broker queue full for {timeout} s") from None
-    finally:
-        mqueue.close(mq)
-
-
-_serial = itertools.count(1)
+            mqueue.send(self._answers, vssproto.encode(Answer(req.msgid, ok, reason[:400])), timeout)
+        except mqueue.QueueFull:
+            raise VssTimeout(f"answers queue full for {timeout} s") from None
 
 
 class Requestor:
     """Asks the broker for check, freeze, thaw, status or list. Thread-safe: state is per call."""
 
-    def __init__(self, prefix: str):
-        self.prefix = prefix
+    def __init__(self, rundir: str):
+        self.rundir = rundir
 
     def request(self, op: str, timeout: float | None = None, wait: float | None = None) -> VssReply:
         """Send one request and wait for its reply.
@@ -174,24 +212,17 @@ class Requestor:
         phase = timeout or DEFAULT_TIMEOUT
         wait = wait if wait is not None else (5.0 if op in ("status", "list") else 3 * phase + 5.0)
         msgid = secrets.randbits(64)
-        name = f"{reply_queue(self.prefix, os.getpid())}.{next(_serial)}"
-        mq = mqueue.create(name, 0o600, 2, vssproto.MAX_REPLY)
+        sock = _connect(self.rundir, min(wait, 5.0))
         try:
-            msg = VssRequest(msgid, op, name, os.getpid(), timeout)  # type: ignore[arg-type]
-            _send_to_broker(self.prefix, vssproto.encode(msg), min(wait, 5.0))
-            deadline = time.monotonic() + wait
-            while (left := deadline - time.monotonic()) > 0:
-                data = mqueue.receive(mq, left)
-                if data is None:
-                    break
-                try:
-                    reply = vssproto.decode_reply(data)
-                except vssproto.ProtocolError as e:
-                    log.warning("dropped reply: %s", e)
-                    continue
-                if reply.msgid == msgid:
-                    return reply
-                log.debug("dropped reply to another transaction %#x", reply.msgid)
-            raise VssTimeout(f"no reply from the broker to {op} within {wait:g} s")
+            _send(sock, VssRequest(msgid, op, timeout), op)  # type: ignore[arg-type]
+            try:
+                reply = _recv_one(sock, time.monotonic() + wait, op)
+            except VssTimeout:
+                raise VssTimeout(f"no reply from the broker to {op} within {wait:g} s") from None
         finally:
-            mqueue.close(mq, unlink_name=True)
+            sock.close()
+        if not isinstance(reply, VssReply):
+            raise VssError(f"broker answered {op} with a {type(reply).__name__}")
+        if reply.msgid not in (msgid, 0):
+            raise VssError(f"broker answered another transaction ({reply.msgid:#x})")
+        return reply

@@ -1,11 +1,19 @@
-"""VSS messages on the POSIX message queues (sans-IO): Structs in, bytes out.
+"""VSS messages (sans-IO): Structs in, bytes out.
 
-Three queues carry them, each decoded as its own tagged union so a message on
-the wrong queue is refused like any other garbage:
+Two transports carry them, each decoded as its own union so a message in the
+wrong place is refused like any other garbage:
 
-* the broker's inbox  <- Register, Unregister, Answer (apps), VssRequest (requestors)
-* an application's queue <- Registered, Request (broker)
-* a requestor's reply queue <- VssReply (broker)
+* the broker's Unix socket (RUNDIR/vss.sock), length-prefixed frames; the
+  kernel tells the broker who connected (SO_PEERCRED):
+    client -> broker: Register, then Opened (an application) or VssRequest (a requestor)
+    broker -> client: Registered or VssReply
+  An application keeps its connection open while registered: EOF unregisters.
+* two POSIX message queues per application, created by the broker, owned by
+  the application's uid, mode 0600:
+    requests queue: broker -> application, Request
+    answers queue:  application -> broker, Answer
+  An answer is attributed to the application whose queue it arrived on, so
+  nobody can answer for another uid's application.
 
 Every transaction carries a 64-bit msgid, so an answer that arrives after its
 transaction timed out is recognised and dropped, never taken for the current
@@ -15,79 +23,73 @@ ProtocolError naming the path (msgspec's `$.field` message).
 
 from __future__ import annotations
 
+import struct
 from typing import Annotated, Literal
 
 import msgspec
 
-# Small messages: the kernel default ceiling is 10 messages x 8 KiB per queue
-# and RLIMIT_MSGQUEUE (800 KiB) is charged per creator; 1 KiB is plenty for
-# everything but a status reply (ecosystem.md section 1.2).
-MAX_MESSAGE = 1024
-# Reply queues carry the application table; 8 KiB is the sysctl msgsize_max
-# default, so no privilege is needed (about 100 applications fit).
-MAX_REPLY = 8192
+# Queue messages are small: a Request is ~40 bytes, an Answer at most ~450.
+MAX_MESSAGE = 512
+# Socket frames from clients: a Register or a VssRequest is well under this.
+MAX_CLIENT_FRAME = 1024
+# Replies carry the application table; beyond this, rows are dropped (and flagged).
+MAX_REPLY = 65536
 
 U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints stop at 2**64 - 1
-Pid = Annotated[int, msgspec.Meta(gt=0, lt=1 << 31)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
 QueueName = Annotated[str, msgspec.Meta(min_length=2, max_length=200, pattern=r"^/[^/]+$")]
 Reason = Annotated[str, msgspec.Meta(max_length=400)]
+Timeout = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 
 AppOp = Literal["check", "freeze", "thaw"]
 RequestOp = Literal["check", "freeze", "thaw", "status", "list"]
 APP_OPS = ("check", "freeze", "thaw")
 REQUEST_OPS = ("check", "freeze", "thaw", "status", "list")
+CONTROL_OPS = ("check", "freeze", "thaw")
 
 
 class ProtocolError(ValueError):
-    """A message that is not what this queue carries (malformed, wrong kind, too large)."""
+    """A message that is not what this transport carries (malformed, wrong kind, too large)."""
 
 
 class _Msg(msgspec.Struct, tag_field="t", frozen=True):
     pass
 
 
-# application -> broker
+# client -> broker (socket)
 
 
 class Register(_Msg, tag="register"):
+    """An application asks for its queues. Its pid and uid are the kernel's, not in here."""
+
     name: Name
-    pid: Pid
-    queue: QueueName  # created by the application: ipc.names.app_queue(prefix, name, pid)
 
 
-class Unregister(_Msg, tag="unregister"):
-    name: Name
-    pid: Pid
-
-
-class Answer(_Msg, tag="answer"):
-    msgid: U64
-    name: Name
-    pid: Pid
-    ok: bool
-    reason: Reason = ""
-
-
-# requestor -> broker
+class Opened(_Msg, tag="opened"):
+    """The application has opened both queues: the broker removes their names (nothing to leak,
+    nobody else to open them), the open descriptors carry on."""
 
 
 class VssRequest(_Msg, tag="request"):
     msgid: U64
     op: RequestOp
-    reply_queue: QueueName
-    pid: Pid
     # Per-phase timeout in seconds for this transaction; None = the broker's [vss] timeout.
-    timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    timeout: Timeout | None = None
 
 
-# broker -> application
+# broker -> application (socket)
 
 
 class Registered(_Msg, tag="registered"):
-    name: Name
+    name: str
     ok: bool = True
-    reason: Reason = ""
+    reason: str = ""
+    requests: str = ""  # queue the application reads Requests from
+    answers: str = ""  # queue the application writes Answers to
+    pid: int = 0  # the pid the broker registered (the kernel's word)
+
+
+# broker -> application (its requests queue)
 
 
 class Request(_Msg, tag="op"):
@@ -96,7 +98,16 @@ class Request(_Msg, tag="op"):
     timeout: float = 15.0  # how long the broker waits for the answer
 
 
-# broker -> requestor
+# application -> broker (its answers queue)
+
+
+class Answer(_Msg, tag="answer"):
+    msgid: U64
+    ok: bool
+    reason: Reason = ""
+
+
+# broker -> requestor (socket)
 
 
 class AppInfo(msgspec.Struct, frozen=True):
@@ -106,6 +117,7 @@ class AppInfo(msgspec.Struct, frozen=True):
     last_op: str = ""
     last_answer: str = ""  # "OK", "FAIL: reason", "timeout"
     last_ms: float = 0.0  # duration of its last phase
+    uid: int = -1
 
 
 class VssReply(_Msg, tag="reply"):
@@ -120,26 +132,34 @@ class VssReply(_Msg, tag="reply"):
     window_ms: float = 0.0  # thaw replies: how long the file systems were frozen
     apps: list[AppInfo] = []
     truncated: bool = False  # the app table did not fit in one message
+    # What a freeze holds, while frozen: applications that answered FREEZE OK, the freeze
+    # hooks that ran (their directory; "" = none configured), the mounts configured to freeze.
+    held: list[str] = []
+    hooks: str = ""
+    mounts: list[str] = []
 
 
-ToBroker = Register | Unregister | Answer | VssRequest
-ToApp = Registered | Request
+ToBroker = Register | Opened | VssRequest
+FromBroker = Registered | VssReply
 
 _enc = msgspec.msgpack.Encoder()
 _dec_broker = msgspec.msgpack.Decoder(ToBroker)
-_dec_app = msgspec.msgpack.Decoder(ToApp)
-_dec_reply = msgspec.msgpack.Decoder(VssReply)
+_dec_client = msgspec.msgpack.Decoder(FromBroker)
+_dec_request = msgspec.msgpack.Decoder(Request)
+_dec_answer = msgspec.msgpack.Decoder(Answer)
+_LEN = struct.Struct(">I")
 
 
 def encode(msg: msgspec.Struct, limit: int = MAX_MESSAGE) -> bytes:
+    """A queue message."""
     data = _enc.encode(msg)
     if len(data) > limit:
         raise ProtocolError(f"{type(msg).__name__} of {len(data)} bytes exceeds the {limit}-byte limit")
     return data
 
 
-def encode_reply(reply: VssReply, limit: int = MAX_REPLY) -> bytes:
-    """Encode a reply, dropping application rows (and saying so) until it fits."""
+def _fit_reply(reply: VssReply, limit: int) -> bytes:
+    """Drop application rows (and say so) until the reply fits."""
     data = _enc.encode(reply)
     apps = list(reply.apps)
     while len(data) > limit and apps:
@@ -148,6 +168,52 @@ def encode_reply(reply: VssReply, limit: int = MAX_REPLY) -> bytes:
     if len(data) > limit:
         raise ProtocolError(f"reply of {len(data)} bytes exceeds the {limit}-byte limit")
     return data
+
+
+def frame(msg: msgspec.Struct, limit: int = MAX_REPLY) -> bytes:
+    """A socket frame: u32 big-endian length, then msgpack."""
+    body = _fit_reply(msg, limit) if isinstance(msg, VssReply) else _enc.encode(msg)
+    if len(body) > limit:
+        raise ProtocolError(f"{type(msg).__name__} of {len(body)} bytes exceeds the {limit}-byte limit")
+    return _LEN.pack(len(body)) + body
+
+
+class FrameReader:
+    """Socket bytes in, messages out; the length is checked before anything is buffered."""
+
+    def __init__(self, decoder: msgspec.msgpack.Decoder, limit: int, what: str):
+        self._dec, self._limit, self._what = decoder, limit, what
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list:
+        self._buf += data
+        out = []
+        while len(self._buf) >= 4:
+            (n,) = _LEN.unpack_from(self._buf)
+            if n > self._limit:
+                raise ProtocolError(f"{self._what} frame of {n} bytes exceeds the {self._limit}-byte limit")
+            if len(self._buf) < 4 + n:
+                break
+            body = bytes(self._buf[4 : 4 + n])
+            del self._buf[: 4 + n]
+            out.append(_decode(self._dec, body, self._limit, self._what))
+        return out
+
+    def wants(self) -> int:
+        """Bytes still needed for the next frame (at least 1): reads never take more."""
+        if len(self._buf) < 4:
+            return 4 - len(self._buf)
+        return max(1, 4 + _LEN.unpack_from(self._buf)[0] - len(self._buf))
+
+
+def broker_reader() -> FrameReader:
+    """What the broker reads from a client."""
+    return FrameReader(_dec_broker, MAX_CLIENT_FRAME, "client")
+
+
+def client_reader() -> FrameReader:
+    """What a client reads from the broker."""
+    return FrameReader(_dec_client, MAX_REPLY, "broker")
 
 
 def _decode(dec: msgspec.msgpack.Decoder, data: bytes, limit: int, what: str):
@@ -160,12 +226,19 @@ def _decode(dec: msgspec.msgpack.Decoder, data: bytes, limit: int, what: str):
 
 
 def decode_to_broker(data: bytes) -> ToBroker:
-    return _decode(_dec_broker, data, MAX_MESSAGE, "broker")
+    return _decode(_dec_broker, data, MAX_CLIENT_FRAME, "client")
 
 
-def decode_to_app(data: bytes) -> ToApp:
-    return _decode(_dec_app, data, MAX_MESSAGE, "application")
+def decode_request(data: bytes) -> Request:
+    return _decode(_dec_request, data, MAX_MESSAGE, "request")
+
+
+def decode_answer(data: bytes) -> Answer:
+    return _decode(_dec_answer, data, MAX_MESSAGE, "answer")
 
 
 def decode_reply(data: bytes) -> VssReply:
-    return _decode(_dec_reply, data, MAX_REPLY, "reply")
+    msg = _decode(_dec_client, data, MAX_REPLY, "reply")
+    if not isinstance(msg, VssReply):
+        raise ProtocolError(f"bad reply message: expected a reply, got {type(msg).__name__}")
+    return msg

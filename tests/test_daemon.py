@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -83,17 +84,28 @@ def test_process_titles_and_status(fssd, shmdir):
     fssd.fssconfig("fss1", "data", shmdir / "bs1")
     st = fssd.status()
     titles = {w["kind"]: w["name"] for w in st["workers"]}
-    assert titles["volume"] == "fssd: volume data"
-    assert titles["snapshot"].startswith("fssd: fss1 data@") and titles["snapshot"].endswith("Z")
+    # Not the default run directory: the instance shows in every title.
+    inst = f"fssd[{os.path.abspath(fssd.rundir)}]: "
+    assert titles["volume"] == inst + "volume data"
+    assert titles["snapshot"].startswith(inst + "fss1 data@") and titles["snapshot"].endswith("Z")
     pid = fssd.worker_pid("snapshot", "fss1")
     assert open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode() == titles["snapshot"]
-    r = run("pgrep", "-f", "fssd: fss1 data@")
-    assert str(pid) in r.stdout.split()
+    r = run("pgrep", "-f", f"^{re.escape(inst)}fss1 data@")
+    assert r.stdout.split() == [str(pid)]
+    # `pgrep -f 'fssd: fss1'` is for the default instance only: this one never answers it.
+    r = run("pgrep", "-f", "^fssd: fss1 data@", check=False)
+    assert str(pid) not in r.stdout.split()
     sup = int(open(fssd.rundir / "fssd.pid").read())
-    assert open(f"/proc/{sup}/cmdline", "rb").read().split(b"\0")[0] == b"fssd: supervisor"
+    assert open(f"/proc/{sup}/cmdline", "rb").read().split(b"\0")[0].decode() == inst + "supervisor"
     assert st["snapshots"][1]["pid"] == pid and st["snapshots"][1]["state"] == "active"
     vols = json.loads(fssd.fssconfig("--volumes", "--json").stdout)
     assert vols[0]["name"] == "data" and vols[0]["size"] == 64 << 20 and vols[0]["uri"] == fssd.uri("data")
+
+
+def test_title_of_the_default_instance_is_netbsd_like():
+    assert names.proc_title("fss0 data@2026-11-22T01:02:03Z", names.DEFAULT_RUNDIR) == "fssd: fss0 data@2026-11-22T01:02:03Z"
+    assert names.proc_title("volume data", "/run/fssd/") == "fssd: volume data"
+    assert names.proc_title("volume data", "/tmp/x/run") == "fssd[/tmp/x/run]: volume data"
 
 
 def test_sighup_reload_good_and_bad(fssd_factory, shmdir):

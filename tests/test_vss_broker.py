@@ -2,8 +2,7 @@
 
 import pytest
 
-from ipc.names import app_queue
-from ipc.vssproto import Answer, Register, Registered, Request, Unregister, VssRequest
+from ipc.vssproto import Answer, Request
 from workers.vsscore import BrokerCore
 
 PREFIX = "fssd.test0001"
@@ -28,18 +27,21 @@ class FakePlatform:
         self.freeze_error = None
         self.hook_error = None
         self.bad_mounts = {}
+        self.open_error = ""
+        self.send_errors = {}  # queue -> error text
 
-    def open_app(self, queue):
-        return None
+    def open_app(self, name, pid, uid):
+        if self.open_error:
+            return "", self.open_error
+        return app_queue(name, pid), ""
 
     def send_app(self, queue, msg):
         self.sent.append((queue, msg))
         self.calls.append(("send", queue, getattr(msg, "op", "registered")))
-        return None
+        return self.send_errors.get(queue)
 
-    def close_app(self, queue, unlink):
-        if unlink:
-            self.unlinked.append(queue)
+    def close_app(self, queue):
+        self.unlinked.append(queue)
 
     def reply(self, reply_to, reply):
         self.replies.append((reply_to, reply))
@@ -78,16 +80,19 @@ def env():
     return core, p, clock
 
 
-def register(core, p, name, pid):
+def app_queue(name, pid):
+    return f"/{PREFIX}.app.{name}.{pid}"
+
+
+def register(core, p, name, pid, uid=1000):
     p.alive.add(pid)
-    q = app_queue(PREFIX, name, pid)
-    core.handle(Register(name, pid, q))
-    assert (q, Registered(name)) in p.sent
-    return q
+    app, why = core.register(name, pid, uid)
+    assert app is not None and why == "" and app.queue == app_queue(name, pid)
+    return app.queue
 
 
 def req(core, op, msgid=1, timeout=None):
-    core.handle(VssRequest(msgid, op, f"/{PREFIX}.req.77.{msgid}", 77, timeout))
+    core.request(op, msgid, f"requestor{msgid}", timeout)
 
 
 def last_reply(p):
@@ -99,8 +104,8 @@ def answer_all(core, p, op, ok=True, names=None):
         if isinstance(m, Request) and m.op == op:
             name, pid = q.rsplit(".", 2)[-2], int(q.rsplit(".", 1)[-1])
             if names is None or name in names:
-                core.handle(Answer(m.msgid, name, pid, ok if names is None else names[name][0],
-                                   "" if names is None else names[name][1]))
+                core.answer(q, Answer(m.msgid, ok if names is None else names[name][0],
+                                      "" if names is None else names[name][1]))
 
 
 def test_full_sequence_orders_apps_hooks_and_mounts(env):
@@ -149,7 +154,7 @@ def test_timeout_fails_phase_and_late_answer_is_dropped(env):
     core, p, clock = env
     register(core, p, "slow", 10)
     req(core, "freeze", 6)
-    (freeze_req,) = p.requests_to(app_queue(PREFIX, "slow", 10))
+    (freeze_req,) = p.requests_to(app_queue("slow", 10))
     assert core.next_wakeup() <= clock.t + 1.0
     clock.t += 0.99
     core.tick()
@@ -161,10 +166,10 @@ def test_timeout_fails_phase_and_late_answer_is_dropped(env):
     assert r.apps[0].last_answer == "timeout" and r.apps[0].state == "thawing"  # told THAW after the failure
     # The next transaction; the old answer arrives late and must not count.
     req(core, "check", 7)
-    core.handle(Answer(freeze_req.msgid, "slow", 10, True))
+    core.answer(app_queue("slow", 10), Answer(freeze_req.msgid, True))
     assert len(p.replies) == 1, "late answer must not complete CHECK"
-    check_req = p.requests_to(app_queue(PREFIX, "slow", 10))[-1]
-    core.handle(Answer(check_req.msgid, "slow", 10, True))
+    check_req = p.requests_to(app_queue("slow", 10))[-1]
+    core.answer(app_queue("slow", 10), Answer(check_req.msgid, True))
     assert last_reply(p).ok and last_reply(p).msgid == 7
 
 
@@ -194,7 +199,7 @@ def test_freeze_max_thaws_on_its_own(env):
     clock.t += 0.2
     core.tick()
     assert core.state == "idle" and ("thaw", ("/mnt/a", "/mnt/b")) in p.calls
-    assert p.requests_to(app_queue(PREFIX, "a", 10))[-1].op == "thaw"
+    assert p.requests_to(app_queue("a", 10))[-1].op == "thaw"
 
 
 def test_mount_freeze_failure_runs_thaw_hooks_and_tells_apps(env):
@@ -234,29 +239,79 @@ def test_dead_app_is_unregistered_and_queue_unlinked(env):
     core.tick()  # not yet time to reap
     clock.t += 0.6
     core.tick()
-    assert q in p.unlinked and ("ghost", 10) not in core.apps
+    assert q in p.unlinked and q not in core.apps
     answer_all(core, p, "check", names={"live": (True, "")})
     assert last_reply(p).ok, "a dead app is not waited for"
     assert [a.name for a in last_reply(p).apps] == ["live"]
 
 
-def test_unregister_and_bogus_register_queue(env):
+def test_unregister_and_answers_are_attributed_by_queue(env):
     core, p, clock = env
+    qa = register(core, p, "a", 10)
+    qv = register(core, p, "victim", 11)
+    core.drop(qa, "unregistered (connection closed)")
+    assert list(core.apps) == [qv] and qa in p.unlinked
+    qe = register(core, p, "evil", 12)
+    req(core, "freeze", 1)
+    (victim_req,) = p.requests_to(qv)
+    core.answer(qe, Answer(victim_req.msgid, True))  # evil answers with the victim's msgid: counts for evil
+    core.answer(qv, Answer(victim_req.msgid, False, "not consistent"))
+    r = last_reply(p)
+    assert not r.ok and "victim[11] FREEZE failed: not consistent" in r.reason
+    core.answer("/nosuch", Answer(victim_req.msgid, True))  # an unknown queue changes nothing
+
+
+def test_caps_per_uid_and_in_all_root_not_capped_per_uid():
+    p = FakePlatform()
+    core = BrokerCore(p, PREFIX, [], max_apps=5, max_apps_per_uid=2)
+    for i in range(2):
+        assert core.register("u", 100 + i, 1001)[0] is not None
+    app, why = core.register("u", 200, 1001)
+    assert app is None and "max_apps_per_uid" in why and "uid 1001" in why
+    for i in range(3):
+        assert core.register("root", 300 + i, 0)[0] is not None
+    app, why = core.register("other", 400, 1002)
+    assert app is None and "max_apps" in why and len(core.apps) == 5
+
+
+def test_queue_creation_failure_is_a_clear_refusal(env):
+    core, p, clock = env
+    p.open_error = "cannot create its queues: the system's message queue limit is reached"
+    app, why = core.register("a", 10, 1000)
+    assert app is None and "queue limit" in why and not core.apps
+
+
+def test_send_failure_drops_the_app_and_fails_the_phase(env):
+    core, p, clock = env
+    qa, qb = register(core, p, "a", 10), register(core, p, "b", 11)
+    p.send_errors[qb] = "its requests queue is full"
+    req(core, "freeze", 1)
+    r = last_reply(p)
+    assert not r.ok and "b[11]: cannot send FREEZE: its requests queue is full" in r.reason
+    assert list(core.apps) == [qa] and qb in p.unlinked and core.state == "idle"
+
+
+def test_status_while_frozen_says_what_is_held(env):
+    core, p, clock = env
+    core.hooks_dir = "/etc/fssd/hooks.d"
     register(core, p, "a", 10)
-    core.handle(Unregister("a", 10))
-    assert not core.apps
-    p.alive.add(12)
-    core.handle(Register("evil", 12, f"/{PREFIX}.vss"))  # someone else's queue
-    assert not core.apps and not any(q == f"/{PREFIX}.vss" for q, _ in p.sent)
-    core.handle(VssRequest(1, "freeze", f"/{PREFIX}.app.a.10", 12))  # not a reply queue
-    assert not p.replies and core.txn is None
+    req(core, "freeze", 1)
+    answer_all(core, p, "freeze")
+    req(core, "status", 2)
+    r = last_reply(p)
+    assert r.state == "frozen" and r.held == ["a[10]"] and r.hooks == "/etc/fssd/hooks.d"
+    assert r.frozen == r.mounts == ["/mnt/a", "/mnt/b"]
+    req(core, "thaw", 3)
+    answer_all(core, p, "thaw")
+    req(core, "status", 4)
+    assert last_reply(p).held == [] and last_reply(p).hooks == ""
 
 
 def test_request_timeout_overrides_phase_timeout(env):
     core, p, clock = env
     register(core, p, "a", 10)
     req(core, "check", 1, timeout=0.2)
-    assert p.requests_to(app_queue(PREFIX, "a", 10))[-1].timeout == 0.2
+    assert p.requests_to(app_queue("a", 10))[-1].timeout == 0.2
     clock.t += 0.21
     core.tick()
     assert not last_reply(p).ok
@@ -269,7 +324,7 @@ def test_shutdown_while_frozen_thaws_and_tells_apps(env):
     answer_all(core, p, "freeze")
     core.shutdown("broker stopping")
     assert ("thaw", ("/mnt/a", "/mnt/b")) in p.calls and core.state == "idle"
-    assert p.requests_to(app_queue(PREFIX, "a", 10))[-1].op == "thaw"
+    assert p.requests_to(app_queue("a", 10))[-1].op == "thaw"
 
 
 def test_thaw_failure_of_an_app_is_reported_but_fs_thawed(env):

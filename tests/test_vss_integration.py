@@ -14,9 +14,9 @@ import time
 import msgspec
 import pytest
 
-from ipc import hyperv, mqueue
+from ipc import hyperv
 from ipc.channel import Channel
-from ipc.names import app_queue, broker_queue, instance_prefix
+from ipc.names import instance_prefix, vss_socket
 from ipc.vss_client import Application, BrokerNotRunning, Requestor
 from ipc.workermsg import FromWorker, Ready, Stop, VssState
 from workers import freeze
@@ -85,7 +85,7 @@ is_frozen.blocked = []
 
 
 class BrokerProc:
-    def __init__(self, tmp_path, **kw):
+    def __init__(self, tmp_path, preexec_fn=None, wrap=(), **kw):
         self.rundir = str(tmp_path / "run")
         os.makedirs(self.rundir, exist_ok=True)
         self.prefix = instance_prefix(self.rundir)
@@ -94,13 +94,14 @@ class BrokerProc:
         self.chan = Channel(self.mine, FromWorker)
         self.log = open(tmp_path / "broker.log", "ab")
         self.proc = subprocess.Popen(
-            [PY, "-m", "workers.broker", "--channel-fd", str(theirs.fileno()),
+            [*wrap, PY, "-m", "workers.broker", "--channel-fd", str(theirs.fileno()),
              msgspec.json.encode(self.settings).decode()],
-            pass_fds=(theirs.fileno(),), cwd=ROOT, env=ENV, stderr=self.log)
+            pass_fds=(theirs.fileno(),), cwd=ROOT, env=ENV, stderr=self.log, preexec_fn=preexec_fn)
         theirs.close()
         self.states = []
         msg = self.next_msg(Ready)
-        assert msg.kind == "broker" and msg.pid == self.proc.pid
+        assert msg.kind == "broker" and (msg.pid == self.proc.pid or wrap)
+        self.pid = msg.pid
 
     def next_msg(self, kind, timeout=5.0):
         deadline = time.monotonic() + timeout
@@ -114,7 +115,7 @@ class BrokerProc:
         raise AssertionError(f"no {kind.__name__} from the broker")
 
     def req(self, op, **kw):
-        return Requestor(self.prefix).request(op, **kw)
+        return Requestor(self.rundir).request(op, **kw)
 
     def kill(self):
         if self.proc.poll() is None:
@@ -137,7 +138,6 @@ def brokers(tmp_path):
         for b in made:
             b.kill()
             freeze.thaw_all(b.settings.freeze_mounts)
-            mqueue.unlink(broker_queue(b.prefix))
             b.mine.close()
             b.log.close()
         for p in is_frozen.blocked:
@@ -153,7 +153,7 @@ def apps():
     def start(broker, name, *opts, w="0.1"):
         p = subprocess.Popen([PY, "-m", "daemon.appvss", "-n", "-w", w, "--name", name, "-r", broker.rundir, *opts],
                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
-        procs.append((p, broker.prefix, name))
+        procs.append(p)
         line = p.stdout.readline()  # appvss prints this once the broker acknowledged it
         assert line.startswith(f"appvss: registered {name}"), line
         return p
@@ -161,11 +161,10 @@ def apps():
     try:
         yield start
     finally:
-        for p, prefix, name in procs:
+        for p in procs:
             if p.poll() is None:
                 p.kill()
             p.wait()
-            mqueue.unlink(app_queue(prefix, name, p.pid))
 
 
 def test_three_appvss_in_turn_and_together(brokers, apps, ext4):
@@ -224,7 +223,7 @@ def test_broker_sigkill_while_frozen_supervisor_thaws(brokers, apps, ext4):
 def test_requestor_dies_after_freeze_broker_thaws_within_freeze_max(brokers, ext4):
     b = brokers(timeout=1.0, freeze_max=1.0, freeze_mounts=[ext4])
     code = ("import sys; from ipc.vss_client import Requestor; "
-            f"sys.exit(0 if Requestor({b.prefix!r}).request('freeze').ok else 1)")
+            f"sys.exit(0 if Requestor({b.rundir!r}).request('freeze').ok else 1)")
     assert subprocess.run([PY, "-c", code], cwd=ROOT, env=ENV, timeout=10).returncode == 0
     t0 = time.monotonic()
     assert is_frozen(ext4)
@@ -328,23 +327,25 @@ def test_check_refuses_unfreezable_and_root_never_frozen(brokers, tmp_path):
 
 def test_malformed_messages_dead_apps_busy_and_stop(brokers, apps):
     b = brokers(timeout=1.0)
-    inbox = mqueue.open_writer(broker_queue(b.prefix))
-    try:
-        for junk in (b"\xc1\xc1", b"\x81\xa1t\xa5nosuch", msgspec.msgpack.encode({"t": "answer", "msgid": 1})):
-            mqueue.send(inbox, junk, timeout=1)
-        with pytest.raises(ValueError):
-            mqueue.send(inbox, b"x" * 2000, timeout=1)  # the kernel refuses oversized messages
-    finally:
-        mqueue.close(inbox)
+    body = msgspec.msgpack.encode({"t": "answer", "msgid": 1})
+    for junk in (b"\x00\x00\x00\x02\xc1\xc1", b"\x00\x00\x00\x08\x81\xa1t\xa5nosuch",
+                 len(body).to_bytes(4, "big") + body, (1 << 30).to_bytes(4, "big") + b"x" * 100):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(vss_socket(b.rundir))
+            s.sendall(junk)
+            try:
+                got = s.recv(100)
+            except ConnectionResetError:  # closed with our bytes unread
+                got = b""
+            assert got == b"", "closed without an answer"
     assert b.req("status").ok, "broker still serving after garbage"
     slow = apps(b, "slow", "-c", "1", w="0.3")
     victim = apps(b, "victim")
-    q = app_queue(b.prefix, "victim", victim.pid)
-    assert mqueue.exists(q)
+    assert "victim" in {a.name for a in b.req("list").apps}
     victim.kill()
     victim.wait()
-    wait_for(lambda: "victim" not in {a.name for a in b.req("list").apps}, 3, "dead app reaped")
-    assert not mqueue.exists(q), "dead app's queue unlinked"
+    wait_for(lambda: "victim" not in {a.name for a in b.req("list").apps}, 3, "dead app unregistered")
     # A request during another is answered busy, not dropped.
     import threading
     first = {}
@@ -358,9 +359,9 @@ def test_malformed_messages_dead_apps_busy_and_stop(brokers, apps):
     slow.kill()
     b.chan.send(Stop())
     assert b.proc.wait(timeout=5) == 0
-    assert not mqueue.exists(broker_queue(b.prefix))
+    assert not os.path.exists(vss_socket(b.rundir))
     with pytest.raises(BrokerNotRunning):
-        Requestor(b.prefix).request("status")
+        Requestor(b.rundir).request("status")
 
 
 def test_vssadm_cli(brokers, apps, tmp_path):
@@ -368,6 +369,11 @@ def test_vssadm_cli(brokers, apps, tmp_path):
                          cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip() == f"vssadm: fssd is not running (no broker at {tmp_path / 'nowhere'})"
+    for opts in (["-n"], []):  # the same words from appvss, in the foreground or daemonizing
+        out = subprocess.run([PY, "-m", "daemon.appvss", *opts, "-r", str(tmp_path / "nowhere")], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1
+        assert out.stderr.strip() == f"appvss: fssd is not running (no broker at {tmp_path / 'nowhere'})", out
     b = brokers(timeout=1.0)
     apps(b, "db")
     out = subprocess.run([PY, "-m", "daemon.vssadm", "-r", b.rundir, "check"], cwd=ROOT, env=ENV,
@@ -381,7 +387,7 @@ def test_vssadm_cli(brokers, apps, tmp_path):
 
 def test_application_library_in_process(brokers):
     b = brokers(timeout=1.0)
-    with Application(b.prefix, "lib") as app:
+    with Application(b.rundir, "lib") as app:
         import threading
         res = {}
         t = threading.Thread(target=lambda: res.update(r=b.req("check")))
@@ -391,4 +397,77 @@ def test_application_library_in_process(brokers):
         app.answer(req, False, "not today")
         t.join(5)
         assert not res["r"].ok and "lib[" in res["r"].reason and "not today" in res["r"].reason
-    assert not mqueue.exists(app_queue(b.prefix, "lib", os.getpid()))
+    assert b.req("list").apps == [], "closing the application unregistered it"
+
+
+def test_appvss_stops_at_once_on_sigterm_mid_work_and_prints_its_daemon_pid(brokers, apps):
+    import signal
+    import threading
+
+    b = brokers(timeout=5.0)
+    slow = apps(b, "slow", "-f", "1", w="1")  # a FREEZE would take 1 s + 10 s
+    res = {}
+    t = threading.Thread(target=lambda: res.update(r=b.req("freeze")))
+    t.start()
+    wait_for(lambda: b.req("status").state == "freezing", 3, "FREEZE sent")
+    t0 = time.monotonic()
+    slow.send_signal(signal.SIGTERM)
+    assert slow.wait(timeout=3) == 0
+    assert time.monotonic() - t0 < 1.0
+    t.join(10)
+    assert res["r"].ok, "an application that unregistered is not waited for"
+    assert b.req("list").apps == []
+    # Without -n: the pid is printed (the daemon's, after the double fork) before the prompt returns.
+    out = subprocess.run([PY, "-m", "daemon.appvss", "-w", "0", "--name", "bg", "-r", b.rundir], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0 and out.stdout.startswith("appvss: registered bg pid "), out
+    pid = int(out.stdout.split()[-1])
+    try:
+        assert [(a.name, a.pid) for a in b.req("list").apps] == [("bg", pid)]
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: b.req("list").apps == [], 3, "the daemon unregistered on SIGTERM")
+
+
+def test_vssadm_status_says_what_a_freeze_holds(brokers, apps):
+    b = brokers(timeout=1.0)
+    db = apps(b, "db")
+
+    def vssadm(*args):
+        return subprocess.run([PY, "-m", "daemon.vssadm", "-r", b.rundir, *args], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=30)
+
+    assert "frozen: (nothing)" in vssadm("status").stdout
+    assert vssadm("freeze").returncode == 0
+    out = vssadm("status").stdout
+    assert "state: frozen" in out and f"applications held: db[{db.pid}]" in out, out
+    assert "freeze hooks run: (no hooks_dir)" in out and "mounts frozen: (none configured)" in out, out
+    assert "(none)" not in out.replace("(none configured)", ""), out
+    assert vssadm("thaw").returncode == 0
+
+
+def test_application_queues_never_reuse_an_existing_name(monkeypatch, tmp_path):
+    import posix_ipc
+
+    from workers import broker as br
+
+    platform = br.ProcessPlatform(BrokerSettings(prefix="fssd.test0002", rundir=str(tmp_path)), None, None)
+    tokens = iter(["aaaa", "bbbb"])
+    monkeypatch.setattr(br.secrets, "token_hex", lambda n: next(tokens))
+    squat = posix_ipc.MessageQueue("/fssd.test0002.app.aaaa", posix_ipc.O_CREX, max_messages=1, max_message_size=1)
+    key = ""
+    try:
+        key, err = platform.open_app("x", 1, 4321)
+        assert err == "" and key == "/fssd.test0002.app.bbbb"
+        for mq in (platform.queues[key].requests, platform.queues[key].answers):
+            st = os.fstat(mq.mqd)
+            assert st.st_uid == 4321 and st.st_mode & 0o777 == 0o600
+            assert (mq.max_messages, mq.max_message_size) == (br.APP_QUEUE_MESSAGES, 512)
+        assert squat.max_message_size == 1  # the squatter's queue is neither used nor removed
+    finally:
+        platform.close_app(key)
+        squat.unlink()
+        squat.close()
+    assert platform.queues == {}
+    from ipc import mqueue
+    assert not mqueue.exists("/fssd.test0002.app.bbbb") and not mqueue.exists("/fssd.test0002.ans.bbbb")

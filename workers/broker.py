@@ -2,30 +2,47 @@
 
     python -m workers.broker --channel-fd N SETTINGS_JSON
 
-SETTINGS_JSON is msgspec.json.encode(BrokerSettings(...)). The broker creates
-its inbox queue, sends Ready on the channel, then VssState on every phase
-change. EOF on the channel or Stop: thaw anything frozen, tell applications
-THAW, remove the inbox, exit 0. SIGTERM does the same.
+SETTINGS_JSON is msgspec.json.encode(BrokerSettings(...)). The broker listens
+on RUNDIR/vss.sock (mode 0660 root:[daemon] group, 0600 without a group),
+sends Ready on the channel, then VssState on every phase change. EOF on the
+channel or Stop: thaw anything frozen, tell applications THAW, remove the
+socket and every application queue, exit 0. SIGTERM does the same.
+
+Who may do what (the kernel says who connected, SO_PEERCRED and
+SO_PEERGROUPS): root and members of the group may request CHECK / FREEZE /
+THAW / status / list and register applications; nobody else gets past
+connect(). An application's two queues are made here, owned by its uid, mode
+0600, with attributes chosen here; what arrives on its answers queue is its
+answer and nobody else's. Connections are capped (per uid, non-root in all,
+root apart so members can't lock root out), must send their first frame
+within FIRST_FRAME_TIMEOUT and frames are at most vssproto.MAX_CLIENT_FRAME.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import grp
 import logging
 import os
+import secrets
 import selectors
 import signal
 import socket
+import stat
+import struct
 import sys
 import time
+from dataclasses import dataclass, field
 
 import msgspec
+import posix_ipc
 
-from ipc import hyperv, logfmt, mqueue, vssproto
+from ipc import hyperv, logfmt, mqueue, names, vssproto
 from ipc.channel import Channel, FrameError
-from ipc.names import broker_queue
-from ipc.vssproto import ToApp, VssReply
+from ipc.names import app_queues, vss_socket
+from ipc.vssproto import Opened, Register, Registered, Request, VssReply, VssRequest
 from ipc.workermsg import Ready, Stop, ToWorker, VssState
 from workers import freeze, hooks
 from workers.vsscore import BrokerCore
@@ -36,6 +53,12 @@ HELD_MAX = 10000  # log records kept while frozen; beyond that the oldest go (an
 DRAIN_MAX = 64  # inbox messages handled per wake-up before looking at the channel again
 HYPERV_RETRY = 5.0
 CHANNEL_TIMEOUT = 2.0  # longest the broker waits on the supervisor channel, either way
+APP_QUEUE_MESSAGES = 8  # per application queue (the kernel's unprivileged ceiling is 10)
+FIRST_FRAME_TIMEOUT = 5.0  # a connection that has not sent its Register / VssRequest by then is closed
+ROOT_CONNECTIONS = 64  # root's own connections beyond its registrations, counted apart
+EXTRA_CONNECTIONS = 4  # per uid beyond its registrations (requests, a registration in progress)
+ACCEPT_BACKOFF = 1.0  # seconds without accepting after EMFILE / ENFILE
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 
 
 class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -47,6 +70,9 @@ class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hooks_dir: str | None = None
     hyperv_device: str | None = None  # /dev/vmbus/hv_vss, or unix:/path for a stand-in
     debug: bool = False
+    group: str | None = None  # [daemon] group: its members may request and register (root always)
+    max_apps: int = 64  # [vss] max_apps
+    max_apps_per_uid: int = 8  # [vss] max_apps_per_uid (root is not capped)
 
 
 class HoldingHandler(logging.Handler):
@@ -116,6 +142,38 @@ class HyperVChannel:
         self.sock, self.fd = None, -1
 
 
+@dataclass(eq=False)
+class Conn:
+    """A client of the broker's socket, as the kernel describes it."""
+
+    sock: socket.socket
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+    deadline: float  # for the first frame
+    reader: vssproto.FrameReader = field(default_factory=vssproto.broker_reader)
+    kind: str = ""  # "" until the first frame, then "app" or "request"
+    queue: str = ""  # the application's key, once registered
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class AppQueues:
+    requests: mqueue.Queue
+    answers: mqueue.Queue
+    conn: Conn | None = None
+    named: bool = True  # the names exist until the application says it opened both
+
+
+def queue_error(e: BaseException) -> str:
+    """posix_ipc's errors for the queue limits, said so the administrator knows which limit."""
+    text = str(e) or type(e).__name__
+    if "Insufficient space" in text or "maximum number" in text or isinstance(e, MemoryError):
+        return f"the system's message queue limit is reached (fs.mqueue.queues_max, RLIMIT_MSGQUEUE): {text}"
+    return text
+
+
 class ProcessPlatform:
     """BrokerCore's Platform: real queues, FIFREEZE, hooks, the supervisor channel."""
 
@@ -123,37 +181,58 @@ class ProcessPlatform:
         self.s = settings
         self.chan = chan
         self.holder = holder
-        self.queues: dict[str, mqueue.Queue] = {}
+        self.queues: dict[str, AppQueues] = {}
         self.hv: HyperVChannel | None = None
+        self.on_open = lambda key, q: None  # the Broker watches the answers queue
+        self.on_close = lambda q: None  # ... and closes the registration's connection
 
-    def open_app(self, queue: str) -> str | None:
-        try:
-            self.queues[queue] = mqueue.open_writer(queue)
-        except mqueue.NoQueue:
-            return f"queue {queue} does not exist"
-        except OSError as e:
-            return f"cannot open queue {queue}: {e}"
-        return None
+    def open_app(self, name: str, pid: int, uid: int) -> tuple[str, str]:
+        """Two queues for this application only: uid's, 0600, attributes ours, names unguessable."""
+        for _ in range(3):  # a name someone made already (64 random bits): never reused, another one
+            req_name, ans_name = app_queues(self.s.prefix, secrets.token_hex(8))
+            made: list[mqueue.Queue] = []
+            try:
+                for qname in (req_name, ans_name):
+                    made.append(mqueue.create_owned(qname, uid, APP_QUEUE_MESSAGES, vssproto.MAX_MESSAGE))
+                break
+            except (posix_ipc.Error, OSError, ValueError, MemoryError) as e:
+                for mq in made:
+                    mqueue.close(mq, unlink_name=True)
+                if not isinstance(e, posix_ipc.ExistentialError):
+                    return "", f"cannot create its queues: {queue_error(e)}"
+        else:
+            return "", "cannot create its queues: every name tried exists"
+        q = AppQueues(made[0], made[1])
+        self.queues[req_name] = q
+        self.on_open(req_name, q)
+        return req_name, ""
 
-    def send_app(self, queue: str, msg: ToApp) -> str | None:
-        mq = self.queues.get(queue)
-        if mq is None:
-            err = self.open_app(queue)
-            if err:
-                return err
-            mq = self.queues[queue]
+    def send_app(self, queue: str, msg: Request) -> str | None:
+        q = self.queues.get(queue)
+        if q is None:
+            return "not registered"
         try:
-            mqueue.send(mq, vssproto.encode(msg), timeout=0)
+            mqueue.send(q.requests, vssproto.encode(msg), timeout=0)
         except mqueue.QueueFull:
-            return "its queue is full"
-        except OSError as e:
-            return str(e)
+            return "its requests queue is full"
+        except (posix_ipc.Error, OSError, ValueError, vssproto.ProtocolError) as e:
+            return str(e) or type(e).__name__
         return None
 
-    def close_app(self, queue: str, unlink: bool) -> None:
-        mqueue.close(self.queues.pop(queue, None))
-        if unlink:
-            mqueue.unlink(queue)
+    def close_app(self, queue: str) -> None:
+        q = self.queues.pop(queue, None)
+        if q is None:
+            return
+        self.on_close(q)
+        mqueue.close(q.requests, unlink_name=q.named)
+        mqueue.close(q.answers, unlink_name=q.named)
+
+    def unname_app(self, queue: str) -> None:
+        q = self.queues.get(queue)
+        if q is not None and q.named:
+            q.named = False
+            mqueue.unlink(q.requests.name)
+            mqueue.unlink(q.answers.name)
 
     def reply(self, reply_to, reply: VssReply) -> None:
         if isinstance(reply_to, hyperv.HostRequest):
@@ -165,17 +244,11 @@ class ProcessPlatform:
                 except OSError as e:
                     log.error("hyper-v: cannot answer %s: %s", reply_to.name, e)
             return
-        try:
-            mq = mqueue.open_writer(reply_to)
-        except mqueue.NoQueue:
-            log.warning("requestor gone: no reply queue %s for %s", reply_to, reply.op)
+        assert isinstance(reply_to, Conn)
+        if reply_to.closed:
+            log.info("requestor pid %d gone before the %s reply", reply_to.pid, reply.op)
             return
-        try:
-            mqueue.send(mq, vssproto.encode_reply(reply), timeout=0)
-        except (mqueue.QueueFull, OSError, vssproto.ProtocolError) as e:
-            log.warning("reply to %s not sent: %s", reply_to, e)
-        finally:
-            mqueue.close(mq)
+        send_and_close(reply_to, reply)
 
     def pid_alive(self, pid: int) -> bool:
         try:
@@ -244,46 +317,120 @@ class ProcessPlatform:
             self.holder.release()
 
 
+def send_and_close(conn: Conn, msg) -> None:
+    """One frame to a client, never blocking the broker; then the connection ends."""
+    try:
+        data = vssproto.frame(msg)
+        if conn.sock.send(data) < len(data):
+            log.warning("pid %d does not read: reply cut short", conn.pid)
+    except (OSError, vssproto.ProtocolError) as e:
+        log.info("reply to pid %d not sent: %s", conn.pid, e)
+    conn.closed = True
+    conn.sock.close()
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int, frozenset[int]]:
+    """(pid, uid, gid, groups) of the peer at connect time: the kernel's word, no /proc race."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+        groups = set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    except OSError:
+        # More than 256 groups (ERANGE) or an old kernel: the group database's view of the uid.
+        import pwd
+
+        try:
+            groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+        except (KeyError, OSError):
+            groups = set()
+    return pid, uid, gid, frozenset(groups | {gid})
+
+
 class Broker:
     def __init__(self, settings: BrokerSettings, chan: Channel | None, holder: HoldingHandler | None = None):
         self.s = settings
         self.chan = chan
         self.platform = ProcessPlatform(settings, chan, holder)
         self.core = BrokerCore(self.platform, settings.prefix, settings.freeze_mounts, settings.timeout,
-                               settings.freeze_max)
-        self.inbox: mqueue.Queue | None = None
+                               settings.freeze_max, max_apps=settings.max_apps,
+                               max_apps_per_uid=settings.max_apps_per_uid, hooks_dir=settings.hooks_dir or "")
+        self.platform.on_open = self._watch_answers
+        self.platform.on_close = self._unwatch_app
         self.sel = selectors.DefaultSelector()
         self.stopping = False
         self._hv_next_try = 0.0
+        self.listener: socket.socket | None = None
+        self._sock_id = (0, 0)
+        self.sock_path = vss_socket(settings.rundir)
+        self.gid: int | None = None
+        self.conns: set[Conn] = set()
+        self._accept_paused_until = 0.0
+        self._accept_failures = 0
+        self._last_accept_log = -1e9
+        self._last_refusal_log = -1e9
+        self._refused = 0
 
     def start(self) -> None:
-        # Inbox writable by every local user (applications need not be root), whatever the umask.
-        self.inbox = mqueue.create(broker_queue(self.s.prefix), 0o622, 10, vssproto.MAX_MESSAGE)
-        self.sel.register(self.inbox.mqd, selectors.EVENT_READ, "inbox")
+        if self.s.group:
+            try:
+                self.gid = grp.getgrnam(self.s.group).gr_gid
+            except KeyError:
+                log.warning("group %s does not exist: the VSS socket is root-only", self.s.group)
+        self._listen()
         if self.chan is not None:
             self.chan.sock.settimeout(CHANNEL_TIMEOUT)
             self.sel.register(self.chan.sock, selectors.EVENT_READ, "channel")
         if self.s.hyperv_device:
             self.platform.hv = HyperVChannel(self.s.hyperv_device)
             self._open_hyperv()
-        log.info("VSS broker ready: queue %s, timeout %g s, freeze_max %g s, mounts %s, hooks %s",
-                 broker_queue(self.s.prefix), self.s.timeout, self.s.freeze_max,
-                 " ".join(self.s.freeze_mounts) or "(none)", self.s.hooks_dir or "(none)")
+        log.info("VSS broker ready: socket %s (%s), timeout %g s, freeze_max %g s, mounts %s, hooks %s",
+                 self.sock_path, f"root and group {self.s.group}" if self.gid is not None else "root only",
+                 self.s.timeout, self.s.freeze_max, " ".join(self.s.freeze_mounts) or "(none)", self.s.hooks_dir or "(none)")
         if self.chan is not None:
             self.chan.send(Ready(kind="broker", pid=os.getpid()))
+
+    def _listen(self) -> None:
+        """Bind RUNDIR/vss.sock with its final mode (umask around bind), then hand it to the group."""
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(self.sock_path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(f"{self.sock_path} exists and is not a socket")
+            os.unlink(self.sock_path)  # a killed broker's
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o117 if self.gid is not None else 0o177)
+        try:
+            sock.bind(self.sock_path)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        st = os.lstat(self.sock_path)
+        self._sock_id = (st.st_dev, st.st_ino)
+        if self.gid is not None:
+            os.chown(self.sock_path, 0, self.gid, follow_symlinks=False)
+        sock.listen(64)
+        sock.setblocking(False)
+        self.listener = sock
+        self.sel.register(sock, selectors.EVENT_READ, "listen")
 
     def run(self) -> None:
         try:
             while not self.stopping:
                 wait = min(max(self.core.next_wakeup() - time.monotonic(), 0.0), 0.5)
                 for key, _ in self.sel.select(wait):
-                    if key.data == "inbox":
-                        self._drain_inbox()
+                    if key.data == "listen":
+                        self._accept()
                     elif key.data == "channel":
                         self._on_channel()
                     elif key.data == "hyperv":
                         self._on_hyperv()
+                    elif isinstance(key.data, Conn):
+                        self._on_conn(key.data)
+                    elif isinstance(key.data, str):
+                        self._drain_answers(key.data)
                 self.core.tick()
+                self._expire_conns()
                 hv = self.platform.hv
                 if hv is not None and hv.fd < 0 and time.monotonic() >= self._hv_next_try:
                     self._open_hyperv()
@@ -295,22 +442,197 @@ class Broker:
         hv = self.platform.hv
         if hv is not None and hv.fd >= 0:
             hv.close()
-        if self.inbox is not None:
-            mqueue.close(self.inbox, unlink_name=True)
-            self.inbox = None
+        for conn in list(self.conns):
+            self._close_conn(conn)
+        if self.listener is not None:
+            self._unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(OSError):
+                st = os.lstat(self.sock_path)
+                if (st.st_dev, st.st_ino) == self._sock_id:  # ours, not a successor's
+                    os.unlink(self.sock_path)
 
-    def _drain_inbox(self) -> None:
-        assert self.inbox is not None
+    # -- the socket
+
+    def _unregister(self, obj) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.sel.unregister(obj)
+
+    def _accept(self) -> None:
+        assert self.listener is not None
         for _ in range(DRAIN_MAX):
-            data = mqueue.receive(self.inbox, 0)
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                # EMFILE / ENFILE: stop accepting for a while rather than spin; one line per 10 s.
+                self._accept_failures += 1
+                now = time.monotonic()
+                if now - self._last_accept_log >= 10.0:
+                    log.warning("VSS socket: accept: %s; pausing %g s at a time (%d time(s) so far)",
+                                e.strerror or e, ACCEPT_BACKOFF, self._accept_failures)
+                    self._last_accept_log = now
+                self._unregister(self.listener)
+                self._accept_paused_until = now + ACCEPT_BACKOFF
+                return
+            try:
+                pid, uid, gid, groups = peer_credentials(sock)
+            except OSError as e:
+                log.warning("VSS socket: no peer credentials: %s", e)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = Conn(sock, pid, uid, gid, groups, time.monotonic() + FIRST_FRAME_TIMEOUT)
+            why = self._over_cap(conn)
+            if why:
+                self._refuse(conn, why)
+                continue
+            self.conns.add(conn)
+            self.sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _over_cap(self, conn: Conn) -> str:
+        if conn.uid == 0:
+            cap = self.s.max_apps + ROOT_CONNECTIONS
+            n = sum(1 for c in self.conns if c.uid == 0)
+            return f"too many connections from root ({cap})" if n >= cap else ""
+        others = [c for c in self.conns if c.uid != 0]
+        total = self.s.max_apps + 4 * EXTRA_CONNECTIONS
+        per_uid = self.s.max_apps_per_uid + EXTRA_CONNECTIONS
+        if len(others) >= total:
+            return f"too many connections ({total})"
+        if sum(1 for c in others if c.uid == conn.uid) >= per_uid:
+            return f"too many connections from uid {conn.uid} ({per_uid})"
+        return ""
+
+    def _refuse(self, conn: Conn, why: str) -> None:
+        """A one-line refusal to the client; the log says it once per 10 s, with a count."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 10.0:
+            log.warning("VSS socket: refused pid %d uid %d: %s (%d refusal(s) in all)", conn.pid, conn.uid, why,
+                        self._refused)
+            self._last_refusal_log = now
+        send_and_close(conn, VssReply(msgid=0, op="status", ok=False, reason=why))
+
+    def _close_conn(self, conn: Conn) -> None:
+        self.conns.discard(conn)
+        self._unregister(conn.sock)
+        if not conn.closed:
+            conn.closed = True
+            conn.sock.close()
+
+    def _expire_conns(self) -> None:
+        now = time.monotonic()
+        if self.listener is not None and self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        for conn in [c for c in self.conns if not c.kind and now >= c.deadline]:
+            log.info("VSS socket: pid %d uid %d sent nothing within %g s: closed", conn.pid, conn.uid,
+                     FIRST_FRAME_TIMEOUT)
+            self._close_conn(conn)
+
+    def _on_conn(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(conn.reader.wants())
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return self._conn_ended(conn, "unregistered (connection closed)")
+        try:
+            msgs = conn.reader.feed(data)
+        except vssproto.ProtocolError as e:
+            if conn.queue:
+                return self._conn_ended(conn, str(e), failed=True)
+            log.warning("VSS socket: pid %d uid %d: %s: closed", conn.pid, conn.uid, e)
+            return self._close_conn(conn)
+        for msg in msgs:
+            if not conn.kind:
+                self._first_message(conn, msg)
+            elif conn.queue and isinstance(msg, Opened):
+                self.platform.unname_app(conn.queue)
+            else:
+                return self._conn_ended(conn, f"unexpected {type(msg).__name__} after registering", failed=True)
+            if conn.closed or conn.kind == "request":
+                return
+
+    def _conn_ended(self, conn: Conn, why: str, failed: bool = False) -> None:
+        queue = conn.queue
+        self._close_conn(conn)
+        if queue:
+            self.core.drop(queue, why, failed)
+
+    def _authorized(self, conn: Conn) -> bool:
+        return conn.uid == 0 or (self.gid is not None and self.gid in conn.groups)
+
+    def _first_message(self, conn: Conn, msg) -> None:
+        if not self._authorized(conn):
+            who = f"root and members of group {self.s.group}" if self.gid is not None else "root"
+            log.warning("VSS socket: pid %d uid %d refused: not root or in the group", conn.pid, conn.uid)
+            reason = f"Permission denied: only {who} may use the VSS broker"
+            self.conns.discard(conn)
+            self._unregister(conn.sock)
+            if isinstance(msg, Register):
+                return send_and_close(conn, Registered(msg.name, False, reason))
+            return send_and_close(conn, VssReply(msgid=msg.msgid, op=msg.op, ok=False, reason=reason))
+        if isinstance(msg, VssRequest):
+            # From here the connection only waits for its reply (ProcessPlatform.reply closes it).
+            conn.kind = "request"
+            self.conns.discard(conn)
+            self._unregister(conn.sock)
+            self.core.request(msg.op, msg.msgid, conn, msg.timeout)
+            return
+        if not isinstance(msg, Register):
+            log.warning("VSS socket: pid %d uid %d began with %s: closed", conn.pid, conn.uid, type(msg).__name__)
+            return self._close_conn(conn)
+        conn.kind = "app"
+        app, why = self.core.register(msg.name, conn.pid, conn.uid)
+        if app is None:
+            self.conns.discard(conn)
+            self._unregister(conn.sock)
+            return send_and_close(conn, Registered(msg.name, False, why))
+        req_name, ans_name = self.platform.queues[app.queue].requests.name, self.platform.queues[app.queue].answers.name
+        self.platform.queues[app.queue].conn = conn
+        conn.queue = app.queue
+        try:
+            data = vssproto.frame(Registered(msg.name, True, "", req_name, ans_name, conn.pid))
+            if conn.sock.send(data) < len(data):
+                raise OSError("short send")
+        except OSError as e:
+            self._conn_ended(conn, f"acknowledgement not sent: {e}", failed=True)
+
+    # -- application queues
+
+    def _watch_answers(self, key: str, q: AppQueues) -> None:
+        self.sel.register(q.answers.mqd, selectors.EVENT_READ, key)
+
+    def _unwatch_app(self, q: AppQueues) -> None:
+        self._unregister(q.answers.mqd)
+        if q.conn is not None:
+            q.conn.queue = ""
+            self._close_conn(q.conn)
+
+    def _drain_answers(self, key: str) -> None:
+        q = self.platform.queues.get(key)
+        if q is None:
+            return
+        for _ in range(DRAIN_MAX):
+            try:
+                data = mqueue.receive(q.answers, 0)
+            except (posix_ipc.Error, OSError) as e:
+                return self.core.drop(key, f"its answers queue failed: {e}", failed=True)
             if data is None:
                 return
             try:
-                msg = vssproto.decode_to_broker(data)
+                answer = vssproto.decode_answer(data)
             except vssproto.ProtocolError as e:
-                log.warning("dropped: %s", e)
-                continue
-            self.core.handle(msg)
+                return self.core.drop(key, str(e), failed=True)
+            self.core.answer(key, answer)
+            if key not in self.platform.queues:
+                return
 
     def _on_channel(self) -> None:
         assert self.chan is not None
@@ -401,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import setproctitle
 
-        setproctitle.setproctitle("fssd: vss broker")
+        setproctitle.setproctitle(names.proc_title("vss broker", settings.rundir))
     except ImportError:
         pass
     holder = _setup_logging(settings.debug)

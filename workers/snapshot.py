@@ -19,7 +19,7 @@ import threading
 import msgspec
 import setproctitle
 
-from ipc import logfmt, nbd, workermsg
+from ipc import logfmt, names, nbd, workermsg
 from ipc.clustermap import ClusterMap
 from workers import fileio
 from workers import spawned
@@ -193,7 +193,7 @@ class SnapshotBackend:
 
 
 def run(settings: SnapshotSettings, channel_fd: int) -> int:
-    setproctitle.setproctitle(f"fssd: {settings.device} {settings.volume}@{settings.taken}")
+    setproctitle.setproctitle(names.proc_title(f"{settings.device} {settings.volume}@{settings.taken}"))
     logfmt.setup(settings.device, settings.debug, settings.use_syslog)
     chan = spawned.channel(channel_fd)
     vol_fd = os.open(settings.volume_path, os.O_RDONLY | os.O_CLOEXEC)

@@ -22,7 +22,7 @@ import msgspec
 import posix_ipc
 import setproctitle
 
-from ipc import logfmt, nbd, workermsg
+from ipc import logfmt, names, nbd, workermsg
 from ipc.clustermap import ClusterMap
 from workers import fileio
 from workers.cow import SnapshotTarget, WriteGate
@@ -233,7 +233,7 @@ def _attach_target(backend: VolumeBackend, device: str, map_name: str, bs_fd: in
 
 
 def run(settings: VolumeSettings, channel_fd: int) -> int:
-    setproctitle.setproctitle(f"fssd: volume {settings.name}")
+    setproctitle.setproctitle(names.proc_title(f"volume {settings.name}"))
     logfmt.setup(f"volume {settings.name}", settings.debug, settings.use_syslog)
     chan = spawned.channel(channel_fd)
     fd = os.open(settings.path, os.O_RDWR | os.O_CLOEXEC)

@@ -14,6 +14,12 @@ Every phase ends at its deadline; a freeze no THAW ends within freeze_max is
 thawed here; a request arriving while another is in progress is answered
 FAIL busy. Application answers carry the transaction's 64-bit msgid, so a
 late answer to an earlier transaction is logged and dropped.
+
+Applications are identified by their queue (the Platform's key for the pair
+of queues it made for them), never by what a message says: the process
+around this core attributes each answer to the queue it arrived on. Any
+failure of one application (its queue, its bytes, its process) drops that
+application with one log line; nothing an application does reaches beyond it.
 """
 
 from __future__ import annotations
@@ -24,13 +30,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from ipc.names import app_queue
-from ipc.vssproto import (AppInfo, Answer, Register, Registered, Request, ToApp, ToBroker, Unregister,
-                          VssReply, VssRequest)
+from ipc.vssproto import AppInfo, Answer, Request, VssReply
 
 log = logging.getLogger("vss")
 
-MAX_APPS = 256  # a sanity bound, not a design limit: each app owns its queue
+MAX_APPS = 64  # [vss] max_apps: each application costs two queues of the system's 256
+MAX_APPS_PER_UID = 8  # [vss] max_apps_per_uid
 REAP_INTERVAL = 1.0  # seconds between liveness checks of registered pids
 _PHASE_STATE = {"check": "checking", "freeze": "freezing", "thaw": "thawing"}
 
@@ -38,9 +43,9 @@ _PHASE_STATE = {"check": "checking", "freeze": "freezing", "thaw": "thawing"}
 class Platform(Protocol):
     """What the core may do to the world. Every method reports errors, none raises."""
 
-    def open_app(self, queue: str) -> str | None: ...  # error text or None
-    def send_app(self, queue: str, msg: ToApp) -> str | None: ...
-    def close_app(self, queue: str, unlink: bool) -> None: ...
+    def open_app(self, name: str, pid: int, uid: int) -> tuple[str, str]: ...  # (queue key, "") or ("", error)
+    def send_app(self, queue: str, msg: Request) -> str | None: ...
+    def close_app(self, queue: str) -> None: ...  # queues removed, the registration ended
     def reply(self, reply_to: Any, reply: VssReply) -> None: ...
     def pid_alive(self, pid: int) -> bool: ...
     def check_mount(self, mount: str) -> str | None: ...
@@ -55,6 +60,7 @@ class App:
     name: str
     pid: int
     queue: str
+    uid: int = 0
     state: str = "idle"
     last_op: str = ""
     last_answer: str = ""
@@ -62,11 +68,15 @@ class App:
     sent_at: float = 0.0
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.name, self.pid)
+    def key(self) -> str:
+        return self.queue
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}[{self.pid}]"
 
     def info(self) -> AppInfo:
-        return AppInfo(self.name, self.pid, self.state, self.last_op, self.last_answer, round(self.last_ms, 3))
+        return AppInfo(self.name, self.pid, self.state, self.last_op, self.last_answer, round(self.last_ms, 3), self.uid)
 
 
 @dataclass
@@ -78,7 +88,7 @@ class Txn:
     started: float
     msgid: int = 0  # of the application phase
     deadline: float = 0.0
-    pending: dict[tuple[str, int], App] = field(default_factory=dict)
+    pending: dict[str, App] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     window_ms: float = 0.0
 
@@ -86,7 +96,8 @@ class Txn:
 class BrokerCore:
     def __init__(self, platform: Platform, prefix: str, mounts: list[str], timeout: float = 15.0,
                  freeze_max: float = 10.0, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, msgid_base: int | None = None):
+                 wall: Callable[[], float] = time.time, msgid_base: int | None = None,
+                 max_apps: int = MAX_APPS, max_apps_per_uid: int = MAX_APPS_PER_UID, hooks_dir: str = ""):
         self.p = platform
         self.prefix = prefix
         self.mounts = list(mounts)
@@ -94,7 +105,12 @@ class BrokerCore:
         self.freeze_max = freeze_max
         self.clock = clock
         self.wall = wall
-        self.apps: dict[tuple[str, int], App] = {}
+        self.max_apps = max_apps
+        self.max_apps_per_uid = max_apps_per_uid
+        self.hooks_dir = hooks_dir
+        self.apps: dict[str, App] = {}
+        self.held: list[str] = []  # applications that answered FREEZE OK, while frozen
+        self.hooks_ran = False  # freeze hooks ran for the current freeze
         self.txn: Txn | None = None
         self.state = "idle"
         self.since = wall()
@@ -107,23 +123,39 @@ class BrokerCore:
 
     # -- inputs
 
-    def handle(self, msg: ToBroker) -> None:
-        if isinstance(msg, Answer):
-            self._on_answer(msg)
-        elif isinstance(msg, Register):
-            self._on_register(msg)
-        elif isinstance(msg, Unregister):
-            app = self.apps.pop((msg.name, msg.pid), None)
-            if app is not None:
-                log.info("application %s[%d] unregistered", app.name, app.pid)
-                self.p.close_app(app.queue, unlink=False)
-                self._drop_pending(app, "unregistered")
-        elif isinstance(msg, VssRequest):
-            if not msg.reply_queue.startswith(f"/{self.prefix}.req."):
-                log.warning("request %s from pid %d dropped: reply queue %s is not a requestor queue of this instance",
-                            msg.op, msg.pid, msg.reply_queue)
-                return
-            self.request(msg.op, msg.msgid, msg.reply_queue, msg.timeout)
+    def register(self, name: str, pid: int, uid: int) -> tuple[App | None, str]:
+        """A new application (pid and uid are the kernel's word): the App, or None and why not."""
+        if len(self.apps) >= self.max_apps:
+            return None, f"too many applications registered ({self.max_apps}, [vss] max_apps)"
+        mine = sum(1 for a in self.apps.values() if a.uid == uid)
+        if uid != 0 and mine >= self.max_apps_per_uid:
+            return None, f"too many applications registered by uid {uid} ({self.max_apps_per_uid}, [vss] max_apps_per_uid)"
+        queue, err = self.p.open_app(name, pid, uid)
+        if err:
+            log.warning("registration of %s[%d] (uid %d) refused: %s", name, pid, uid, err)
+            return None, err
+        app = App(name, pid, queue, uid)
+        self.apps[app.key] = app
+        log.info("application %s (uid %d) registered (%d in all)", app.label, uid, len(self.apps))
+        return app, ""
+
+    def answer(self, queue: str, a: Answer) -> None:
+        """An Answer that arrived on `queue`: it is that application's, whatever it says."""
+        app = self.apps.get(queue)
+        if app is not None:
+            self._on_answer(app, a)
+
+    def drop(self, queue: str, why: str, failed: bool = False) -> None:
+        """End a registration: unregistered, gone, or failed (`failed` also fails its phase)."""
+        app = self.apps.pop(queue, None)
+        if app is None:
+            return
+        if failed:
+            log.warning("application %s dropped: %s", app.label, why)
+        else:
+            log.info("application %s %s", app.label, why)
+        self.p.close_app(app.queue)
+        self._drop_pending(app, why, failed)
 
     def request(self, op: str, req_msgid: int, reply_to: Any, timeout: float | None = None) -> None:
         now = self.clock()
@@ -178,75 +210,44 @@ class BrokerCore:
         if self.frozen or self.state in ("frozen", "freezing") or (txn and txn.op == "freeze"):
             self._thaw_fs(None)
             self._notify_apps_thaw()
-        for app in self.apps.values():
-            self.p.close_app(app.queue, unlink=False)
+        for app in list(self.apps.values()):
+            self.p.close_app(app.queue)
         self.apps.clear()
         self._set_state("idle", reason)
 
     # -- applications
 
-    def _on_register(self, msg: Register) -> None:
-        if msg.queue != app_queue(self.prefix, msg.name, msg.pid):
-            log.warning("registration of %s[%d] dropped: queue %s is not %s", msg.name, msg.pid, msg.queue,
-                        app_queue(self.prefix, msg.name, msg.pid))
-            return
-        if not self.p.pid_alive(msg.pid):
-            log.warning("registration of %s[%d] dropped: no such process", msg.name, msg.pid)
-            return
-        old = self.apps.pop((msg.name, msg.pid), None)
-        if old is not None:
-            self.p.close_app(old.queue, unlink=False)
-            self._drop_pending(old, "registered again")
-        err = self.p.open_app(msg.queue)
-        if err:
-            log.warning("registration of %s[%d] dropped: %s", msg.name, msg.pid, err)
-            return
-        if len(self.apps) >= MAX_APPS:
-            self.p.send_app(msg.queue, Registered(msg.name, False, f"too many applications ({MAX_APPS})"))
-            self.p.close_app(msg.queue, unlink=False)
-            return
-        app = App(msg.name, msg.pid, msg.queue)
-        self.apps[app.key] = app
-        err = self.p.send_app(msg.queue, Registered(msg.name))
-        log.info("application %s[%d] registered (%d in all)%s", app.name, app.pid, len(self.apps),
-                 f"; acknowledgement not sent: {err}" if err else "")
-
-    def _on_answer(self, a: Answer) -> None:
-        app = self.apps.get((a.name, a.pid))
+    def _on_answer(self, app: App, a: Answer) -> None:
         txn = self.txn
         verdict = "OK" if a.ok else f"FAIL: {a.reason}" if a.reason else "FAIL"
-        if app is None:
-            log.warning("answer %#x from unregistered %s[%d] dropped", a.msgid, a.name, a.pid)
-            return
         if txn is not None and a.msgid == txn.msgid and app.key in txn.pending:
             del txn.pending[app.key]
             app.last_answer, app.last_ms = verdict, (self.clock() - app.sent_at) * 1000
             app.state = "ok" if a.ok else "failed"
-            log.debug("%s[%d] %s: %s in %.1f ms", app.name, app.pid, txn.op, verdict, app.last_ms)
+            log.debug("%s %s: %s in %.1f ms", app.label, txn.op, verdict, app.last_ms)
             if not a.ok:
-                txn.failures.append(f"{app.name}[{app.pid}] {txn.op.upper()} failed" + (f": {a.reason}" if a.reason else ""))
+                txn.failures.append(f"{app.label} {txn.op.upper()} failed" + (f": {a.reason}" if a.reason else ""))
             # One failure decides CHECK and FREEZE; THAW waits for everyone.
             if not txn.pending or (txn.failures and txn.op != "thaw"):
                 self._phase_done(txn)
         elif a.msgid in self._cleanup_msgids:
             app.state, app.last_op, app.last_answer = ("ok" if a.ok else "failed"), "thaw", verdict
         else:
-            log.warning("late answer %#x (%s) from %s[%d] dropped: not the current transaction",
-                        a.msgid, verdict, a.name, a.pid)
+            log.warning("late answer %#x (%s) from %s dropped: not the current transaction", a.msgid, verdict, app.label)
 
     def _reap(self) -> None:
         self._last_reap = self.clock()
         for app in [a for a in self.apps.values() if not self.p.pid_alive(a.pid)]:
-            del self.apps[app.key]
-            log.warning("application %s[%d] is gone: unregistered, queue %s removed", app.name, app.pid, app.queue)
-            self.p.close_app(app.queue, unlink=True)
-            self._drop_pending(app, "exited")
+            self.drop(app.queue, "is gone: unregistered, queues removed")
 
-    def _drop_pending(self, app: App, why: str) -> None:
+    def _drop_pending(self, app: App, why: str, failed: bool) -> None:
         txn = self.txn
         if txn is not None and txn.pending.pop(app.key, None) is not None:
-            log.info("%s[%d] %s during %s; not waited for", app.name, app.pid, why, txn.op.upper())
-            if not txn.pending:
+            if failed:
+                txn.failures.append(f"{app.label}: {why}")
+            else:
+                log.info("%s %s during %s; not waited for", app.label, why, txn.op.upper())
+            if not txn.pending or (txn.failures and txn.op != "thaw"):
                 self._phase_done(txn)
 
     def _send_all(self, op: str, msgid: int, timeout: float) -> tuple[dict, list[str]]:
@@ -256,8 +257,8 @@ class BrokerCore:
             err = self.p.send_app(app.queue, Request(msgid, op, timeout))  # type: ignore[arg-type]
             app.last_op, app.sent_at = op, now
             if err:
-                app.state, app.last_answer = "failed", f"not sent: {err}"
-                errors.append(f"{app.name}[{app.pid}]: cannot send {op.upper()}: {err}")
+                errors.append(f"{app.label}: cannot send {op.upper()}: {err}")
+                self.drop(app.queue, f"cannot send {op.upper()}: {err}", failed=True)
             else:
                 app.state = _PHASE_STATE[op]
                 pending[app.key] = app
@@ -308,6 +309,7 @@ class BrokerCore:
     def _finish_freeze(self, txn: Txn) -> None:
         if txn.failures:
             return self._abort_freeze(txn, "; ".join(txn.failures), hooks_ran=False)
+        held = [a.label for a in self.apps.values() if a.last_op == "freeze" and a.state == "ok"]
         left = max(0.0, txn.deadline - self.clock())
         self._set_state("freezing", "hooks")
         err = self.p.run_hooks("freeze", left)
@@ -318,6 +320,7 @@ class BrokerCore:
         if err:
             return self._abort_freeze(txn, err, hooks_ran=True)
         self.frozen, self.frozen_at = list(self.mounts), self.clock()
+        self.held, self.hooks_ran = held, bool(self.hooks_dir)
         self._set_state("frozen", f"{len(self.frozen)} file systems, {len(self.apps)} applications")
         self._reply(txn, True)
 
@@ -350,6 +353,8 @@ class BrokerCore:
     def _set_state(self, state: str, detail: str = "") -> None:
         if state != self.state:
             self.since = self.wall()
+        if state != "frozen":
+            self.held, self.hooks_ran = [], False
         self.state = state
         self.p.state(state, detail, list(self.frozen))
 
@@ -359,7 +364,8 @@ class BrokerCore:
             log.info("%s: %s%s (%.1f ms)", txn.op.upper(), "OK" if ok else "FAIL", f": {reason}" if reason else "", elapsed)
         reply = VssReply(msgid=txn.req_msgid, op=txn.op, ok=ok, reason=reason[:2000], elapsed_ms=round(elapsed, 3),  # type: ignore[arg-type]
                          state=self.state, since=self.since, frozen=list(self.frozen), window_ms=round(txn.window_ms, 3),
-                         apps=[a.info() for a in self.apps.values()])
+                         apps=[a.info() for a in self.apps.values()], held=list(self.held),
+                         hooks=self.hooks_dir if self.hooks_ran else "", mounts=list(self.mounts))
         self.p.reply(txn.reply_to, reply)
 
     def _new_msgid(self) -> int:
