@@ -79,6 +79,23 @@ def floor(mnt: Path, n: int, pause: float = 0.0) -> list[float]:
     return out
 
 
+def commit_cost(mnt: Path, n: int) -> list[float]:
+    """A 4 KiB write + fsync: one journal commit with its cache flushes through loop, FUSE, nbdfuse, NBD."""
+    out = []
+    fd = os.open(mnt / "commit.probe", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for i in range(n):
+            time.sleep(0.1)
+            os.pwrite(fd, b"c" * 4096, i * 4096)
+            t0 = time.monotonic()
+            os.fsync(fd)
+            out.append((time.monotonic() - t0) * 1000)
+    finally:
+        os.close(fd)
+        os.unlink(mnt / "commit.probe")
+    return out
+
+
 def show(what: str, windows: list[float], totals: list[float]) -> None:
     print(f"{what:<28} suspend window median {statistics.median(windows):6.1f} ms, worst {max(windows):6.1f} ms; "
           f"fssconfig end to end median {statistics.median(totals):5.0f} ms  ({len(windows)} snapshots)")
@@ -106,6 +123,8 @@ def main() -> int:
             run("mkfs.xfs", "-q", "-f", "-K", dev)
         mounts.loop_mount(dev, mnt, fstype=a.fstype)
         print(f"{a.fstype} {size} through nbdfuse + loop, store in /dev/shm, {os.cpu_count()} CPUs")
+        cc = commit_cost(mnt, a.rounds)
+        print(f"{'4 KiB write + fsync':<28} median {statistics.median(cc):6.1f} ms, worst {max(cc):6.1f} ms (a journal commit and its flushes)")
         for pause in (0.0, 0.5):
             fl = floor(mnt, a.rounds, pause)
             print(f"{'bare FIFREEZE + FITHAW':<28} median {statistics.median(fl):6.1f} ms, worst {max(fl):6.1f} ms "
