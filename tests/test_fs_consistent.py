@@ -18,6 +18,7 @@ import pytest
 from fsshelp import BIN, run, wait_for
 
 from daemon.suspend import TEST_HOLD_ENV
+from ipc import names
 
 RECORD = 64
 FILES = 20
@@ -297,7 +298,7 @@ def test_a_file_system_frozen_already_is_left_frozen(fssd_factory, shmdir, mount
 
 
 def suspend_pid(f) -> int | None:
-    """This instance's `fssd: suspend fss0` process (a child of its supervisor), if there is one."""
+    """This instance's `fssd[RUNDIR]: suspend fss0` process (a child of its supervisor), if there is one."""
     for p in os.listdir("/proc"):
         if not p.isdigit():
             continue
@@ -308,7 +309,7 @@ def suspend_pid(f) -> int | None:
                 title = c.read()
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == f.proc.pid and title.startswith(b"fssd: suspend fss0"):
+        if ppid == f.proc.pid and title.split(b"\0")[0].endswith(b": suspend fss0"):
             return int(p)
     return None
 
@@ -332,6 +333,8 @@ def start_held(fssd_factory, shmdir, mounts, tmp_path, freeze_max):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pid = wait_for(lambda: suspend_pid(f), 20, "the suspend process")
     wait_for(lambda: holding_freeze(pid), 20, "the suspend process to hold the freeze")
+    with open(f"/proc/{pid}/cmdline", "rb") as c:
+        assert c.read().split(b"\0")[0].decode() == names.proc_title("suspend fss0", str(f.rundir))
     assert frozen(mnt)
     return f, mnt, p, pid
 

@@ -30,7 +30,7 @@ import time
 
 import msgspec
 
-from ipc import logfmt, suspendmsg
+from ipc import logfmt, names, suspendmsg
 from workers import freeze, spawned
 
 log = logging.getLogger("suspend")
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import setproctitle
 
-        setproctitle.setproctitle(f"fssd: suspend {settings.device}")
+        setproctitle.setproctitle(names.proc_title(f"suspend {settings.device}"))
     except ImportError:
         pass
     logfmt.setup(f"suspend {settings.device}", settings.debug, settings.use_syslog)
