@@ -352,6 +352,16 @@ def test_sigkill_of_the_suspend_process_thaws_at_once(fssd_factory, shmdir, moun
     assert not (shmdir / "bs0").exists()
 
 
+def test_sigterm_to_the_suspend_process_thaws_and_takes_nothing(fssd_factory, shmdir, mounts, tmp_path):
+    """systemd's stop signals every process of the unit: the suspend process thaws first."""
+    f, mnt, p, pid = start_held(fssd_factory, shmdir, mounts, tmp_path, freeze_max=20)
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not frozen(mnt), 5, "the suspend process to thaw on SIGTERM", interval=0.05)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 1 and f"fssconfig: fss0: {mnt} thawed early (signal); snapshot not taken" in err, err
+    assert "fss0: not in use" in f.fssconfig("-l").stdout
+
+
 def test_sigkill_of_the_supervisor_thaws_at_once(fssd_factory, shmdir, mounts, tmp_path):
     f, mnt, p, pid = start_held(fssd_factory, shmdir, mounts, tmp_path, freeze_max=20)
     t0 = time.monotonic()
