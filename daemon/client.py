@@ -17,19 +17,40 @@ class ControlClient:
         self.rundir = rundir
         self.timeout = timeout
 
-    def request(self, req: control.Request) -> control.Reply:
+    def connect(self) -> socket.socket:
+        """A connection for one or more requests (raises NotRunning with the line to print)."""
         path = names.control_socket(self.rundir)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5.0)
         try:
-            sock.settimeout(5.0)
-            try:
-                sock.connect(path)
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise NotRunning(f"fssd is not running (no control socket at {path})") from None
-            except PermissionError:
-                raise NotRunning(f"{path}: Permission denied") from None
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise NotRunning(f"fssd is not running (no control socket at {path})") from None
+        except PermissionError:
+            sock.close()
+            raise NotRunning(f"{path}: Permission denied") from None
+        except OSError as e:
+            sock.close()
+            raise NotRunning(f"{path}: {e.strerror}") from None
+        return sock
+
+    def request(self, req: control.Request, fds: list[int] | tuple[int, ...] = (), sock: socket.socket | None = None) -> control.Reply:
+        """One request (with descriptors for SCM_RIGHTS, e.g. a Configure's store) and its reply.
+        On `sock` if given (left open), else on a connection of its own."""
+        own = sock is None
+        if own:
+            sock = self.connect()
+        try:
             chan = Channel(sock, control.Reply)
-            chan.send(req)
+            try:
+                chan.send(req, fds)
+            except (BrokenPipeError, ConnectionResetError):
+                # fssd refused the connection (too many) and said why before closing: read that.
+                got = chan.recv(timeout=1.0)
+                if got is None:
+                    raise NotRunning("fssd closed the connection without answering") from None
+                return got[0]
             got = chan.recv(timeout=self.timeout)
             if got is None:
                 raise NotRunning("fssd closed the connection without answering")
@@ -38,5 +59,8 @@ class ControlClient:
             raise NotRunning(f"bad answer from fssd: {e}") from None
         except socket.timeout:
             raise NotRunning("fssd did not answer in time") from None
+        except OSError as e:
+            raise NotRunning(f"lost the connection to fssd: {e.strerror or e}") from None
         finally:
-            sock.close()
+            if own:
+                sock.close()

@@ -1,7 +1,18 @@
 """The control socket RUNDIR/control.sock: framed msgspec requests, one reply each.
 
-Anyone who can connect may look; only root, or members of [daemon] group, may
-change anything (checked with SO_PEERCRED on every connection).
+Who may connect is the socket's mode (daemon/rundir.py): root, and with
+[daemon] group its members; they may list and configure/unconfigure. Every
+connection is checked again with SO_PEERCRED, and a Configure carries the
+backing store as a descriptor the caller opened (SCM_RIGHTS).
+
+Bounded: at most MAX_CONNECTIONS connections, MAX_PER_UID for any one
+non-root uid, RESERVED of them kept for root (so root's fssconfig answers
+whatever others hold open); a request is at
+most MAX_REQUEST bytes, checked on its length before any of it is kept, and
+must arrive whole within FRAME_TIMEOUT (the first one within FRAME_TIMEOUT
+of the connect); an idle connection is closed after IDLE_TIMEOUT. Out of
+descriptors (EMFILE/ENFILE), accepting pauses with back-off and one warning
+a minute.
 """
 
 from __future__ import annotations
@@ -11,16 +22,16 @@ import errno
 import grp
 import logging
 import os
+import resource
 import socket
 import struct
 import time
 from typing import TYPE_CHECKING
 
-import msgspec
-
+from daemon import rundir as rundirmod
 from daemon.snapshots import ControlError
 from ipc import control, names
-from ipc.framing import MAX_FRAME, FrameCodec, FrameError
+from ipc.framing import MAX_REQUEST, FrameCodec, FrameError
 
 if TYPE_CHECKING:
     from daemon.supervisor import Supervisor
@@ -29,11 +40,31 @@ log = logging.getLogger("control")
 
 _MUTATING = (control.Configure, control.Unconfigure)
 
+MAX_CONNECTIONS = 64
+RESERVED = 16  # of MAX_CONNECTIONS, only for root
+MAX_PER_UID = 8  # any one uid but root
+FRAME_TIMEOUT = 5.0
+IDLE_TIMEOUT = 60.0
+MAX_FDS = 2  # per request (a Configure: the store and its directory)
+_RECV = 65536
+
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", raw)
+
+
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+
+
+def peer_groups(sock: socket.socket, pid: int, gid: int) -> set[int]:
+    """The peer's groups as the kernel recorded them at connect (SO_PEERGROUPS), else from /proc."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 1024)
+        return {gid, *struct.unpack(f"{len(raw) // 4}I", raw)}
+    except OSError:
+        return _peer_groups(pid, gid)
 
 
 def _peer_groups(pid: int, gid: int) -> set[int]:
@@ -48,88 +79,242 @@ def _peer_groups(pid: int, gid: int) -> set[int]:
     return groups
 
 
+def raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (workers, sockets and stores all take descriptors)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class _RateLimited:
+    """One warning per `every` seconds, with how many were held back."""
+
+    def __init__(self, every: float = 60.0):
+        self.every = every
+        self.last = -1e9
+        self.held = 0
+
+    def warn(self, fmt: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            more = f" ({self.held} more since the last warning)" if self.held else ""
+            log.warning(fmt + more, *args)
+            self.last, self.held = now, 0
+        else:
+            self.held += 1
+
+
 class ControlServer:
     def __init__(self, sup: "Supervisor"):
         self.sup = sup
-        self.server: asyncio.AbstractServer | None = None
         self.path = names.control_socket(sup.rundir)
         self.codec = FrameCodec(control.Request)
+        self.listener: socket.socket | None = None
+        self.conns: dict[int, int] = {}  # id -> uid
+        self.tasks: set[asyncio.Task] = set()
+        self.busy: set[asyncio.Task] = set()  # carrying out a request
+        self._paused = False
+        self._backoff = 0.05
+        self._emfile = _RateLimited()
+        self._refused = _RateLimited()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Before any worker is spawned, so they inherit it too.
+        log.debug("descriptor limit %d", raise_fd_limit())
 
     async def start(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        self.server = await asyncio.start_unix_server(self._client, self.path)
-        mode, gid = 0o600, -1
-        if self.sup.cfg.daemon.group:
-            try:
-                gid = grp.getgrnam(self.sup.cfg.daemon.group).gr_gid
-                mode = 0o660
-            except KeyError:
-                log.warning("group %s does not exist; control socket is root-only", self.sup.cfg.daemon.group)
-        os.chown(self.path, -1, gid)
-        os.chmod(self.path, mode if gid != -1 else 0o666)
+        self._loop = asyncio.get_running_loop()
+        gid = rundirmod.group_gid(self.sup.cfg.daemon.group)
+        self.listener = rundirmod.bind_unix(self.path, group_access=True, gid=gid)
+        self.listener.setblocking(False)
+        self.listener.listen(128)
+        self._loop.add_reader(self.listener.fileno(), self._accept)
 
     async def stop(self) -> None:
-        if self.server:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
+        if self.listener is not None:
+            if not self._paused:
+                self._loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        # Connections waiting for a request go now; one whose request is being carried out
+        # (a configure holding a freeze) finishes it and answers: it is never cut short.
+        idle = [t for t in self.tasks if t not in self.busy]
+        for t in idle:
+            t.cancel()
+        if idle:
+            await asyncio.gather(*idle, return_exceptions=True)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
-    def _allowed(self, pid: int, uid: int, gid: int) -> bool:
+    # -- accepting ----------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst, then back to the loop
+            if self.listener is None:
+                return
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause(e)
+                elif e.errno not in (errno.ECONNABORTED, errno.EPROTO):
+                    log.error("control socket: accept failed: %s", e)
+                return
+            self._backoff = 0.05
+            self._admit(sock)
+
+    def _pause(self, e: OSError) -> None:
+        """Out of descriptors: stop accepting for a while instead of spinning on the error."""
+        self._emfile.warn("control socket: %s; not accepting for %.2f s (%d connections open)", e.strerror, self._backoff, len(self.conns))
+        self._loop.remove_reader(self.listener.fileno())
+        self._paused = True
+
+        def resume():
+            self._paused = False
+            if self.listener is not None:
+                self._loop.add_reader(self.listener.fileno(), self._accept)
+
+        self._loop.call_later(self._backoff, resume)
+        self._backoff = min(self._backoff * 2, 2.0)
+
+    def _privileged(self, uid: int, groups: set[int]) -> bool:
         if uid == 0:
             return True
         group = self.sup.cfg.daemon.group
         if not group:
             return False
         try:
-            return grp.getgrnam(group).gr_gid in _peer_groups(pid, gid)
+            return grp.getgrnam(group).gr_gid in groups
         except KeyError:
             return False
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        pid, uid, gid = peer_credentials(sock)
-        dec = msgspec.msgpack.Decoder(control.Request)
+    def _admit(self, sock: socket.socket) -> None:
+        try:
+            pid, uid, gid = peer_credentials(sock)
+        except OSError:
+            sock.close()
+            return
+        n = len(self.conns)
+        mine = sum(1 for u in self.conns.values() if u == uid)
+        why = None
+        if n >= MAX_CONNECTIONS:
+            why = f"{n} connections open"
+        elif uid != 0 and n >= MAX_CONNECTIONS - RESERVED:
+            why = f"{n} connections open ({RESERVED} kept for root)"
+        elif uid != 0 and mine >= MAX_PER_UID:
+            why = f"uid {uid} has {mine} connections open (at most {MAX_PER_UID})"
+        if why:
+            self._refused.warn("control socket: refused a connection from uid %d (pid %d): %s", uid, pid, why)
+            try:  # a word to a well-behaved client; never wait for a slow one
+                sock.setblocking(False)
+                sock.send(self.codec.encode(control.Error(errno.EUSERS, f"too many connections to fssd: {why}")))
+            except OSError:
+                pass
+            sock.close()
+            return
+        sock.setblocking(False)
+        key = id(sock)
+        self.conns[key] = uid
+        task = asyncio.ensure_future(self._serve(sock, pid, uid, peer_groups(sock, pid, gid)))
+        self.tasks.add(task)
+
+        def done(t):
+            self.tasks.discard(t)
+            self.conns.pop(key, None)
+            sock.close()
+
+        task.add_done_callback(done)
+
+    # -- one connection -------------------------------------------------------------------
+
+    async def _readable(self, sock: socket.socket, timeout: float) -> None:
+        fut = self._loop.create_future()
+        fd = sock.fileno()
+        self._loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._loop.remove_reader(fd)
+
+    async def _send(self, sock: socket.socket, data: bytes) -> None:
+        await asyncio.wait_for(self._loop.sock_sendall(sock, data), FRAME_TIMEOUT)
+
+    async def _serve(self, sock: socket.socket, pid: int, uid: int, groups: set[int]) -> None:
+        codec = FrameCodec(control.Request, MAX_REQUEST)
+        fds: list[int] = []
+        deadline = time.monotonic() + FRAME_TIMEOUT  # the first request, whole, within this
+        first = True
         try:
             while True:
-                try:
-                    head = await reader.readexactly(4)
-                except asyncio.IncompleteReadError:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    what = "a request arrived only in part" if codec.buffered else "no request came"
+                    log.info("control client uid %d (pid %d) dropped: %s in time", uid, pid, what)
                     return
-                (n,) = struct.unpack(">I", head)
-                if n > MAX_FRAME:
-                    writer.write(self.codec.encode(control.Error(errno.EMSGSIZE, f"request of {n} bytes is over the limit")))
-                    await writer.drain()
-                    return
-                body = await reader.readexactly(n)
                 try:
-                    req = dec.decode(body)
-                except msgspec.DecodeError as e:
-                    log.warning("refused a malformed control request from pid %d: %s", pid, e)
-                    reply = control.Error(errno.EINVAL, f"malformed request: {e}")
-                else:
-                    reply = await self._dispatch(req, pid, uid, gid)
-                writer.write(self.codec.encode(reply))
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, FrameError) as e:
+                    await self._readable(sock, timeout)
+                except asyncio.TimeoutError:
+                    continue
+                try:
+                    data, newfds, flags, _ = socket.recv_fds(sock, _RECV, MAX_FDS)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                fds.extend(newfds)
+                if flags & socket.MSG_CTRUNC:
+                    log.warning("control client uid %d (pid %d) sent more than %d descriptors; dropped", uid, pid, MAX_FDS)
+                    return
+                if not data:
+                    return
+                was_idle = codec.buffered == 0
+                try:
+                    msgs = codec.feed(data)
+                except FrameError as e:
+                    log.warning("refused a malformed control request from uid %d (pid %d): %s", uid, pid, e)
+                    await self._send(sock, self.codec.encode(control.Error(errno.EMSGSIZE if "exceeds" in str(e) else errno.EINVAL, f"malformed request: {e}")))
+                    return
+                if was_idle and codec.buffered and not first:
+                    deadline = time.monotonic() + FRAME_TIMEOUT  # a request has begun: it must finish soon
+                for req in msgs:
+                    n = getattr(req, "nfds", 0) if isinstance(req, control.Configure) else 0
+                    claimed, rest = fds[:n], fds[n:]
+                    fds = []
+                    for fd in rest:  # descriptors no request declared
+                        os.close(fd)
+                    me = asyncio.current_task()
+                    self.busy.add(me)
+                    try:
+                        reply = await self._dispatch(req, claimed, pid, uid, groups)
+                        await self._send(sock, self.codec.encode(reply))
+                    finally:
+                        self.busy.discard(me)
+                    if self.listener is None:
+                        return  # stopping: answered, and no further requests
+                if msgs:
+                    first = False
+                if not codec.buffered:
+                    deadline = time.monotonic() + IDLE_TIMEOUT
+        except (ConnectionError, asyncio.TimeoutError, OSError) as e:
             log.debug("control client pid %d went away: %s", pid, e)
         finally:
-            writer.close()
+            for fd in fds:
+                os.close(fd)
 
-    async def _dispatch(self, req, pid: int, uid: int, gid: int):
+    async def _dispatch(self, req, fds: list[int], pid: int, uid: int, groups: set[int]):
         sup = self.sup
-        if isinstance(req, _MUTATING) and sup.shutting_down:
-            return control.Error(errno.ESHUTDOWN, "fssd is shutting down")
-        if isinstance(req, _MUTATING) and not self._allowed(pid, uid, gid):
-            log.warning("refused %s from uid %d (pid %d): not root or in the fssd group", type(req).__name__, uid, pid)
-            return control.Error(errno.EPERM, "Operation not permitted")
         try:
+            if isinstance(req, _MUTATING) and sup.shutting_down:
+                return control.Error(errno.ESHUTDOWN, "fssd is shutting down")
+            if isinstance(req, _MUTATING) and not self._privileged(uid, groups):
+                log.warning("refused %s from uid %d (pid %d): not root or in the fssd group", type(req).__name__, uid, pid)
+                return control.Error(errno.EPERM, "Operation not permitted")
             if isinstance(req, control.ListSnapshots):
                 devs = sup.snaps.devices()
                 if req.device is not None:
@@ -140,7 +325,8 @@ class ControlServer:
             if isinstance(req, control.ListVolumes):
                 return control.Volumes([sup.volume_info(v) for v in sup.volumes.values()])
             if isinstance(req, control.Configure):
-                return await sup.snaps.configure(req)
+                claimed, fds = fds, []
+                return await sup.snaps.configure(req, claimed, uid)
             if isinstance(req, control.Unconfigure):
                 await sup.snaps.unconfigure(req.device)
                 return control.Unconfigured(req.device)
@@ -161,4 +347,7 @@ class ControlServer:
         except Exception as e:  # a bug answers with an error; it never drops the client silently
             log.exception("internal error handling %s", type(req).__name__)
             return control.Error(errno.EIO, f"internal error in fssd: {e}")
+        finally:
+            for fd in fds:
+                os.close(fd)
         return control.Error(errno.EINVAL, f"unsupported request {type(req).__name__}")

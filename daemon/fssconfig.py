@@ -17,6 +17,7 @@ import time
 
 import msgspec
 
+from daemon import storeopen
 from daemon.client import ControlClient, NotRunning
 from ipc import control, names
 from ipc.units import humanize, strsuftoll
@@ -193,6 +194,15 @@ def _main(argv: list[str]) -> int:
     size = strsuftoll("bs size", args[4], 0, 2**63 - 1) if len(args) > 4 else None
     if "/" in path:
         path = os.path.abspath(path)
+    # The store is opened here, with the caller's own rights; fssd gets the descriptor.
+    # Connected first: nothing is created for an fssd that isn't there or won't talk to us.
+    sock = client.connect()
+    try:
+        store = storeopen.open_store(backup)
+    except storeopen.StoreError as e:
+        sock.close()
+        return _die(str(e))
+    keep_name = store.created and not store.nameless and not unlink  # fssd removes it at unconfigure
     req = control.Configure(
         device=device,
         path=path,
@@ -200,12 +210,24 @@ def _main(argv: list[str]) -> int:
         cluster=cluster,
         size=size,
         unconfig_on_close=uoc,
-        unlink=unlink,
+        unlink=unlink or store.nameless,
         consistent=consistent,
         timeout=timeout,
         no_suspend=no_suspend,
+        name=store.name if keep_name else "",
+        nfds=2 if keep_name else 1,
     )
-    reply = _expect(client.request(req), control.Configured, device)
+    ok = False
+    try:
+        reply = _expect(client.request(req, [store.fd, store.dirfd] if keep_name else [store.fd], sock), control.Configured, device)
+        ok = True
+        if unlink:
+            storeopen.unlink_name(store, backup)
+    finally:
+        if not ok:
+            storeopen.remove_created(store)  # a file made for a configure that failed
+        storeopen.close(store)
+        sock.close()
     snap = reply.snapshot
     if consistent:
         print(f"{device}: application-consistent snapshot, freeze window {reply.freeze_window_ms:.1f} ms, barrier {reply.barrier_us} us")

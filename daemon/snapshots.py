@@ -138,56 +138,65 @@ class SnapshotManager:
 
     # -- configure -------------------------------------------------------------------
 
-    async def configure(self, req: control.Configure) -> control.Configured:
-        if req.device not in self.devices():
-            raise ControlError(errno.ENXIO, f"{req.device}: Device not configured (devices are fss0..fss{self.sup.cfg.daemon.devices - 1})")
-        async with self.lock:
-            if req.device in self.snaps:
-                raise ControlError(errno.EBUSY, f"{req.device}: Device busy")
-            vol = self.sup.find_volume(req.path)
-            if vol is None:
-                raise ControlError(errno.ENOENT, f"{req.path}: no such volume (give a volume name, its mountpoint or its image path)")
-            if vol.worker is None or not vol.worker.alive:
-                raise ControlError(errno.EAGAIN, f"{vol.section.name}: volume worker is not running; try again")
-            name = vol.section.name
-            try:
-                backing.check_location(req.backup, vol.section.mountpoint, self.sup.cfg.freeze_mounts())
-                store = backing.open_store(req.backup, req.device, req.unlink, self._taken())
-            except backing.BackingError as e:
-                raise ControlError(e.errno, str(e)) from None
-            try:
-                return await self._configure(req, vol, name, store)
-            except BaseException:
-                backing.discard(store, unlinked=False)  # the unlink is configure's very last step
-                raise
+    async def configure(self, req: control.Configure, fds: list[int], uid: int) -> control.Configured:
+        """`fds`: the store descriptor fssconfig opened with the caller's rights (and, for a file
+        it made, that file's directory): fssd never opens the backing path itself."""
+        try:
+            if len(fds) != req.nfds or req.nfds not in (1, 2) or (req.nfds == 2) != bool(req.name) or "/" in req.name:
+                raise ControlError(errno.EINVAL, "a configure request carries the backing store's descriptor (fssconfig opens it)")
+            if req.device not in self.devices():
+                raise ControlError(errno.ENXIO, f"{req.device}: Device not configured (devices are fss0..fss{self.sup.cfg.daemon.devices - 1})")
+            async with self.lock:
+                if req.device in self.snaps:
+                    raise ControlError(errno.EBUSY, f"{req.device}: Device busy")
+                vol = self.sup.find_volume(req.path)
+                if vol is None:
+                    raise ControlError(errno.ENOENT, f"{req.path}: no such volume (give a volume name, its mountpoint or its image path)")
+                if vol.worker is None or not vol.worker.alive:
+                    raise ControlError(errno.EAGAIN, f"{vol.section.name}: volume worker is not running; try again")
+                try:
+                    store = backing.check_store(fds[0], req.backup, uid, vol.section.mountpoint, self.sup.cfg.freeze_mounts(), self._taken())
+                except backing.BackingError as e:
+                    raise ControlError(e.errno, str(e)) from None
+                store = store._replace(unlink_now=req.unlink, dirfd=fds[1] if req.nfds == 2 else -1, name=req.name)
+                fds = []  # the store's now
+                try:
+                    return await self._configure(req, vol, vol.section.name, store)
+                except BaseException:
+                    backing.discard(store, unlinked=True)  # fssconfig removes a file it made for a failed configure
+                    raise
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _taken(self) -> dict[tuple, str]:
-        """Storage that must never become a backing store: every volume image, every store in use."""
+        """Storage that must never become a backing store: every volume's data, every store in use."""
         taken: dict[tuple, str] = {}
         for v in self.sup.volumes.values():
             try:
-                taken[backing.identity(os.stat(v.section.path))] = f"the image of volume {v.section.name}"
+                for ident in backing.volume_identities(os.stat(v.section.path)):
+                    taken[ident] = f"the image of volume {v.section.name}"
             except OSError:
                 pass
         for d, snap in self.snaps.items():
-            taken[backing.identity(os.fstat(snap.store.fd))] = f"the backing store of {d}"
+            for ident in backing.store_identities(snap.store.fd, os.fstat(snap.store.fd)):
+                taken.setdefault(ident, f"the backing store of {d}")
         return taken
 
     async def _configure(self, req: control.Configure, vol, name: str, store: backing.BackingStore) -> control.Configured:
         try:
             csize = choose_cluster_size(req.cluster, vol.size, store.block_size)
+            backing.check_cluster(req.cluster, csize, vol.size)
         except ValueError as e:
             raise ControlError(errno.EINVAL, f"cluster size: {e}") from None
+        except backing.BackingError as e:
+            raise ControlError(e.errno, str(e)) from None
         count = (vol.size + csize - 1) // csize
         tclusters = table_clusters(count, csize)
-        if store.is_device:
-            limit = store.device_size // csize
-        elif req.size is not None:
-            limit = req.size // csize
-        else:
-            limit = tclusters + count  # room for every cluster: never full
-        if limit <= tclusters:
-            raise ControlError(errno.ENOSPC, f"{req.backup}: backing store of {limit * csize} bytes cannot even hold the table ({tclusters * csize} bytes)")
+        try:
+            limit = backing.limit_clusters(store, req.size, csize, count, tclusters)
+        except backing.BackingError as e:
+            raise ControlError(e.errno, str(e)) from None
         try:
             # The on-disk table (all clear) heads the store, copies are appended after it; writing
             # it now also proves the store takes writes (a "file" on /proc truncates without error).
@@ -220,11 +229,6 @@ class SnapshotManager:
                 held = await self._suspended_barrier(vol, snap)
             self.snaps[req.device] = snap
             await self._start_worker(snap)
-            if store.unlink_now:  # last: nothing can fail after it, so a failure above removes the file
-                try:
-                    os.unlink(store.path)
-                except FileNotFoundError:
-                    pass
         except BaseException:
             self.snaps.pop(req.device, None)
             await self._detach(vol.worker, req.device)
@@ -359,7 +363,7 @@ class SnapshotManager:
                 pass
 
     async def _start_worker(self, snap: Snapshot) -> None:
-        snap.listener = self.sup._listen(snap.device)
+        snap.listener = self.sup._listen(snap.device, group_access=True)
         vol = self.sup.volumes[snap.volume]
 
         def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:

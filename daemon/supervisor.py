@@ -23,6 +23,7 @@ import msgspec
 import setproctitle
 
 from daemon import config as configmod
+from daemon import rundir as rundirmod
 from daemon.control_server import ControlServer
 from daemon.notify import Notifier, child_env
 from daemon.procs import Worker, WorkerGone
@@ -69,15 +70,10 @@ class Supervisor:
 
     # -- volumes --------------------------------------------------------------------
 
-    def _listen(self, export: str) -> socket.socket:
+    def _listen(self, export: str, group_access: bool = False) -> socket.socket:
+        """A volume export is root's alone; a snapshot export (group_access) is readable by the group."""
         path = names.export_socket(self.rundir, export)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(path)
-        os.chmod(path, 0o660)
+        s = rundirmod.bind_unix(path, group_access, rundirmod.group_gid(self.cfg.daemon.group))
         s.listen(128)
         s.set_inheritable(False)
         return s
@@ -397,7 +393,7 @@ def cleanup_names(prefix: str, devices: int = 64) -> None:
 
 def _lock_rundir(rundir: str) -> int:
     os.makedirs(rundir, mode=0o755, exist_ok=True)
-    fd = os.open(os.path.join(rundir, "fssd.pid"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(os.path.join(rundir, "fssd.pid"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -438,7 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     except configmod.ConfigError as e:
         print(f"fssd: {e}", file=sys.stderr)
         return 2
-    lock_fd = _lock_rundir(cfg.daemon.rundir)
+    try:
+        rundirmod.trust_rundir(cfg.daemon.rundir, rundirmod.group_gid(cfg.daemon.group))
+    except rundirmod.UntrustedRundir as e:
+        print(f"fssd: refusing run directory {cfg.daemon.rundir}: {e}", file=sys.stderr)
+        return 2
+    try:
+        lock_fd = _lock_rundir(cfg.daemon.rundir)
+    except OSError as e:  # e.g. ELOOP: fssd.pid is a symlink
+        print(f"fssd: {os.path.join(cfg.daemon.rundir, 'fssd.pid')}: {e.strerror}", file=sys.stderr)
+        return 2
     setproctitle.setproctitle(names.proc_title("supervisor", cfg.daemon.rundir))
     cleanup_names(names.instance_prefix(cfg.daemon.rundir))
     sup = Supervisor(cfg, os.path.abspath(args.config), args.debug, args.syslog)

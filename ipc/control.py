@@ -1,7 +1,7 @@
 """Control socket messages: fssconfig / vssadm / `fssd --status` <-> supervisor.
 
-Framed by ipc.framing (u32 length + msgpack). Every request gets exactly one
-reply: the matching result, or `Error(errno, message)`.
+Framed by ipc.framing (u32 length + msgpack, requests at most MAX_REQUEST bytes).
+Every request gets exactly one reply: the matching result, or `Error(errno, message)`.
 """
 
 from __future__ import annotations
@@ -27,18 +27,27 @@ class ListVolumes(_Msg, tag="volumes"):
 
 
 class Configure(_Msg, tag="configure"):
+    """The store travels as a descriptor fssconfig opened with the caller's own rights
+    (SCM_RIGHTS on this frame): fssd never opens the backing path itself.
+
+    Descriptors: [store] or, for a file fssconfig created that fssd removes at
+    unconfigure, [store, its directory (O_PATH)] with `name` the file's name in it.
+    """
+
     device: str
     path: str  # volume name, its mountpoint or its image path
-    backup: str  # file, directory or raw block device
+    backup: str  # the store's path as given (shown by fssconfig -l; never opened by fssd)
     cluster: int = 0  # 0 = default (64 KiB), rounded up as fss does
     size: int | None = None  # backing-store limit in bytes; None = room for every cluster
     unconfig_on_close: bool = False
-    unlink: bool = False  # -x
+    unlink: bool = False  # the store has no name once configured (-x, or made in a directory)
     consistent: bool = False  # -C: CHECK, FREEZE, barrier, THAW
     # -C -t: per-phase VSS timeout for this request; None = [vss] timeout.
     timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
     # --no-suspend: crash-consistent on purpose (fss always suspends the file system).
     no_suspend: bool = False
+    name: str = ""  # with 2 descriptors: the created file's name in the directory passed
+    nfds: int = 1
 
 
 class Unconfigure(_Msg, tag="unconfigure"):

@@ -16,6 +16,9 @@ import msgspec
 # Control messages are small (status of a few dozen snapshots); anything
 # larger is a confused or hostile peer, not a request.
 MAX_FRAME = 1 << 20
+# A request on the control socket is a device name, two paths and a few numbers:
+# the control server reads at most this much before it has a whole request.
+MAX_REQUEST = 1 << 16
 
 _LEN = struct.Struct(">I")
 
@@ -27,10 +30,11 @@ class FrameError(Exception):
 class FrameCodec:
     """Encoder for any Struct, decoder for one (usually tagged-union) type."""
 
-    def __init__(self, decode_type: Any):
+    def __init__(self, decode_type: Any, max_frame: int = MAX_FRAME):
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(decode_type)
         self._buf = bytearray()
+        self.max_frame = max_frame  # checked on the length, before any of the body is kept
 
     def encode(self, msg: Any) -> bytes:
         body = self._enc.encode(msg)
@@ -44,8 +48,8 @@ class FrameCodec:
         out = []
         while len(self._buf) >= 4:
             (n,) = _LEN.unpack_from(self._buf)
-            if n > MAX_FRAME:
-                raise FrameError(f"frame of {n} bytes exceeds the limit {MAX_FRAME}")
+            if n > self.max_frame:
+                raise FrameError(f"frame of {n} bytes exceeds the limit {self.max_frame}")
             if len(self._buf) < 4 + n:
                 break
             body = bytes(self._buf[4 : 4 + n])
@@ -55,6 +59,11 @@ class FrameCodec:
             except msgspec.DecodeError as e:
                 raise FrameError(f"bad message: {e}") from None
         return out
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held (0 between frames)."""
+        return len(self._buf)
 
     def wants(self) -> int:
         """Bytes still needed for the next frame (at least 1)."""
