@@ -475,8 +475,9 @@ def test_root_is_never_suspended(tmp_path):
 
 def test_store_on_a_loop_device_over_the_volume_is_refused(fssd_factory, shmdir, mounts, tmp_path):
     """A raw store that is a loop device whose file lives on the volume's file system: the
-    copy-on-write into it would wait on the frozen file system. Found through the loop driver."""
-    f, mnt = setup(fssd_factory, shmdir, mounts, tmp_path)
+    copy-on-write into it would wait on the frozen file system. Found through the loop driver
+    (no mountpoint configured: the mount is found in mountinfo, and so is what the store rests on)."""
+    f, mnt = setup(fssd_factory, shmdir, mounts, tmp_path, mountpoint=False)
     backing = mnt / "store.img"
     with open(backing, "wb") as fh:
         fh.truncate(64 << 20)
