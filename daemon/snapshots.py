@@ -287,7 +287,7 @@ class SnapshotManager:
         if not plan.targets:
             if not under_vss:
                 snap.note = plan.note
-                if "crash-consistent" not in plan.note:
+                if not plan.crash:
                     snap.consistency = "file-system"  # mounted read-only: nothing can change under it
             return await self._barrier(vol.worker, snap)
         try:

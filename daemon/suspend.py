@@ -61,7 +61,8 @@ class Target(NamedTuple):
 
 class Plan(NamedTuple):
     targets: list[Target]
-    note: str  # when there is nothing to suspend: why (ends "snapshot is crash-consistent" unless read-only)
+    note: str  # when there is nothing to suspend: why, one line
+    crash: bool  # nothing to suspend and nothing read-only: the snapshot is crash-consistent
 
 
 def guarded_devices(store_fds: list[int], images: dict[str, str]) -> dict[int, str]:
@@ -119,12 +120,12 @@ def plan(volume: str, mountpoint: str | None, sock: str, guarded: dict[int, str]
             raise SuspendError(errno.EDEADLK, f"{m.point} holds {guarded[m.dev]}: suspending it would deadlock")
         chosen[m.dev] = Target(m.point, m.dev, why)
     if chosen:
-        return Plan(list(chosen.values()), "")
+        return Plan(list(chosen.values()), "", False)
     if read_only:
-        return Plan([], f"{volume} is mounted read-only at {', '.join(read_only)}: nothing to suspend")
+        return Plan([], f"{volume} is mounted read-only at {', '.join(read_only)}: nothing to suspend", False)
     if not note:
         note = f"{volume} is not mounted at its mountpoint {mountpoint}"
-    return Plan([], f"{note}: snapshot is crash-consistent")
+    return Plan([], f"{note}: snapshot is crash-consistent", True)
 
 
 class Result(NamedTuple):

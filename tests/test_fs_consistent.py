@@ -500,3 +500,15 @@ def test_C_suspends_what_the_broker_does_not_freeze(fssd_factory, shmdir, mounts
     snapdev = snapshot_device(f, mounts, tmp_path)
     assert not needs_recovery("ext4", snapdev)
     run("e2fsck", "-fn", snapdev)
+
+
+def test_a_read_only_mount_needs_no_suspend(fssd_factory, shmdir, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    f = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "64M", "mountpoint": str(mnt)}])
+    dev = mounts.nbdfuse(f.uri("data"), tmp_path / "fuse")
+    mkfs("ext4", dev)
+    mounts.loop_mount(dev, mnt, readonly=True)
+    out = f.fssconfig("-v", "fss0", "data", shmdir / "bs0").stdout
+    assert f"fss0: data is mounted read-only at {mnt}: nothing to suspend" in out, out
+    assert "crash-consistent" not in out and "suspended" not in out
+    assert '"consistency": "file-system"' in f.fssconfig("-l", "--json", "fss0").stdout
