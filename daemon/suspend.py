@@ -105,9 +105,11 @@ def plan(volume: str, mountpoint: str | None, sock: str, guarded: dict[int, str]
     else:
         note = f"{volume} has no mountpoint configured"
     candidates += volmounts.volume_mounts(table, volume, sock)
+    seen: set[int] = set()
     for m, why in candidates:
-        if m.dev in chosen or m.dev in exclude or top.get(m.point, m).dev != m.dev:
+        if m.dev in seen or m.dev in exclude or top.get(m.point, m).dev != m.dev:
             continue  # the same file system again, frozen by the broker already, or covered by another mount
+        seen.add(m.dev)
         if m.dev == root_dev or os.path.realpath(m.point) == "/":
             raise SuspendError(errno.EPERM, f"{m.point}: fssd never freezes /")
         if "ro" in m.super_opts:
