@@ -512,3 +512,14 @@ def test_a_read_only_mount_needs_no_suspend(fssd_factory, shmdir, mounts, tmp_pa
     assert f"fss0: data is mounted read-only at {mnt}: nothing to suspend" in out, out
     assert "crash-consistent" not in out and "suspended" not in out
     assert '"consistency": "file-system"' in f.fssconfig("-l", "--json", "fss0").stdout
+
+
+def test_a_bind_mount_is_the_same_file_system_frozen_once(fssd_factory, shmdir, mounts, tmp_path):
+    f, mnt = setup(fssd_factory, shmdir, mounts, tmp_path)
+    bind = tmp_path / "bind"
+    bind.mkdir()
+    run("mount", "--bind", mnt, bind)
+    mounts._undo.append(("mount", bind))
+    out = f.fssconfig("-v", "fss0", "data", shmdir / "bs0").stdout
+    assert re.search(rf"fss0: file-system-consistent snapshot, suspended {re.escape(str(mnt))} for [\d.]+ ms", out), out
+    assert "frozen already" not in out  # a second FIFREEZE of the same super block would have said EBUSY
