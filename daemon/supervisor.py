@@ -30,6 +30,7 @@ from daemon.procs import Worker, WorkerGone
 from daemon.snapshots import SnapshotManager
 from ipc import logfmt, names, workermsg
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
+from workers import nbdserve
 from workers.volume import AttachedSnapshot, VolumeSettings
 
 log = logging.getLogger("supervisor")
@@ -44,6 +45,18 @@ class VolumeState:
         self.listener = listener
         self.worker: Worker | None = None
         self.failed = False  # gave up restarting
+
+
+def nbd_limits(d: configmod.DaemonSection) -> nbdserve.Limits:
+    """[daemon] nbd_* for the workers (they read it from their environment)."""
+    return nbdserve.Limits(
+        max_connections=d.nbd_max_connections,
+        max_connections_per_uid=d.nbd_max_connections_per_uid,
+        handshake_timeout=d.nbd_handshake_timeout,
+        idle_timeout=d.nbd_idle_timeout,
+        request_timeout=d.nbd_request_timeout,
+        buffer_limit=d.nbd_buffer_bytes,
+    )
 
 
 class Supervisor:
@@ -62,6 +75,7 @@ class Supervisor:
         self.notifier = Notifier.from_env()
         self.env = child_env(dict(os.environ))
         self.env[names.INSTANCE_ENV] = os.path.abspath(self.rundir)
+        self.env[nbdserve.LIMITS_ENV] = msgspec.json.encode(nbd_limits(cfg.daemon)).decode()
         self.snaps = SnapshotManager(self)
         self.control = ControlServer(self)
         self.stop_event = asyncio.Event()
