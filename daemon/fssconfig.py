@@ -1,6 +1,6 @@
 """fssconfig: configure, unconfigure and list fssd snapshot devices, as NetBSD's fssconfig(8).
 
-usage: fssconfig [-Ccxv] device path backup [cluster [size]]
+usage: fssconfig [-Ccxv] [-t timeout] [--no-suspend] device path backup [cluster [size]]
        fssconfig -u [-v] device
        fssconfig -l [-v] [--json] [device]
        fssconfig --volumes [-v] [--json]
@@ -23,7 +23,7 @@ from ipc import control, names
 from ipc.units import humanize, strsuftoll
 
 PROG = "fssconfig"
-USAGE = """usage: fssconfig [-Ccxv] [-r rundir] device path backup [cluster [size]]
+USAGE = """usage: fssconfig [-Ccxv] [-t timeout] [--no-suspend] [-r rundir] device path backup [cluster [size]]
        fssconfig -u [-v] [-r rundir] device
        fssconfig -l [-v] [--json] [-r rundir] [device]
        fssconfig --volumes [-v] [--json] [-r rundir]"""
@@ -59,7 +59,19 @@ def format_snapshot(s: control.SnapshotInfo, verbose: bool) -> str:
             f"{', last error: ' + s.last_error if s.last_error else ''}, {s.clients} client(s)"
             f"\n    {s.uri}\n    backing store {s.backup}{limit}, {s.copies} cluster(s) copied"
         )
+        consistency = _consistency(s)
+        if consistency:
+            line += f"\n    {consistency}"
     return line
+
+
+def _consistency(s: control.SnapshotInfo) -> str:
+    """How the instant was taken, one line (-l -v)."""
+    if s.consistency == "application":
+        return f"application-consistent (VSS), freeze window {s.window_ms:.1f} ms"
+    if s.consistency == "file-system" and s.suspended:
+        return f"file-system-consistent: suspended {', '.join(s.suspended)} for {s.window_ms:.1f} ms"
+    return s.note
 
 
 def _duration(sec: float) -> str:
@@ -92,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     try:
-        opts, args = getopt.getopt(argv, "Cclr:uvx", ["json", "volumes", "rundir=", "help"])
+        opts, args = getopt.getopt(argv, "Cclr:t:uvx", ["json", "volumes", "rundir=", "help", "no-suspend"])
     except getopt.GetoptError as e:
         raise Usage(str(e)) from None
     action = None
-    verbose = unlink = uoc = consistent = as_json = False
+    verbose = unlink = uoc = consistent = as_json = no_suspend = False
     rundir = None
+    timeout = None
     for o, v in opts:
         if o in ("-l", "-u", "--volumes"):
             if action is not None:
@@ -111,6 +124,15 @@ def _main(argv: list[str]) -> int:
             verbose = True
         elif o == "-x":
             unlink = True
+        elif o == "-t":
+            try:
+                timeout = float(v)
+            except ValueError:
+                timeout = -1.0
+            if not 0 < timeout <= 3600:
+                raise Usage(f"-t {v}: timeout must be between 0 and 3600 seconds")
+        elif o == "--no-suspend":
+            no_suspend = True
         elif o == "--json":
             as_json = True
         elif o in ("-r", "--rundir"):
@@ -118,8 +140,12 @@ def _main(argv: list[str]) -> int:
         elif o == "--help":
             raise Usage("")
     client = ControlClient(names.resolve_rundir(rundir))
-    if action in ("-l", "-u", "--volumes") and (unlink or uoc or consistent):
+    if action in ("-l", "-u", "--volumes") and (unlink or uoc or consistent or no_suspend or timeout is not None):
         raise Usage("")
+    if timeout is not None and not consistent:
+        raise Usage("-t applies to -C (the VSS phases)")
+    if consistent and no_suspend:
+        raise Usage("-C and --no-suspend exclude each other")
 
     if action == "--volumes":
         if args:
@@ -186,6 +212,8 @@ def _main(argv: list[str]) -> int:
         unconfig_on_close=uoc,
         unlink=unlink or store.nameless,
         consistent=consistent,
+        timeout=timeout,
+        no_suspend=no_suspend,
         name=store.name if keep_name else "",
         nfds=2 if keep_name else 1,
     )
@@ -200,8 +228,14 @@ def _main(argv: list[str]) -> int:
             storeopen.remove_created(store)  # a file made for a configure that failed
         storeopen.close(store)
         sock.close()
+    snap = reply.snapshot
     if consistent:
         print(f"{device}: application-consistent snapshot, freeze window {reply.freeze_window_ms:.1f} ms, barrier {reply.barrier_us} us")
+    elif reply.suspend_window_ms is not None:
+        print(f"{device}: file-system-consistent snapshot, suspended {', '.join(snap.suspended)} for {reply.suspend_window_ms:.1f} ms, "
+              f"barrier {reply.barrier_us} us")
+    if verbose and snap.note:
+        print(f"{device}: {snap.note}")
     if verbose:
         print(format_snapshot(reply.snapshot, True))
     return 0
