@@ -15,6 +15,7 @@ from ipc.units import parse_size
 
 DEFAULT_CONFIG = "/etc/fssd/fssd.toml"
 MAX_DEVICES = 64
+MIN_NBD_BUFFER = 64 << 20
 
 
 class ConfigError(Exception):
@@ -29,6 +30,19 @@ class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     group: str | None = None
     # Restart back-off: a worker that dies more than this often within a minute is given up.
     max_restarts: int = 5
+    # -- NBD export bounds, per export (each worker applies them to its own socket) --
+    # Connections served at once; more are told "too many connections" and closed.
+    nbd_max_connections: int = 64
+    # Of those, from one peer uid (SO_PEERCRED on the Unix socket); root is not capped per uid.
+    nbd_max_connections_per_uid: int = 32
+    # Seconds from connect to the end of the option phase (qemu-nbd: 10).
+    nbd_handshake_timeout: float = 10.0
+    # Seconds a connection may sit idle between requests; 0 = for ever.
+    nbd_idle_timeout: float = 0.0
+    # Seconds a half-received request or an unread reply may stall before the connection is dropped.
+    nbd_request_timeout: float = 30.0
+    # Per worker: buffer memory beyond each connection's first 1 MiB (large WRITEs, read buffers).
+    nbd_buffer_limit: int | str = "256M"
 
     def __post_init__(self):
         if not 1 <= self.devices <= MAX_DEVICES:
@@ -37,6 +51,23 @@ class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("rundir must be an absolute path")
         if self.max_restarts < 1:
             raise ValueError("max_restarts must be at least 1")
+        # -- NBD export bounds --
+        if not 1 <= self.nbd_max_connections <= 1_000_000:
+            raise ValueError("nbd_max_connections must be between 1 and 1000000")
+        if not 1 <= self.nbd_max_connections_per_uid <= 1_000_000:
+            raise ValueError("nbd_max_connections_per_uid must be between 1 and 1000000")
+        if not 0 < self.nbd_handshake_timeout <= 3600:
+            raise ValueError("nbd_handshake_timeout must be between 0 and 3600 seconds")
+        if not 0 <= self.nbd_idle_timeout <= 86400 * 365:
+            raise ValueError("nbd_idle_timeout must be 0 (none) or a positive number of seconds")
+        if not 0 < self.nbd_request_timeout <= 3600:
+            raise ValueError("nbd_request_timeout must be between 0 and 3600 seconds")
+        if parse_size(self.nbd_buffer_limit) < MIN_NBD_BUFFER:
+            raise ValueError("nbd_buffer_limit must be at least 64M (one 32 MiB WRITE and room to read ahead)")
+
+    @property
+    def nbd_buffer_bytes(self) -> int:
+        return parse_size(self.nbd_buffer_limit)
 
 
 class VolumeSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

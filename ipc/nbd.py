@@ -225,12 +225,17 @@ Lookup = Callable[[str], "Export | None"]
 class ServerConnection:
     """One client connection's protocol state."""
 
-    def __init__(self, exports: list[Export], zero_copy: bool = False):
+    def __init__(self, exports: list[Export], zero_copy: bool = False, refusal: str | None = None):
         """zero_copy: WRITE payloads are memoryviews into the receive buffer, valid
         until the next receive_buffer()/receive_data() call (the serving loop's
-        contract); otherwise they are bytes."""
+        contract); otherwise they are bytes.
+
+        refusal: the server will not serve this client (e.g. too many connections):
+        every option that would reach an export is answered NBD_REP_ERR_POLICY with
+        this message (EXPORT_NAME, which cannot be refused, hangs up)."""
         self._exports = {e.name: e for e in exports}
         self.zero_copy = zero_copy
+        self.refusal = refusal
         self.state = State.CLIENT_FLAGS
         self.export: Export | None = None
         self.structured = False
@@ -251,8 +256,12 @@ class ServerConnection:
     def greeting(self) -> bytes:
         return _U64.pack(NBDMAGIC) + _U64.pack(IHAVEOPT) + _U16.pack(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
 
-    def receive_buffer(self) -> memoryview:
+    def receive_buffer(self, soft: int = RECV_SOFT) -> memoryview:
         """Free space to receive into (sock.recv_into), then call received(n).
+
+        The space ends at `soft` bytes from the buffer's head unless the message
+        being received needs more (a large WRITE): `filled + len(view)` is how far
+        the buffer may be touched, for a caller that budgets memory.
 
         Zero-copy payloads handed out before are invalid from here on: the
         unparsed tail may be moved to the head of the buffer.
@@ -260,16 +269,47 @@ class ServerConnection:
         pos, end = self._pos, self._end
         if pos == end:  # the usual case: everything parsed, start at the head
             self._pos = self._end = 0
-            return self._mv[:RECV_SOFT]
+            return self._mv[:soft]
         need = self._message_size()
-        if pos and (end - pos <= RECV_CHEAP_MOVE or pos + need > RECV_BUFFER or end >= RECV_SOFT):
+        if pos and (end - pos <= RECV_CHEAP_MOVE or pos + need > RECV_BUFFER or end >= soft):
             self._buf.move(0, pos, end - pos)
             pos, end = 0, end - pos
             self._pos, self._end = pos, end
-        return self._mv[end : min(RECV_BUFFER, max(RECV_SOFT, pos + need))]
+        return self._mv[end : min(RECV_BUFFER, max(soft, pos + need))]
 
     def received(self, n: int) -> None:
         self._end += n
+
+    @property
+    def filled(self) -> int:
+        """Where received data ends in the buffer (the start of receive_buffer()'s view)."""
+        return self._end
+
+    def release_memory(self, keep: int = 0) -> bool:
+        """Return the buffer's pages beyond `keep` bytes to the system; False (and nothing
+        done) while buffered bytes lie beyond `keep`. Untouched again, they cost nothing."""
+        if self._pos == self._end:
+            self._pos = self._end = 0
+        if self._end > keep:
+            return False
+        keep = -(-keep // mmap.PAGESIZE) * mmap.PAGESIZE
+        if keep < RECV_BUFFER:
+            self._buf.madvise(mmap.MADV_DONTNEED, keep, RECV_BUFFER - keep)
+        return True
+
+    def refuse_pending_write(self, errno: int, reason: str) -> bool:
+        """Refuse the WRITE whose header is at the parse position before its payload is
+        buffered: the payload will be skipped as it arrives and a BadRequest comes out.
+        False if no WRITE header is waiting there."""
+        if self.state is not State.TRANSMISSION or self._discard or self._end - self._pos < 28:
+            return False
+        magic, _f, cmd, cookie, _o, length = _REQUEST.unpack_from(self._buf, self._pos)
+        if magic != REQUEST_MAGIC or cmd != CMD_WRITE:
+            return False
+        self._pos += 28
+        self._discard = length
+        self._discard_event = BadRequest(cmd, cookie, errno, reason)
+        return True
 
     @property
     def buffered(self) -> int:
@@ -310,8 +350,11 @@ class ServerConnection:
         self._out.clear()
         return out
 
-    def events(self) -> list:
-        """Every event the buffered bytes make; leaves a partial message buffered."""
+    def events(self, until_ready: bool = False) -> list:
+        """Every event the buffered bytes make; leaves a partial message buffered.
+
+        until_ready: stop after Ready (a handshake loop that hands the connection
+        on), leaving any pipelined requests buffered."""
         out: list = []
         try:
             if self.state is State.TRANSMISSION:
@@ -334,6 +377,8 @@ class ServerConnection:
                     break
                 if ev is not True:
                     out.append(ev)
+                    if until_ready and type(ev) is Ready:
+                        break
         except _Fatal as e:
             self.state = State.ERROR
             out.append(ProtocolError(str(e)))
@@ -378,6 +423,13 @@ class ServerConnection:
         self.options_seen += 1
         if self.options_seen > MAX_OPTIONS:
             raise _Fatal(f"more than {MAX_OPTIONS} options; giving up on this client")
+        if self.refusal is not None and opt not in (OPT_ABORT, OPT_STRUCTURED_REPLY):
+            if opt == OPT_EXPORT_NAME:
+                raise _Fatal(self.refusal)  # EXPORT_NAME has no way to say no
+            if opt == OPT_SET_META_CONTEXT:
+                self.meta_base_allocation = False
+            self._opt_reply(opt, REP_ERR_POLICY, self.refusal.encode()[:MAX_STRING])
+            return True
         handler = self._OPTION_HANDLERS.get(opt)
         if handler is None:
             self._opt_reply(opt, REP_ERR_UNSUP, f"option {opt} is not supported".encode())
@@ -483,6 +535,10 @@ class ServerConnection:
         return True
 
     def _opt_meta_context(self, opt: int, data: bytes):
+        if opt == OPT_SET_META_CONTEXT:
+            # SET replaces the selection "including when this command fails" (spec):
+            # whatever happens below, what an earlier SET chose is gone.
+            self.meta_base_allocation = False
         if opt == OPT_SET_META_CONTEXT and not self.structured:
             self._opt_reply(opt, REP_ERR_INVALID, b"NBD_OPT_SET_META_CONTEXT needs structured replies first")
             return True
@@ -609,11 +665,19 @@ class ServerConnection:
     def simple_reply(self, cookie: int, error: int = 0) -> bytes:
         return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
-    def read_reply_header(self, cookie: int, offset: int, length: int) -> bytes:
-        """Header to send before `length` bytes of read data (structured or simple)."""
+    def read_reply_header(self, cookie: int, offset: int, length: int, done: bool = True) -> bytes:
+        """Header to send before `length` bytes of read data (structured or simple).
+
+        done=False (structured only): the data chunk does not end the reply, so an
+        error met while its bytes are still being produced can be reported after
+        them; finish with read_reply_end() or error_reply()."""
         if self.structured:
-            return _CHUNK_DATA.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
+            return _CHUNK_DATA.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0, REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
         return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+
+    def read_reply_end(self, cookie: int) -> bytes:
+        """The NONE chunk flagged DONE that ends a structured read sent with done=False."""
+        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
 
     def error_reply(self, cookie: int, error: int, message: str = "") -> bytes:
         if self.structured:

@@ -457,3 +457,130 @@ def test_pipelined_large_reads_do_not_pile_up(fssd, snap):
     c.close()
     grown = _peak_rss(pid) - base
     assert grown < 128 * MiB, f"snapshot worker peak memory grew by {grown // MiB} MiB for {n} pipelined 32 MiB reads"
+
+
+def test_live_large_read_is_a_data_chunk_then_a_none_chunk(fssd, vol_pid):
+    # The volume's large reads leave with sendfile: the data chunk is not flagged DONE
+    # (the file could still fail), a NONE chunk flagged DONE ends the reply.
+    c = connect(fssd)
+    try:
+        c.send(req(nbd.CMD_READ, 3, 0, 256 * 1024))
+        magic, flags, typ, cookie, length, offset = struct.unpack(">IHHQIQ", c.recv(28))
+        assert (magic, flags, typ, cookie, length, offset) == (nbd.STRUCTURED_REPLY_MAGIC, 0, nbd.REPLY_TYPE_OFFSET_DATA, 3, 8 + 256 * 1024, 0)
+        assert c.recv(256 * 1024)[: len(SNAP)] == SNAP
+        assert struct.unpack(">IHHQI", c.recv(20)) == (nbd.STRUCTURED_REPLY_MAGIC, nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_NONE, 3, 0)
+    finally:
+        c.close()
+    still_serves(fssd, vol_pid)
+
+
+# == a failing sendfile read, against the serving loop with a backend that fails ==========
+
+
+class ShortFileBackend:
+    """A 1 MiB export whose large reads name a file that holds only its first 256 KiB:
+    sendfile() runs dry mid-reply, as a volume whose disk fails mid-read would."""
+
+    size = MiB
+    read_only = True
+
+    def __init__(self, path: Path, fail_before: bool = False):
+        path.write_bytes(SNAP * 4)  # 256 KiB
+        self.fd = os.open(path, os.O_RDONLY)
+        self.fail_before = fail_before
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    def sendfile_source(self, offset: int, length: int):
+        if self.fail_before:
+            raise OSError(5, "Input/output error")
+        return self.fd, offset
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    from workers.nbdserve import Server
+
+    made = []
+
+    def start(backend) -> str:
+        path = str(tmp_path / "x.sock")
+        lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lst.bind(path)
+        lst.listen(8)
+        srv = Server(lst, nbd.Export("x", backend.size, True), backend)
+        t = threading.Thread(target=srv.serve_forever, daemon=True)
+        t.start()
+        made.append((srv, t, lst, backend))
+        return path
+
+    yield start
+    for srv, t, lst, backend in made:
+        srv.stop()
+        t.join(10)
+        lst.close()
+        os.close(backend.fd)
+
+
+def test_sendfile_failure_mid_read_is_an_error_chunk_and_the_connection_lives(local_server, tmp_path):
+    c = Raw(local_server(ShortFileBackend(tmp_path / "short")))
+    try:
+        c.go("x")
+        n = 512 * 1024
+        c.send(req(nbd.CMD_READ, 5, 0, n))
+        # The data chunk is not flagged DONE: its header left before the file failed.
+        flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv(20))[1:]
+        assert (flags, typ, cookie, length) == (0, nbd.REPLY_TYPE_OFFSET_DATA, 5, 8 + n)
+        body = c.recv(length)
+        assert body[8 : 8 + 4 * len(SNAP)] == SNAP * 4  # what the file had, then padding
+        magic, flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv(20))
+        assert (magic, flags, typ, cookie) == (nbd.STRUCTURED_REPLY_MAGIC, nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_ERROR, 5)
+        err, _ = struct.unpack(">IH", c.recv(length)[:6])
+        assert err == nbd.EIO
+        # The stream is still in step: a read that fits the file succeeds, ended by a NONE chunk.
+        c.send(req(nbd.CMD_READ, 6, 0, 32 * 1024))
+        assert c.reply(6, read=True) == (0, bytes(32 * 1024))
+    finally:
+        c.close()
+
+
+def test_sendfile_read_success_ends_with_a_none_chunk(local_server, tmp_path):
+    c = Raw(local_server(ShortFileBackend(tmp_path / "short")))
+    try:
+        c.go("x")
+        c.send(req(nbd.CMD_READ, 7, 0, 4 * len(SNAP)))
+        head = struct.unpack(">IHHQIQ", c.recv(28))
+        assert head == (nbd.STRUCTURED_REPLY_MAGIC, 0, nbd.REPLY_TYPE_OFFSET_DATA, 7, 8 + 4 * len(SNAP), 0)
+        assert c.recv(4 * len(SNAP)) == SNAP * 4
+        assert struct.unpack(">IHHQI", c.recv(20)) == (nbd.STRUCTURED_REPLY_MAGIC, nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_NONE, 7, 0)
+    finally:
+        c.close()
+
+
+def test_sendfile_failure_with_simple_replies_drops_the_connection(local_server, tmp_path):
+    c = Raw(local_server(ShortFileBackend(tmp_path / "short")))
+    try:
+        c.go("x", structured=False)
+        n = 512 * 1024
+        c.send(req(nbd.CMD_READ, 5, 0, n))
+        assert struct.unpack(">IIQ", c.recv(16)) == (nbd.SIMPLE_REPLY_MAGIC, 0, 5)
+        # Simple replies cannot say "failed" after the header: the server must hang up
+        # rather than pass the short data off as the export's.
+        with pytest.raises(Closed):
+            c.recv(n)
+    finally:
+        c.close()
+
+
+def test_sendfile_source_failure_before_sending_is_an_error_reply(local_server, tmp_path):
+    c = Raw(local_server(ShortFileBackend(tmp_path / "short", fail_before=True)))
+    try:
+        c.go("x")
+        c.send(req(nbd.CMD_READ, 8, 0, 256 * 1024))
+        err, _ = c.reply(8, read=True)
+        assert err == nbd.EIO
+        c.send(req(nbd.CMD_READ, 9, 0, 4096))
+        assert c.reply(9, read=True) == (0, bytes(4096))
+    finally:
+        c.close()

@@ -423,6 +423,37 @@ def test_set_meta_context_selects_and_replaces():
     assert errno_of(conn, req(nbd.CMD_BLOCK_STATUS, 7, 0, 4096)) == nbd.EINVAL
 
 
+@pytest.mark.parametrize(
+    "failing",
+    [
+        meta_data("nope", "base:allocation"),  # unknown export: ERR_UNKNOWN
+        meta_data("data", "base:allocation")[:-3],  # malformed: ERR_INVALID
+        b"",  # too short to hold anything
+    ],
+)
+def test_failed_set_meta_context_clears_the_selection(failing):
+    # "replaces all previously-set metadata contexts, including when this command fails"
+    conn = negotiated()
+    ask(conn, opt(nbd.OPT_STRUCTURED_REPLY))
+    _, r = ask(conn, opt(nbd.OPT_SET_META_CONTEXT, meta_data("data", "base:allocation")))
+    assert [n for _, n in contexts(r)] == [b"base:allocation"]
+    _, r = ask(conn, opt(nbd.OPT_SET_META_CONTEXT, failing))
+    assert len(r) == 1 and r[0][1] & 0x80000000
+    assert not conn.meta_base_allocation
+    assert feed(conn, opt(nbd.OPT_GO, info_data("data"))) == [Ready(VOL)]
+    assert errno_of(conn, req(nbd.CMD_BLOCK_STATUS, 7, 0, 4096)) == nbd.EINVAL
+
+
+def test_failed_list_meta_context_keeps_the_selection():
+    # LIST never selects anything, so neither does its failure clear anything.
+    conn = negotiated()
+    ask(conn, opt(nbd.OPT_STRUCTURED_REPLY))
+    ask(conn, opt(nbd.OPT_SET_META_CONTEXT, meta_data("data", "base:allocation")))
+    _, r = ask(conn, opt(nbd.OPT_LIST_META_CONTEXT, meta_data("nope")))
+    assert [t for _, t, _ in r] == [nbd.REP_ERR_UNKNOWN]
+    assert conn.meta_base_allocation
+
+
 def test_set_meta_context_reply_matches_what_block_status_accepts():
     # Whatever SET answers for "base:" (the spec leaves namespace-only SET queries to the
     # server), BLOCK_STATUS must be accepted exactly when a context was announced.
@@ -718,6 +749,15 @@ def test_structured_read_reply_layout():
     assert h == struct.pack(">IHHQIQ", 0x668E33EF, 1, 1, 0xABCDEF, 8 + 512, 4096)
 
 
+def test_structured_read_reply_not_done_then_none_chunk():
+    # A read whose data can still fail after its header left: the data chunk is not
+    # the last one, and a NONE chunk flagged DONE ends the reply.
+    conn = transmission()
+    h = conn.read_reply_header(0xABCDEF, 4096, 512, done=False)
+    assert h == struct.pack(">IHHQIQ", 0x668E33EF, 0, 1, 0xABCDEF, 8 + 512, 4096)
+    assert conn.read_reply_end(0xABCDEF) == struct.pack(">IHHQI", 0x668E33EF, 1, 0, 0xABCDEF, 0)
+
+
 def test_structured_error_reply_layout():
     conn = transmission()
     r = conn.error_reply(5, nbd.ENOSPC, "no room")
@@ -773,4 +813,86 @@ def test_zero_copy_payloads_stay_whole_across_buffer_moves():
             # Views are valid until the next receive_buffer(): check them now.
             got.append((ev.cookie, ev.offset, hashlib.sha256(ev.data).digest()))
     assert got == [(i, i * 4096, hashlib.sha256(p).digest()) for i, p in enumerate(payloads)]
+    assert conn.buffered == 0
+
+
+# == hooks for a serving loop that bounds its resources ====================================
+
+
+def test_refused_connection_answers_err_policy_to_every_export_option():
+    conn = ServerConnection([VOL], refusal="too many connections to data (at most 2)")
+    feed(conn, struct.pack(">I", 3))
+    evs, r = ask(
+        conn,
+        opt(nbd.OPT_STRUCTURED_REPLY),
+        opt(nbd.OPT_LIST),
+        opt(nbd.OPT_INFO, info_data("data")),
+        opt(nbd.OPT_SET_META_CONTEXT, meta_data("data", "base:allocation")),
+        opt(nbd.OPT_GO, info_data("data")),
+    )
+    assert evs == []  # never Ready
+    assert [(o, t) for o, t, _ in r] == [
+        (nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK),
+        (nbd.OPT_LIST, nbd.REP_ERR_POLICY),
+        (nbd.OPT_INFO, nbd.REP_ERR_POLICY),
+        (nbd.OPT_SET_META_CONTEXT, nbd.REP_ERR_POLICY),
+        (nbd.OPT_GO, nbd.REP_ERR_POLICY),
+    ]
+    assert r[-1][2] == b"too many connections to data (at most 2)"
+    # ABORT still ends it politely; EXPORT_NAME (which cannot be refused) hangs up.
+    assert isinstance(ask(conn, opt(nbd.OPT_ABORT))[0][0], Disconnect)
+    conn = ServerConnection([VOL], refusal="no")
+    feed(conn, struct.pack(">I", 3))
+    assert isinstance(feed(conn, opt(nbd.OPT_EXPORT_NAME, b"data"))[0], ProtocolError)
+
+
+def test_events_until_ready_leaves_pipelined_requests_buffered():
+    conn = negotiated([VOL])
+    data = opt(nbd.OPT_GO, info_data("data")) + req(nbd.CMD_READ, 5, 0, 512)
+    conn.receive_data(data)
+    assert conn.events(until_ready=True) == [Ready(VOL)]
+    assert conn.buffered == 28
+    assert conn.events() == [Request(nbd.CMD_READ, 0, 5, 0, 512, b"")]
+
+
+def test_receive_buffer_stays_within_soft_unless_a_message_needs_more():
+    big = Export("big", 1 << 40, False)
+    conn = ServerConnection([big], zero_copy=True)
+    conn.receive_data(struct.pack(">I", 3) + opt(nbd.OPT_GO, info_data("big")))
+    assert conn.events() == [Ready(big)]
+    assert len(conn.receive_buffer(MiB)) == MiB
+    conn.receive_data(req(nbd.CMD_WRITE, 1, 0, 8 * MiB))  # a header announcing 8 MiB
+    view = conn.receive_buffer(MiB)
+    assert conn.filled + len(view) == 28 + 8 * MiB  # the message's whole size, no more
+
+
+def test_refuse_pending_write_skips_its_payload_without_buffering_it():
+    big = Export("big", 1 << 40, False)
+    conn = ServerConnection([big], zero_copy=True)
+    conn.receive_data(struct.pack(">I", 3) + opt(nbd.OPT_STRUCTURED_REPLY) + opt(nbd.OPT_GO, info_data("big")))
+    assert conn.events() == [Ready(big)]
+    conn.receive_data(req(nbd.CMD_WRITE, 4, 0, 8 * MiB) + bytes(1000))
+    assert conn.events() == []  # waiting for the payload
+    assert conn.refuse_pending_write(nbd.ENOMEM, "no memory for it")
+    assert conn.events() == []
+    for _ in range(8):
+        assert len(conn.receive_buffer(MiB)) <= MiB  # never asks for room for the payload
+        conn.receive_data(bytes(MiB - (1000 if _ == 0 else 0)))
+        evs = conn.events()
+    assert evs == [BadRequest(nbd.CMD_WRITE, 4, nbd.ENOMEM, "no memory for it")]
+    assert one(conn, req(nbd.CMD_READ, 5, 0, 512)).cookie == 5
+    # Nothing to refuse when no WRITE header waits.
+    assert not conn.refuse_pending_write(nbd.ENOMEM, "x")
+
+
+def test_release_memory_only_between_messages():
+    conn = transmission(VOL)
+    conn.receive_data(req(nbd.CMD_WRITE, 1, 0, 4096) + bytes(100))
+    assert conn.events() == []
+    assert not conn.release_memory()  # half a WRITE is buffered: kept
+    assert conn.release_memory(keep=MiB)  # ... but it lies within the first MiB
+    assert conn.buffered == 128
+    conn.receive_data(bytes(3996))
+    assert len(conn.events()) == 1
+    assert conn.release_memory()
     assert conn.buffered == 0
