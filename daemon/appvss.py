@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 
+from daemon import clitool
 from daemon.version import version
 from ipc import logfmt
 from ipc.names import resolve_rundir
@@ -79,6 +80,7 @@ def _mode(text: str) -> int:
     return v
 
 
+@clitool.entry
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="appvss", description="Simulate a VSS application (hv_vss(4) example).")
     ap.add_argument("-f", type=_mode, default=0, metavar="0|1|2", help="freeze: 0 success, 1 timeout, 2 failure")

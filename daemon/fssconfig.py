@@ -17,6 +17,7 @@ import time
 
 import msgspec
 
+from daemon import clitool
 from daemon import storeopen
 from daemon.client import ControlClient, NotRunning
 from daemon.version import version
@@ -113,6 +114,7 @@ def _json(obj) -> str:
     return msgspec.json.format(msgspec.json.encode(obj)).decode()
 
 
+@clitool.entry
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:

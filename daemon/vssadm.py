@@ -13,6 +13,7 @@ import time
 
 import msgspec
 
+from daemon import clitool
 from daemon.version import version
 from ipc.names import resolve_rundir
 from ipc.vss_client import BrokerNotRunning, Requestor, VssError
@@ -50,6 +51,7 @@ def format_reply(r: VssReply) -> str:
     return "\n".join(lines)
 
 
+@clitool.entry
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vssadm", description="Talk to the fssd VSS broker.")
     ap.add_argument("-r", "--rundir", metavar="DIR", help="fssd run directory (default $FSSD_RUNDIR or /run/fssd)")
