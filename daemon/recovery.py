@@ -144,41 +144,55 @@ def decide(
     return Intact(table.tobytes(), len(seen), top, dropped, verified)
 
 
+# Never following a symlink, never waiting on a FIFO put where a file was: the identity
+# check then tells whether it is still the very file fssd had open.
+_RO = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
 def _facts(path: str, fd: int) -> tuple[os.stat_result, FileIdentity]:
     st = os.fstat(fd)
     return st, identity(st)
 
 
-def gather(rec: SnapshotRecord, boot_id: str) -> Intact | Invalid:
-    """Open the recorded store and volume read-only (never following a symlink) and decide."""
+def open_store(rec: SnapshotRecord) -> int:
+    """The recorded store, read-write (it goes on serving the snapshot), or -1 if it can't be
+    opened. Never follows a symlink or waits on a FIFO; decide() then checks it is the very file."""
+    if not rec.store_path:
+        return -1
     try:
-        vfd = os.open(rec.volume_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(rec.store_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return -1
+    os.set_blocking(fd, True)
+    return fd
+
+
+def gather(rec: SnapshotRecord, boot_id: str, store_fd: int) -> Intact | Invalid:
+    """Read what decide() needs from the volume (opened read-only here) and the store (the
+    descriptor from open_store(), -1 if missing), and decide. Writes nothing."""
+    try:
+        vfd = os.open(rec.volume_path, _RO)
     except OSError:
         volume = VolumeFacts(None)
     else:
         try:
             st, ident = _facts(rec.volume_path, vfd)
-            size = st.st_size if ident.kind == "file" else _dev_size(vfd)
+            size = _dev_size(vfd) if ident.kind == "block" else st.st_size
             volume = VolumeFacts(ident, msgspec.structs.replace(volume_stamp(st), size=size))
         finally:
             os.close(vfd)
-    if not rec.store_path:
+    if store_fd < 0:
         return decide(rec, b"", b"", b"", StoreFacts(None), volume, boot_id, lambda o, n: b"")
-    try:
-        bfd = os.open(rec.store_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return decide(rec, b"", b"", b"", StoreFacts(None), volume, boot_id, lambda o, n: b"")
-    try:
-        st, ident = _facts(rec.store_path, bfd)
-        size = st.st_size if ident.kind == "file" else _dev_size(bfd)
-        store = StoreFacts(ident, size)
-        header = os.pread(bfd, sf.SECTOR, sf.HEADER_OFFSET)
-        commit = os.pread(bfd, sf.SECTOR, sf.COMMIT_OFFSET)
-        count = -(-rec.volume_size // rec.cluster_size)
-        table = os.pread(bfd, sf.table_bytes(count), sf.TABLE_OFFSET) if store.identity == rec.store_id else b""
-        return decide(rec, header, commit, table, store, volume, boot_id, lambda o, n: os.pread(bfd, n, o))
-    finally:
-        os.close(bfd)
+    st, ident = _facts(rec.store_path, store_fd)
+    size = _dev_size(store_fd) if ident.kind == "block" else st.st_size
+    store = StoreFacts(ident, size)
+    if ident != rec.store_id:  # not the file fssd had: read nothing from it
+        return decide(rec, b"", b"", b"", store, volume, boot_id, lambda o, n: b"")
+    header = os.pread(store_fd, sf.SECTOR, sf.HEADER_OFFSET)
+    commit = os.pread(store_fd, sf.SECTOR, sf.COMMIT_OFFSET)
+    count = -(-rec.volume_size // rec.cluster_size)
+    table = os.pread(store_fd, sf.table_bytes(count), sf.TABLE_OFFSET)
+    return decide(rec, header, commit, table, store, volume, boot_id, lambda o, n: os.pread(store_fd, n, o))
 
 
 def _dev_size(fd: int) -> int:

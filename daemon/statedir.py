@@ -30,7 +30,7 @@ class FileIdentity(msgspec.Struct, frozen=True):
 
     dev: int
     ino: int
-    kind: str  # "file" | "block"
+    kind: str  # "file" | "block" | "other" (never a volume or store: a stand-in)
 
 
 class VolumeStamp(msgspec.Struct, frozen=True):
@@ -75,7 +75,8 @@ def current_boot_id(path: str = BOOT_ID) -> str:
 
 
 def identity(st: os.stat_result) -> FileIdentity:
-    return FileIdentity(st.st_dev, st.st_ino, "block" if stat.S_ISBLK(st.st_mode) else "file")
+    kind = "file" if stat.S_ISREG(st.st_mode) else "block" if stat.S_ISBLK(st.st_mode) else "other"
+    return FileIdentity(st.st_dev, st.st_ino, kind)
 
 
 def volume_stamp(st: os.stat_result) -> VolumeStamp:

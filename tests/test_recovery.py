@@ -163,14 +163,25 @@ def test_gather_reads_real_files(tmp_path):
     store.write_bytes(bytes(s.img))
     rec = _rec(volume_path=str(vol), volume_id=statedir.identity(st), store_path=str(store),
                store_id=statedir.identity(os.stat(store)), clean=True, volume_at_stop=statedir.volume_stamp(st))
-    res = recovery.gather(rec, "boot-a")
+    def gather():
+        fd = recovery.open_store(rec)
+        try:
+            return recovery.gather(rec, "boot-a", fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    res = gather()
     assert isinstance(res, recovery.Intact) and _table(res) == s.want
     os.truncate(vol, VSIZE)  # same size, but the file was written: mtime/ctime moved
     os.utime(vol, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
-    assert "written while fssd was not running" in recovery.gather(rec, "boot-a").reason
+    assert "written while fssd was not running" in gather().reason
     os.unlink(store)
     os.symlink(str(vol), store)  # never followed
-    assert "is missing" in recovery.gather(rec, "boot-a").reason
+    assert "is missing" in gather().reason
+    os.unlink(store)
+    os.mkfifo(store)  # a FIFO put in its place: never waited on, never read
+    assert "replaced by another file" in gather().reason
 
 
 # -- the state directory ---------------------------------------------------------------------

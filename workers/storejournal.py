@@ -1,0 +1,69 @@
+"""One snapshot's table entries in its backing store, and under "power" their group commit.
+
+The volume worker's copy-on-write calls, for each run of clusters it copies:
+
+    reserved(first, n)          under the allocation lock, when store clusters are handed out
+    <write the copies>
+    record(c0, first, crcs)     the run's table entries, one pwrite (8 bytes each)
+    written(first)              the run's writes are issued (also after a failed copy)
+    commit()                    "power": returns once one fdatasync covered them (group commit)
+    <publish the entries in the shared-memory map; the caller writes the volume>
+
+Publishing waits for commit(): a second writer of the same cluster sees the entry
+and writes the volume at once, so the entry must not be visible before it is durable.
+
+"process" writes the entries (no syncs): after any process crash the page cache
+holds them, in order with the copies. "none" writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ipc import storeformat as sf
+from ipc.storeformat import Durability
+from workers.groupcommit import GroupCommit, Watermark
+
+
+class StoreJournal:
+    def __init__(self, bs_fd: int, durability: Durability, first_copy_cluster: int):
+        self.fd = bs_fd
+        self.durability = Durability(durability)
+        self.keeps = self.durability != Durability.NONE
+        self.power = self.durability == Durability.POWER
+        self._seq = 0
+        self.watermark = Watermark(first_copy_cluster)
+        self.group = GroupCommit(self._sync, before=self.watermark.low, after=self._commit_record) if self.power else None
+
+    def _sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def _commit_record(self, low: object) -> None:
+        """After a sync: store clusters below `low` (taken when it began) are durable with
+        their entries. Not synced itself: the next sync carries it, and an older one is
+        only more cautious (recovery re-reads more)."""
+        self._seq += 1
+        os.pwrite(self.fd, sf.encode_commit(sf.CommitRecord(self._seq, int(low))), sf.COMMIT_OFFSET)
+
+    def reserved(self, first: int, n: int) -> None:
+        if self.power:
+            self.watermark.opened(first, n)
+
+    def record(self, c0: int, first: int, crcs: list[int]) -> None:
+        """Entries for volume clusters c0.. -> store clusters first.. (consecutive)."""
+        if not self.keeps:
+            return
+        raw = b"".join(sf.encode_entry(first + i, crc) for i, crc in enumerate(crcs))
+        off = sf.entry_offset(c0)
+        view = memoryview(raw)
+        while view:
+            n = os.pwrite(self.fd, view, off)
+            view, off = view[n:], off + n
+
+    def written(self, first: int) -> None:
+        if self.power:
+            self.watermark.closed(first)
+
+    def commit(self) -> None:
+        if self.group is not None:
+            self.group.commit()
