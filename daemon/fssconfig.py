@@ -86,6 +86,12 @@ def format_snapshot(s: control.SnapshotInfo, verbose: bool) -> str:
             f"{', last error: ' + s.last_error if s.last_error else ''}, {s.clients} client(s)"
             f"\n    {s.uri}\n    backing store {s.backup}{limit}, {s.copies} cluster(s) copied"
         )
+        if s.usage_warning:
+            line += f", {s.store_usage:.0f}% full (warned at {s.usage_warning}%)"
+        if s.durability:
+            line += f"\n    durability {s.durability}"
+            if s.recovered:
+                line += ", recovered " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.recovered))
         consistency = _consistency(s)
         if consistency:
             line += f"\n    {consistency}"

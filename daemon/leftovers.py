@@ -7,6 +7,11 @@ made. A new instance removes a path only if it is still that very file (same
 kind, device and inode): a file a user put there since is never touched, and
 nothing that is not in the record is removed. A store given by the user (an
 existing file, a block device) is never recorded.
+
+Snapshots outlive fssd now (docs/architecture.md "Durability"): a store the
+state directory knows (by device and inode) belongs to a snapshot that start-up
+recovery brings back, and is never removed here. What is removed is a store
+whose snapshot never finished configuring, and export sockets.
 """
 
 from __future__ import annotations
@@ -66,8 +71,9 @@ def forget(rundir: str) -> None:
             pass
 
 
-def remove(rundir: str) -> list[str]:
-    """A new instance, holding the run directory's lock: remove what the last one left."""
+def remove(rundir: str, keep: frozenset[tuple[int, int]] = frozenset()) -> list[str]:
+    """A new instance, holding the run directory's lock: remove what the last one left,
+    except the stores in `keep` ((device, inode) of the state directory's snapshots)."""
     final = os.path.join(rundir, RECORD)
     try:
         with open(final, "rb") as f:
@@ -79,6 +85,8 @@ def remove(rundir: str) -> list[str]:
         made = []
     removed = []
     for m in made:
+        if m.kind == "store" and (m.dev, m.ino) in keep:
+            continue  # a snapshot that comes back
         try:
             # Checked and removed through one directory descriptor: a directory swapped
             # between the two steps can't redirect the unlink to another file.
@@ -98,7 +106,7 @@ def remove(rundir: str) -> list[str]:
             continue
         finally:
             os.close(dfd)
-            removed.append(m.path)
-            log.warning("removed %s %s left by a previous instance", "backing store" if m.kind == "store" else "socket", m.path)
+        removed.append(m.path)
+        log.warning("removed %s %s left by a previous instance", "backing store" if m.kind == "store" else "socket", m.path)
     forget(rundir)
     return removed

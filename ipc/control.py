@@ -96,6 +96,11 @@ class SnapshotInfo(msgspec.Struct, frozen=True):
     suspended: list[str] = []  # the mounts frozen around the barrier
     window_ms: float = 0.0  # suspend window (or, with -C, freeze window)
     note: str = ""  # one line, e.g. "data has no mountpoint configured: snapshot is crash-consistent"
+    # Durability (docs/architecture.md "Durability"): "power" | "process" | "none".
+    durability: str = ""
+    recovered: float = 0.0  # seconds since the epoch when a start-up brought it back; 0 = never
+    store_usage: float = 0.0  # percent of the room the store's limit leaves for copies
+    usage_warning: int = 0  # the highest usage warning given: 0, 80 or 95 (percent)
 
 
 class VolumeInfo(msgspec.Struct, frozen=True):
