@@ -7,7 +7,7 @@ A bad file stops fssd with one line that names the file and the key
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -43,6 +43,13 @@ class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     nbd_request_timeout: float = 30.0
     # Per worker: buffer memory beyond each connection's first 1 MiB (large WRITEs, read buffers).
     nbd_buffer_limit: int | str = "256M"
+    # -- Snapshots that survive restarts (docs/architecture.md "Durability") --
+    # Where the snapshot table lives (one small record per configured snapshot).
+    statedir: str = "/var/lib/fssd"
+    # "power": a first-touch write waits until the old cluster's copy is durable (group commit);
+    # "process": no syncs, survives process crashes and clean restarts, invalid after a host crash;
+    # "none": in memory only, as before (lost when fssd stops).
+    durability: Literal["power", "process", "none"] = "power"
 
     def __post_init__(self):
         if not 1 <= self.devices <= MAX_DEVICES:
@@ -64,6 +71,9 @@ class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("nbd_request_timeout must be between 0 and 3600 seconds")
         if parse_size(self.nbd_buffer_limit) < MIN_NBD_BUFFER:
             raise ValueError("nbd_buffer_limit must be at least 64M (one 32 MiB WRITE and room to read ahead)")
+        # -- durability --
+        if not os.path.isabs(self.statedir):
+            raise ValueError("statedir must be an absolute path")
 
     @property
     def nbd_buffer_bytes(self) -> int:
