@@ -43,7 +43,7 @@ from ipc import hyperv, logfmt, mqueue, names, vssproto
 from ipc.channel import Channel, FrameError
 from ipc.names import app_queues, vss_socket
 from ipc.vssproto import Opened, Register, Registered, Request, VssReply, VssRequest
-from ipc.workermsg import Ready, Stop, ToWorker, VssState
+from ipc.workermsg import Ready, Stop, ToWorker, VssAnswer, VssAsk, VssState
 from workers import freeze, hooks
 from workers.vsscore import BrokerCore
 
@@ -235,6 +235,8 @@ class ProcessPlatform:
             mqueue.unlink(q.answers.name)
 
     def reply(self, reply_to, reply: VssReply) -> None:
+        """To whoever asked: a socket requestor (Conn), the Hyper-V channel (HostRequest), or a
+        callable taking the VssReply (a request that came in some other way)."""
         if isinstance(reply_to, hyperv.HostRequest):
             if self.hv is not None and self.hv.fd >= 0:
                 code = "HV_S_OK" if reply.ok else "HV_E_FAIL"
@@ -244,7 +246,9 @@ class ProcessPlatform:
                 except OSError as e:
                     log.error("hyper-v: cannot answer %s: %s", reply_to.name, e)
             return
-        assert isinstance(reply_to, Conn)
+        if not isinstance(reply_to, Conn):
+            reply_to(reply)
+            return
         if reply_to.closed:
             log.info("requestor pid %d gone before the %s reply", reply_to.pid, reply.op)
             return
@@ -315,6 +319,18 @@ class ProcessPlatform:
     def _release(self) -> None:
         if self.holder:
             self.holder.release()
+
+
+def _answer_on(chan: Channel, req: int):
+    """reply_to for a VssAsk: the VssReply's verdict, back on the supervisor channel."""
+
+    def send(reply: VssReply) -> None:
+        try:
+            chan.send(VssAnswer(reply.ok, reply.reason, req))
+        except OSError as e:
+            log.error("supervisor channel: cannot answer %s: %s", reply.op, e)
+
+    return send
 
 
 def send_and_close(conn: Conn, msg) -> None:
@@ -650,6 +666,8 @@ class Broker:
             os.close(fd)
         if isinstance(msg, Stop):
             self.stopping = True
+        elif isinstance(msg, VssAsk):  # the supervisor's own -C: answered on this channel
+            self.core.request(msg.op, msg.req, _answer_on(self.chan, msg.req), msg.timeout)
 
     def _open_hyperv(self) -> None:
         hv = self.platform.hv
