@@ -380,7 +380,7 @@ class Supervisor:
     async def _reload(self) -> None:
         try:
             new = configmod.load(self.config_path, rundir_override=self.rundir)
-            configmod.create_missing_images(new)
+            await asyncio.to_thread(configmod.create_missing_images, new)  # may size a new image: off the loop
         except (configmod.ConfigError, OSError) as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             return
