@@ -73,6 +73,7 @@ class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     group: str | None = None  # [daemon] group: its members may request and register (root always)
     max_apps: int = 64  # [vss] max_apps
     max_apps_per_uid: int = 8  # [vss] max_apps_per_uid (root is not capped)
+    use_syslog: bool = False  # fssd -s: log to syslog like the other workers
 
 
 class HoldingHandler(logging.Handler):
@@ -700,8 +701,8 @@ class Broker:
                 self.core.request(ev.op, int.from_bytes(os.urandom(8), "little"), ev)
 
 
-def _setup_logging(debug: bool) -> HoldingHandler:
-    logfmt.setup("vss", debug)
+def _setup_logging(debug: bool, use_syslog: bool = False) -> HoldingHandler:
+    logfmt.setup("vss", debug, use_syslog)
     root = logging.getLogger()
     target = root.handlers[0]
     holder = HoldingHandler(target)
@@ -726,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         setproctitle.setproctitle(names.proc_title("vss broker", settings.rundir))
     except ImportError:
         pass
-    holder = _setup_logging(settings.debug)
+    holder = _setup_logging(settings.debug, settings.use_syslog)
     chan = Channel(socket.socket(fileno=args.channel_fd), ToWorker) if args.channel_fd is not None else None
     broker = Broker(settings, chan, holder)
 
