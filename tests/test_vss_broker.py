@@ -1,9 +1,16 @@
-"""The broker's state machine with a fake clock and a fake platform (no I/O)."""
+"""The broker's state machine with a fake clock and a fake platform (no I/O).
+
+SyncCore carries out the core's actions at once with the fake platform, as the
+broker's shell does with the real one (there, hooks and FIFREEZE run off the loop).
+"""
+
+from collections import deque
 
 import pytest
 
 from ipc.vssproto import Answer, Request
-from workers.vsscore import BrokerCore
+from workers.vsscore import (AppGone, BrokerCore, CheckMounts, CloseApp, Freeze, FreezeDone, HooksDone,
+                             MountsChecked, Reply, ReportState, RunHooks, SendToApps, Thaw, ThawDone, send_failed)
 
 PREFIX = "fssd.test0001"
 
@@ -72,10 +79,52 @@ class FakePlatform:
         return [m for q, m in self.sent if q == queue and isinstance(m, Request)]
 
 
+def run_action(p, a):
+    """One action on the fake platform; the events that come back at once."""
+    if isinstance(a, SendToApps):
+        return [send_failed(q, m.op, err) for q, m in a.requests if (err := p.send_app(q, m))]
+    if isinstance(a, CloseApp):
+        p.close_app(a.queue)
+    elif isinstance(a, Reply):
+        p.reply(a.reply_to, a.reply)
+    elif isinstance(a, ReportState):
+        p.state(a.state, a.detail, list(a.frozen))
+    elif isinstance(a, RunHooks):
+        return [HooksDone(a.action, p.run_hooks(a.action, a.timeout))]
+    elif isinstance(a, Freeze):
+        return [FreezeDone(p.freeze(list(a.mounts)))]
+    elif isinstance(a, Thaw):
+        return [ThawDone(tuple(p.thaw(list(a.mounts))))]
+    elif isinstance(a, CheckMounts):
+        return [MountsChecked(next((r for m in a.mounts if (r := p.check_mount(m))), None))]
+    else:
+        raise AssertionError(f"unknown action {a!r}")
+    return []
+
+
+class SyncCore(BrokerCore):
+    """The core with every action carried out at once, completions handed straight back."""
+
+    def handle(self, event):
+        todo, did = deque([event]), []
+        while todo:
+            for a in super().handle(todo.popleft()):
+                did.append(a)
+                todo.extend(run_action(self.p, a))
+        assert not self.bad_transitions
+        return did
+
+    def shutdown(self, reason):
+        did = super().shutdown(reason)
+        for a in did:
+            run_action(self.p, a)
+        return did
+
+
 @pytest.fixture
 def env():
     clock, p = Clock(), FakePlatform()
-    core = BrokerCore(p, PREFIX, ["/mnt/a", "/mnt/b"], timeout=1.0, freeze_max=10.0, clock=clock,
+    core = SyncCore(p, PREFIX, ["/mnt/a", "/mnt/b"], timeout=1.0, freeze_max=10.0, clock=clock,
                       wall=lambda: 5.0, msgid_base=100)
     return core, p, clock
 
