@@ -385,3 +385,71 @@ def test_thaw_failure_of_an_app_is_reported_but_fs_thawed(env):
     answer_all(core, p, "thaw", ok=False)
     r = last_reply(p)
     assert not r.ok and r.reason.startswith("file systems thawed") and r.frozen == []
+
+
+# -- the real broker process: its loop keeps answering while a hook runs
+
+
+def test_broker_answers_while_a_long_thaw_hook_runs(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import msgspec
+
+    from fsshelp import wait_for
+    from ipc.channel import Channel
+    from ipc.names import instance_prefix
+    from ipc.vss_client import Application, Requestor
+    from ipc.workermsg import FromWorker, Ready
+    from workers.broker import BrokerSettings
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hooks_dir, started, ended = tmp_path / "hooks.d", tmp_path / "thaw-started", tmp_path / "thaw-ended"
+    hooks_dir.mkdir()
+    hook = hooks_dir / "10-slow-thaw"
+    hook.write_text(f'#!/bin/sh\n[ "$1" = thaw ] || exit 0\ntouch {started}\nsleep 3\ntouch {ended}\n')
+    hook.chmod(0o755)
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    # No mounts: nothing is frozen, only the hooks and the applications take part.
+    settings = BrokerSettings(prefix=instance_prefix(str(rundir)), rundir=str(rundir), timeout=10.0,
+                              hooks_dir=str(hooks_dir))
+    mine, theirs = socket.socketpair()
+    with open(tmp_path / "broker.log", "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "workers.broker", "--channel-fd", str(theirs.fileno()),
+                                 msgspec.json.encode(settings).decode()], pass_fds=(theirs.fileno(),), cwd=root,
+                                env=dict(os.environ, PYTHONPATH=root), stderr=logf)
+    theirs.close()
+    chan = Channel(mine, FromWorker)
+    thaw = {}
+    try:
+        msg = None
+        while not isinstance(msg, Ready):
+            got = chan.recv(timeout=10)
+            assert got is not None, "broker exited before Ready"
+            msg = got[0]
+        req = Requestor(str(rundir))
+        assert req.request("freeze").ok
+        t = threading.Thread(target=lambda: thaw.update(r=req.request("thaw")))
+        t.start()
+        wait_for(started.exists, 5, "the thaw hook started")
+        t0 = time.monotonic()
+        r = req.request("status")
+        assert r.ok and r.state == "thawing"
+        r = req.request("check")
+        assert not r.ok and r.reason == "busy: thaw in progress"
+        with Application(str(rundir), "newcomer"):  # registration is answered too
+            assert "newcomer" in {a.name for a in req.request("list").apps}
+        answered = time.monotonic() - t0
+        assert answered < 1.5 and not ended.exists() and "r" not in thaw, "answered while the hook still ran"
+        t.join(15)
+        assert thaw["r"].ok and ended.exists() and thaw["r"].state == "idle"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        mine.close()
