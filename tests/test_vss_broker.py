@@ -9,8 +9,8 @@ from collections import deque
 import pytest
 
 from ipc.vssproto import Answer, Request
-from workers.vsscore import (AppGone, BrokerCore, CheckMounts, CloseApp, Freeze, FreezeDone, HooksDone,
-                             MountsChecked, Reply, ReportState, RunHooks, SendToApps, Thaw, ThawDone, send_failed)
+from workers.vsscore import (BrokerCore, CheckMounts, CloseApp, Freeze, FreezeDone, HooksDone, MountsChecked, Reply,
+                             ReportState, RunHooks, SendsFailed, SendToApps, Thaw, ThawDone)
 
 PREFIX = "fssd.test0001"
 
@@ -82,7 +82,8 @@ class FakePlatform:
 def run_action(p, a):
     """One action on the fake platform; the events that come back at once."""
     if isinstance(a, SendToApps):
-        return [send_failed(q, m.op, err) for q, m in a.requests if (err := p.send_app(q, m))]
+        failures = tuple((q, err) for q, m in a.requests if (err := p.send_app(q, m)))
+        return [SendsFailed(a.requests[0][1].op, failures)] if failures else []
     if isinstance(a, CloseApp):
         p.close_app(a.queue)
     elif isinstance(a, Reply):
@@ -338,6 +339,16 @@ def test_send_failure_drops_the_app_and_fails_the_phase(env):
     r = last_reply(p)
     assert not r.ok and "b[11]: cannot send FREEZE: its requests queue is full" in r.reason
     assert list(core.apps) == [qa] and qb in p.unlinked and core.state == "idle"
+
+
+def test_every_send_failure_of_a_phase_is_in_its_reason(env):
+    core, p, clock = env
+    qa, qb = register(core, p, "a", 10), register(core, p, "b", 11)
+    p.send_errors[qa] = p.send_errors[qb] = "its requests queue is full"
+    req(core, "check", 1)
+    r = last_reply(p)
+    assert not r.ok and "a[10]: cannot send CHECK" in r.reason and "b[11]: cannot send CHECK" in r.reason
+    assert core.apps == {} and {qa, qb} <= set(p.unlinked)
 
 
 def test_status_while_frozen_says_what_is_held(env):

@@ -55,8 +55,8 @@ from ipc.vssproto import Opened, Register, Registered, Request, VssReply, VssReq
 from ipc.workermsg import Ready, Stop, ToWorker, VssState
 from workers import freeze, hooks
 from workers.vsscore import (JOBS, Action, AppAnswered, AppGone, BrokerCore, CheckMounts, CloseApp, Event, Freeze,
-                             FreezeDone, HooksDone, MountsChecked, Reply, ReportState, Requested, RunHooks, SendToApps,
-                             Thaw, ThawDone, Tick, send_failed)
+                             FreezeDone, HooksDone, MountsChecked, Reply, ReportState, Requested, RunHooks, SendsFailed,
+                             SendToApps, Thaw, ThawDone, Tick)
 
 log = logging.getLogger("vss")
 
@@ -477,7 +477,8 @@ class Broker:
     def _do(self, a: Action) -> list[Event]:
         """Carry out one action; what comes back at once (a send that failed, a job run inline)."""
         if isinstance(a, SendToApps):
-            return [send_failed(q, m.op, err) for q, m in a.requests if (err := self.platform.send_app(q, m))]
+            failures = tuple((q, err) for q, m in a.requests if (err := self.platform.send_app(q, m)))
+            return [SendsFailed(a.requests[0][1].op, failures)] if failures else []
         if isinstance(a, CloseApp):
             self.platform.close_app(a.queue)
         elif isinstance(a, Reply):

@@ -91,6 +91,7 @@ class Kind(enum.Enum):
     QUERY = "status/list"
     ANSWER = "answer"
     APP_GONE = "app gone"
+    SENDS_FAILED = "sends failed"
     TICK = "tick"
     HOOKS_DONE = "hooks done"
     FREEZE_DONE = "freeze done"
@@ -130,6 +131,16 @@ class AppGone:
 
 
 @dataclass(frozen=True)
+class SendsFailed:
+    """The Requests of one SendToApps that could not be put on their queues: each of those
+    applications is dropped, then the phase is decided once (every failure in the reason)."""
+
+    op: str
+    failures: tuple[tuple[str, str], ...]  # (queue, error)
+    kind = Kind.SENDS_FAILED
+
+
+@dataclass(frozen=True)
 class Tick:
     kind = Kind.TICK
 
@@ -159,12 +170,7 @@ class MountsChecked:
     kind = Kind.MOUNTS_CHECKED
 
 
-Event = Requested | AppAnswered | AppGone | Tick | HooksDone | FreezeDone | ThawDone | MountsChecked
-
-
-def send_failed(queue: str, op: str, error: str) -> AppGone:
-    """What the shell reports when a Request cannot be put on an application's queue."""
-    return AppGone(queue, f"cannot send {op.upper()}: {error}", failed=True)
+Event = Requested | AppAnswered | AppGone | SendsFailed | Tick | HooksDone | FreezeDone | ThawDone | MountsChecked
 
 
 # -- actions: what the shell must do (outputs of handle)
@@ -172,7 +178,7 @@ def send_failed(queue: str, op: str, error: str) -> AppGone:
 
 @dataclass(frozen=True)
 class SendToApps:
-    """Put each Request on its queue without blocking; a failure comes back as send_failed()."""
+    """Put each Request on its queue without blocking; failures come back as one SendsFailed."""
 
     requests: tuple[tuple[str, Request], ...]
 
@@ -307,6 +313,7 @@ def _build_table() -> dict[tuple[Phase, Kind], str]:
         table[phase, Kind.QUERY] = "_query"
         table[phase, Kind.ANSWER] = "_answer"
         table[phase, Kind.APP_GONE] = "_app_gone"
+        table[phase, Kind.SENDS_FAILED] = "_sends_failed"
         table[phase, Kind.TICK] = "_tick"
         for kind in _REQUESTS:
             table[phase, kind] = "_busy"  # rejected: one transaction at a time
@@ -473,7 +480,14 @@ class BrokerCore:
         else:
             log.warning("late answer %#x (%s) from %s dropped: not the current transaction", a.msgid, verdict, app.label)
 
-    def _app_gone(self, ev: AppGone) -> None:
+    def _sends_failed(self, ev: SendsFailed) -> None:
+        txn = self.txn
+        for queue, error in ev.failures:
+            self._app_gone(AppGone(queue, f"cannot send {ev.op.upper()}: {error}", failed=True), decide=False)
+        if self.phase in APP_PHASES and txn is not None:
+            self._maybe_apps_done(txn)
+
+    def _app_gone(self, ev: AppGone, decide: bool = True) -> None:
         app = self.apps.pop(ev.queue, None)
         if app is None:
             return
@@ -488,7 +502,8 @@ class BrokerCore:
                 txn.failures.append(f"{app.label}: {ev.why}")
             else:
                 log.info("%s %s during %s; not waited for", app.label, ev.why, txn.op.upper())
-            self._maybe_apps_done(txn)
+            if decide:
+                self._maybe_apps_done(txn)
 
     def _tick(self, ev: Tick) -> None:
         now = self.clock()
