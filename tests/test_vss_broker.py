@@ -464,3 +464,53 @@ def test_broker_answers_while_a_long_thaw_hook_runs(tmp_path):
             proc.kill()
         proc.wait()
         mine.close()
+
+
+def test_broker_settings_carry_syslog_to_its_logging(monkeypatch):
+    import logging
+
+    import msgspec
+
+    from ipc import logfmt
+    from workers import broker
+
+    s = msgspec.json.decode(msgspec.json.encode(broker.BrokerSettings("p", "/run/x", use_syslog=True)),
+                            type=broker.BrokerSettings)
+    assert s.use_syslog and not broker.BrokerSettings("p", "/run/x").use_syslog
+    calls = []
+    monkeypatch.setattr(logfmt, "setup", lambda name, debug=False, use_syslog=False: calls.append((name, use_syslog)))
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    root.addHandler(logging.NullHandler())
+    try:
+        broker._setup_logging(False, s.use_syslog)
+    finally:
+        root.handlers[:] = saved
+    assert calls == [("vss", True)]
+
+
+def test_log_records_are_held_while_frozen_and_logging_from_a_thread_does_not_block():
+    import logging
+    import threading
+
+    from workers.broker import HoldingHandler
+
+    got = []
+
+    class ListHandler(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    h = HoldingHandler(ListHandler())
+    rec = lambda msg: logging.makeLogRecord({"name": "vss", "msg": msg, "levelno": logging.INFO})  # noqa: E731
+    h.handle(rec("before"))
+    h.hold()
+    h.handle(rec("frozen 1"))
+    h.handle(rec("frozen 2"))
+    assert got == ["before"], "records are kept while frozen, every one of them"
+    t = threading.Thread(target=lambda: h.handle(rec("from a thread")), daemon=True)
+    t.start()
+    t.join(2)
+    assert not t.is_alive(), "the handler's lock was left taken"
+    h.let_go()
+    assert got == ["before", "frozen 1", "frozen 2", "from a thread"]
