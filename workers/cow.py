@@ -1,4 +1,4 @@
-"""Copy-on-write into one snapshot's backing store (DESIGN.md "Write path").
+"""Copy-on-write into one snapshot's backing store (docs/architecture.md "Write path").
 
 For each cluster a live write touches whose entry is clear: copy the old
 cluster from the volume to the backing store (appended at the next free

@@ -7,7 +7,7 @@ scripts, FIFREEZE, FITHAW, the mount check) is an Action whose completion
 comes back as an event (HooksDone, FreezeDone, ThawDone, MountsChecked), so
 the shell keeps reading while it runs: a status request or a registration is
 answered during a long hook, and a second request is answered FAIL busy.
-The sequence is DESIGN.md's:
+The sequence (docs/architecture.md):
 
     CHECK : apps CHECK -> all OK in time? -> mounts freezable? -> OK / FAIL
     FREEZE: apps FREEZE -> hooks freeze -> FIFREEZE each mount -> OK
