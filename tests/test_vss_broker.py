@@ -4,15 +4,30 @@ SyncCore carries out the core's actions at once with the fake platform, as the
 broker's shell does with the real one (there, hooks and FIFREEZE run off the loop).
 """
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections import deque
 
+import msgspec
 import pytest
 
+from fsshelp import wait_for
+from ipc.channel import Channel
+from ipc.names import instance_prefix
+from ipc.vss_client import Application, Requestor
 from ipc.vssproto import Answer, Request
+from ipc.workermsg import FromWorker, Ready
+from workers.broker import BrokerSettings
 from workers.vsscore import (BrokerCore, CheckMounts, CloseApp, Freeze, FreezeDone, HooksDone, MountsChecked, Reply,
                              ReportState, RunHooks, SendsFailed, SendToApps, Thaw, ThawDone)
 
 PREFIX = "fssd.test0001"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Clock:
@@ -401,49 +416,48 @@ def test_thaw_failure_of_an_app_is_reported_but_fs_thawed(env):
 # -- the real broker process: its loop keeps answering while a hook runs
 
 
-def test_broker_answers_while_a_long_thaw_hook_runs(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-    import threading
-    import time
-
-    import msgspec
-
-    from fsshelp import wait_for
-    from ipc.channel import Channel
-    from ipc.names import instance_prefix
-    from ipc.vss_client import Application, Requestor
-    from ipc.workermsg import FromWorker, Ready
-    from workers.broker import BrokerSettings
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    hooks_dir, started, ended = tmp_path / "hooks.d", tmp_path / "thaw-started", tmp_path / "thaw-ended"
-    hooks_dir.mkdir()
-    hook = hooks_dir / "10-slow-thaw"
-    hook.write_text(f'#!/bin/sh\n[ "$1" = thaw ] || exit 0\ntouch {started}\nsleep 3\ntouch {ended}\n')
-    hook.chmod(0o755)
+@contextlib.contextmanager
+def real_broker(tmp_path, **kw):
+    """`python -m workers.broker` with these settings (no mounts: nothing is frozen); its rundir."""
     rundir = tmp_path / "run"
     rundir.mkdir()
-    # No mounts: nothing is frozen, only the hooks and the applications take part.
-    settings = BrokerSettings(prefix=instance_prefix(str(rundir)), rundir=str(rundir), timeout=10.0,
-                              hooks_dir=str(hooks_dir))
+    settings = BrokerSettings(prefix=instance_prefix(str(rundir)), rundir=str(rundir), **kw)
     mine, theirs = socket.socketpair()
     with open(tmp_path / "broker.log", "ab") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "workers.broker", "--channel-fd", str(theirs.fileno()),
-                                 msgspec.json.encode(settings).decode()], pass_fds=(theirs.fileno(),), cwd=root,
-                                env=dict(os.environ, PYTHONPATH=root), stderr=logf)
+                                 msgspec.json.encode(settings).decode()], pass_fds=(theirs.fileno(),), cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=ROOT), stderr=logf)
     theirs.close()
     chan = Channel(mine, FromWorker)
-    thaw = {}
     try:
         msg = None
         while not isinstance(msg, Ready):
             got = chan.recv(timeout=10)
             assert got is not None, "broker exited before Ready"
             msg = got[0]
-        req = Requestor(str(rundir))
+        yield str(rundir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        mine.close()
+
+
+def slow_thaw_hook(tmp_path):
+    """A hooks dir whose one hook takes 3 s on thaw; (dir, started flag, ended flag)."""
+    hooks_dir, started, ended = tmp_path / "hooks.d", tmp_path / "thaw-started", tmp_path / "thaw-ended"
+    hooks_dir.mkdir()
+    hook = hooks_dir / "10-slow-thaw"
+    hook.write_text(f'#!/bin/sh\n[ "$1" = thaw ] || exit 0\ntouch {started}\nsleep 3\ntouch {ended}\n')
+    hook.chmod(0o755)
+    return str(hooks_dir), started, ended
+
+
+def test_broker_answers_while_a_long_thaw_hook_runs(tmp_path):
+    hooks_dir, started, ended = slow_thaw_hook(tmp_path)
+    thaw = {}
+    with real_broker(tmp_path, timeout=10.0, hooks_dir=hooks_dir) as rundir:
+        req = Requestor(rundir)
         assert req.request("freeze").ok
         t = threading.Thread(target=lambda: thaw.update(r=req.request("thaw")))
         t.start()
@@ -453,17 +467,28 @@ def test_broker_answers_while_a_long_thaw_hook_runs(tmp_path):
         assert r.ok and r.state == "thawing"
         r = req.request("check")
         assert not r.ok and r.reason == "busy: thaw in progress"
-        with Application(str(rundir), "newcomer"):  # registration is answered too
+        with Application(rundir, "newcomer"):  # registration is answered too
             assert "newcomer" in {a.name for a in req.request("list").apps}
         answered = time.monotonic() - t0
         assert answered < 1.5 and not ended.exists() and "r" not in thaw, "answered while the hook still ran"
         t.join(15)
         assert thaw["r"].ok and ended.exists() and thaw["r"].state == "idle"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        mine.close()
+
+
+def test_broker_answers_while_its_own_freeze_max_thaw_runs_hooks(tmp_path):
+    hooks_dir, started, ended = slow_thaw_hook(tmp_path)
+    with real_broker(tmp_path, timeout=10.0, freeze_max=0.3, hooks_dir=hooks_dir) as rundir:
+        req = Requestor(rundir)
+        assert req.request("freeze").ok
+        wait_for(started.exists, 5, "freeze_max reached: the thaw hook started")
+        t0 = time.monotonic()
+        r = req.request("status")
+        assert r.ok and r.state == "thawing"
+        r = req.request("freeze")
+        assert not r.ok and r.reason == "busy: the broker's own thaw (freeze_max) in progress"
+        assert time.monotonic() - t0 < 1.5 and not ended.exists(), "answered while the hook still ran"
+        wait_for(lambda: req.request("status").state == "idle", 10, "the broker's thaw ends")
+        assert ended.exists()
 
 
 def test_broker_settings_carry_syslog_to_its_logging(monkeypatch):
