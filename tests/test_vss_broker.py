@@ -539,3 +539,19 @@ def test_log_records_are_held_while_frozen_and_logging_from_a_thread_does_not_bl
     assert not t.is_alive(), "the handler's lock was left taken"
     h.let_go()
     assert got == ["before", "frozen 1", "frozen 2", "from a thread"]
+
+
+def test_shell_entry_point_takes_a_request_from_any_source(tmp_path):
+    """Broker.request is where every source's request becomes a core event; a callable gets the reply."""
+    from workers.broker import Broker
+
+    b = Broker(BrokerSettings(prefix=PREFIX, rundir=str(tmp_path), timeout=1.0), None)
+    got = []
+    try:
+        b.request("status", 7, got.append)
+        b.request("check", 8, got.append)  # no applications, no mounts: answered at once
+        b.request("thaw", 9, got.append, timeout=2.0)  # nothing frozen, no hooks: thawed at once
+    finally:
+        b.close()
+    assert [(r.msgid, r.op, r.ok, r.state) for r in got] == [(7, "status", True, "idle"), (8, "check", True, "idle"),
+                                                             (9, "thaw", True, "idle")]
