@@ -32,7 +32,7 @@ from daemon.snapshots import SnapshotManager
 from ipc import logfmt, names, workermsg
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
 from workers import nbdserve
-from workers.volume import AttachedSnapshot, VolumeSettings
+from workers.settings import AttachedSnapshot, VolumeSettings
 
 log = logging.getLogger("supervisor")
 
@@ -164,7 +164,7 @@ class Supervisor:
     async def start_broker(self) -> None:
         if not self.cfg.vss.enabled:
             return
-        from workers.broker import BrokerSettings  # the VSS half; imported only when enabled
+        from workers.settings import BrokerSettings
 
         vss = self.cfg.vss
 
@@ -177,7 +177,7 @@ class Supervisor:
                 freeze_mounts=self.cfg.freeze_mounts(),
                 hooks_dir=vss.hooks_dir,
                 hyperv_device=vss.hyperv_device,
-                debug=self.debug,
+                debug=self.debug, use_syslog=self.use_syslog,
                 group=self.cfg.daemon.group, max_apps=vss.max_apps, max_apps_per_uid=vss.max_apps_per_uid,
             )
             return "workers.broker", msgspec.json.encode(settings).decode(), []

@@ -20,7 +20,6 @@ within FIRST_FRAME_TIMEOUT and frames are at most vssproto.MAX_CLIENT_FRAME.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import grp
@@ -36,15 +35,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import msgspec
 import posix_ipc
 
-from ipc import hyperv, logfmt, mqueue, names, vssproto
+from ipc import hyperv, mqueue, vssproto
 from ipc.channel import Channel, FrameError
 from ipc.names import app_queues, vss_socket
 from ipc.vssproto import Opened, Register, Registered, Request, VssReply, VssRequest
-from ipc.workermsg import Ready, Stop, ToWorker, VssState
-from workers import freeze, hooks
+from ipc.workermsg import Ready, Stop, VssState
+from workers import freeze, hooks, spawned
+from workers.settings import BrokerSettings
 from workers.vsscore import BrokerCore
 
 log = logging.getLogger("vss")
@@ -59,20 +58,6 @@ ROOT_CONNECTIONS = 64  # root's own connections beyond its registrations, counte
 EXTRA_CONNECTIONS = 4  # per uid beyond its registrations (requests, a registration in progress)
 ACCEPT_BACKOFF = 1.0  # seconds without accepting after EMFILE / ENFILE
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
-
-
-class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    prefix: str
-    rundir: str
-    timeout: float = 15.0
-    freeze_max: float = 10.0
-    freeze_mounts: list[str] = []
-    hooks_dir: str | None = None
-    hyperv_device: str | None = None  # /dev/vmbus/hv_vss, or unix:/path for a stand-in
-    debug: bool = False
-    group: str | None = None  # [daemon] group: its members may request and register (root always)
-    max_apps: int = 64  # [vss] max_apps
-    max_apps_per_uid: int = 8  # [vss] max_apps_per_uid (root is not capped)
 
 
 class HoldingHandler(logging.Handler):
@@ -700,8 +685,8 @@ class Broker:
                 self.core.request(ev.op, int.from_bytes(os.urandom(8), "little"), ev)
 
 
-def _setup_logging(debug: bool) -> HoldingHandler:
-    logfmt.setup("vss", debug)
+def _setup_logging() -> HoldingHandler:
+    """Wrap the handler spawned.bootstrap() set up (stderr or syslog) in a HoldingHandler."""
     root = logging.getLogger()
     target = root.handlers[0]
     holder = HoldingHandler(target)
@@ -711,23 +696,9 @@ def _setup_logging(debug: bool) -> HoldingHandler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="workers.broker")
-    ap.add_argument("--channel-fd", type=int, default=None)
-    ap.add_argument("settings")
-    args = ap.parse_args(argv)
-    try:
-        settings = msgspec.json.decode(args.settings.encode(), type=BrokerSettings)
-    except msgspec.DecodeError as e:
-        print(f"vss broker: bad settings: {e}", file=sys.stderr)
-        return 2
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(names.proc_title("vss broker", settings.rundir))
-    except ImportError:
-        pass
-    holder = _setup_logging(settings.debug)
-    chan = Channel(socket.socket(fileno=args.channel_fd), ToWorker) if args.channel_fd is not None else None
+    settings, chan = spawned.bootstrap("workers.broker", BrokerSettings, argv, title=lambda s: "vss broker",
+                                       log_name=lambda s: "vss", channel_kind="optional")
+    holder = _setup_logging()
     broker = Broker(settings, chan, holder)
 
     def on_term(signum, frame):

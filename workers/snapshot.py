@@ -16,29 +16,16 @@ import socket
 import sys
 import threading
 
-import msgspec
-import setproctitle
-
-from ipc import logfmt, names, nbd, workermsg
+from ipc import nbd, workermsg
+from ipc.channel import Channel
 from ipc.clustermap import ClusterMap
 from workers import fileio
 from workers import spawned
 from workers.nbdserve import Server
+from workers.settings import SnapshotSettings
 from workers.spawned import refuse_if_orphaned
 
 log = logging.getLogger("snapshot")
-
-
-class SnapshotSettings(msgspec.Struct, frozen=True):
-    device: str
-    volume: str
-    volume_path: str
-    map_name: str
-    bs_fd: int
-    listen_fd: int
-    taken: str  # UTC, for the process title
-    debug: bool = False
-    use_syslog: bool = False
 
 
 def _invalid(cmap: ClusterMap) -> OSError:
@@ -56,12 +43,6 @@ class SnapshotBackend:
         self.map = cmap
         self.size = cmap.volume_size
 
-    def _any_copied(self, c0: int, c1: int) -> bool:
-        t = self.map.table
-        if c0 == c1:
-            return t[c0] != 0
-        return any(t[c0 : c1 + 1])
-
     def read(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
         self.read_into(memoryview(buf), offset)
@@ -74,13 +55,10 @@ class SnapshotBackend:
         if not m.usable:
             raise _invalid(m)
         length = len(view)
-        shift = m.cluster_shift
-        c0 = offset >> shift
-        c1 = (offset + length - 1) >> shift
-        if not self._any_copied(c0, c1):
+        if not m.any_copied(offset, length):
             got = os.preadv(self.volume_fd, [view], offset)
             # Test after read: still clear means the volume was not yet overwritten when we read it.
-            if not self._any_copied(c0, c1):
+            if not m.any_copied(offset, length):
                 if not m.usable:  # invalidated meanwhile: the volume no longer waits for copies
                     raise _invalid(m)
                 if got != length:
@@ -134,9 +112,7 @@ class SnapshotBackend:
         m = self.map
         if not m.usable:
             return None
-        shift = m.cluster_shift
-        c0 = offset >> shift
-        c1 = (offset + length - 1) >> shift
+        c0, c1 = m.span(offset, length)
         t = m.table
         k0 = t[c0]
         if not k0:
@@ -144,7 +120,7 @@ class SnapshotBackend:
         for c in range(c0 + 1, c1 + 1):
             if t[c] != k0 + (c - c0):
                 return None
-        return self.bs_fd, k0 * m.cluster_size + (offset - (c0 << shift))
+        return self.bs_fd, k0 * m.cluster_size + (offset - m.cluster_start(c0))
 
     # The protocol refuses writes to a read-only export first; these are the backstop.
     def write(self, offset: int, data: bytes, fua: bool) -> None:
@@ -184,7 +160,7 @@ class SnapshotBackend:
             end = pos + n
             if not hole:
                 add(n, 0)
-            elif not any(t[pos >> shift : ((end - 1) >> shift) + 1]):
+            elif not m.any_copied(pos, n):
                 add(n, hz)  # nothing copied in this hole (the usual case): one extent
             else:
                 # A live write into a hole copies the (zero) cluster first: such clusters are data now.
@@ -197,10 +173,7 @@ class SnapshotBackend:
         return out
 
 
-def run(settings: SnapshotSettings, channel_fd: int) -> int:
-    setproctitle.setproctitle(names.proc_title(f"{settings.device} {settings.volume}@{settings.taken}"))
-    logfmt.setup(settings.device, settings.debug, settings.use_syslog)
-    chan = spawned.channel(channel_fd)
+def run(settings: SnapshotSettings, chan: Channel) -> int:
     vol_fd = os.open(settings.volume_path, os.O_RDONLY | os.O_CLOEXEC)
     cmap = ClusterMap.attach(settings.map_name, writable=False)
     backend = SnapshotBackend(vol_fd, settings.bs_fd, cmap)
@@ -226,7 +199,8 @@ def run(settings: SnapshotSettings, channel_fd: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(*spawned.command_line("workers.snapshot", SnapshotSettings, argv))
+    return run(*spawned.bootstrap("workers.snapshot", SnapshotSettings, argv,
+                                  title=lambda s: f"{s.device} {s.volume}@{s.taken}", log_name=lambda s: s.device))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""What every worker process shares: its command line and its channel to the supervisor.
+"""What every worker process shares: its start (bootstrap) and its channel to the supervisor.
 
 Workers are spawned as `python -m workers.<kind> --channel-fd N SETTINGS_JSON`
-(through workers.launch, which ties their life to the supervisor's).
+through workers.launch, which ties their life to the supervisor's
+(PR_SET_PDEATHSIG) before the worker's module is even imported. Each worker's
+main() then calls bootstrap(): decode its settings (workers.settings), set the
+process title, set up logging (stderr or syslog), and open its channel.
 EOF on the channel means the supervisor is gone: the worker exits at once,
 without executing anything a client still has queued (a new instance may
 already be serving the volume, and a late write would land behind its
@@ -16,11 +19,12 @@ import errno
 import logging
 import os
 import socket
-from typing import Any, Iterator
+import sys
+from typing import Any, Iterator, Literal
 
 import msgspec
 
-from ipc import workermsg
+from ipc import logfmt, names, workermsg
 from ipc.channel import Channel
 
 log = logging.getLogger("worker")
@@ -48,12 +52,39 @@ def _supervisor_gone(why: str) -> None:
     os._exit(EXIT_SUPERVISOR_GONE)
 
 
-def command_line(prog: str, settings_type: Any, argv: list[str] | None) -> tuple[Any, int]:
+ChannelKind = Literal["messages", "optional", "socket"]
+
+
+def bootstrap(prog: str, settings_type: Any, argv: list[str] | None, *, title: Any, log_name: Any,
+              channel_kind: ChannelKind = "messages") -> tuple[Any, Any]:
+    """Every worker's start, in this order: settings, process title, logging, channel.
+
+    `title(settings)` is the body of the process title (names.proc_title adds the
+    instance), `log_name(settings)` the logger prefix. channel_kind: "messages"
+    (a Channel of workermsg, required), "optional" (the same, None without
+    --channel-fd: the broker run by hand), "socket" (the bare socket, for a worker
+    with its own datagram protocol). Bad settings: one line on stderr, exit 2.
+    Returns (settings, channel)."""
     ap = argparse.ArgumentParser(prog=prog)
-    ap.add_argument("--channel-fd", type=int, required=True)
+    ap.add_argument("--channel-fd", type=int, required=channel_kind != "optional", default=None)
     ap.add_argument("settings")
     args = ap.parse_args(argv)
-    return msgspec.json.decode(args.settings, type=settings_type), args.channel_fd
+    try:
+        settings = msgspec.json.decode(args.settings, type=settings_type)
+    except msgspec.DecodeError as e:
+        print(f"{prog}: bad settings: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(names.proc_title(title(settings), getattr(settings, "rundir", None)))
+    except ImportError:
+        pass
+    logfmt.setup(log_name(settings), settings.debug, settings.use_syslog)
+    if args.channel_fd is None:
+        return settings, None
+    sock = socket.socket(fileno=args.channel_fd)
+    return settings, sock if channel_kind == "socket" else Channel(sock, workermsg.ToWorker)
 
 
 def channel(fd: int) -> Channel:
