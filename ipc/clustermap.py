@@ -41,6 +41,7 @@ import struct
 import sys
 import threading
 import time
+from typing import Iterator
 
 import posix_ipc
 
@@ -161,9 +162,13 @@ class ClusterMap:
         shift = self.cluster_shift
         return offset >> shift, (offset + length - 1) >> shift
 
+    # any_copied / all_copied run per request (read path, write path with a snapshot):
+    # they spell span() out, one Python call less, ~60 ns a request.
+
     def any_copied(self, offset: int, length: int) -> bool:
         """Is any cluster of the range published (its old content in the backing store)?"""
-        c0, c1 = self.span(offset, length)
+        shift = self.cluster_shift
+        c0, c1 = offset >> shift, (offset + length - 1) >> shift
         t = self.table
         if c0 == c1:
             return t[c0] != 0
@@ -171,11 +176,20 @@ class ClusterMap:
 
     def all_copied(self, offset: int, length: int) -> bool:
         """Is every cluster of the range published?"""
-        c0, c1 = self.span(offset, length)
+        shift = self.cluster_shift
+        c0, c1 = offset >> shift, (offset + length - 1) >> shift
         t = self.table
         if c0 == c1:
             return t[c0] != 0
         return 0 not in t[c0 : c1 + 1]
+
+    def pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(cluster, start, stop) for each cluster of [offset, offset+length), clipped to it."""
+        shift = self.cluster_shift
+        end = offset + length
+        c0, c1 = self.span(offset, length)
+        for c in range(c0, c1 + 1):
+            yield c, max(c << shift, offset), min((c + 1) << shift, end)
 
     def cluster_start(self, c: int) -> int:
         """Volume offset of cluster c."""

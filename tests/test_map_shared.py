@@ -33,6 +33,8 @@ def test_span_is_first_and_last_cluster_touched(map_name):
         assert m.span(5 * CS + 7, 3 * CS) == (5, 8)
         assert span(m.cluster_shift + 4, 17 * CS, CS) == (1, 1)  # the stripe locks' unit
         assert m.cluster_start(5) == 5 * CS
+        assert list(m.pieces(CS - 1, CS + 2)) == [(0, CS - 1, CS), (1, CS, 2 * CS), (2, 2 * CS, 2 * CS + 1)]
+        assert list(m.pieces(3 * CS, CS)) == [(3, 3 * CS, 4 * CS)]
         m.table[6] = 40
         assert m.any_copied(5 * CS, 2 * CS) and not m.all_copied(5 * CS, 2 * CS)
         assert not m.any_copied(0, 5 * CS) and m.all_copied(6 * CS + 1, 10)

@@ -92,11 +92,10 @@ class SnapshotBackend:
                     nc += 1
                     stop = min(nc << shift, end)
                 self._read_exact(self.volume_fd, view[pos - offset : stop - offset], pos)
-                for cc in range(c, nc):  # test after read, cluster by cluster
+                for cc, a, b in m.pieces(pos, stop - pos):  # test after read, cluster by cluster
                     kk = t[cc]
                     if kk:
-                        a, b = max(cc << shift, pos), min((cc + 1) << shift, stop)
-                        self._read_exact(self.bs_fd, view[a - offset : b - offset], kk * cs + (a - (cc << shift)))
+                        self._read_exact(self.bs_fd, view[a - offset : b - offset], kk * cs + (a - m.cluster_start(cc)))
             pos = stop
 
     @staticmethod
@@ -145,7 +144,6 @@ class SnapshotBackend:
         if not m.usable:
             raise _invalid(m)
         hz = nbd.STATE_HOLE | nbd.STATE_ZERO
-        shift = m.cluster_shift
         t = m.table
         out: list[tuple[int, int]] = []
 
@@ -164,11 +162,8 @@ class SnapshotBackend:
                 add(n, hz)  # nothing copied in this hole (the usual case): one extent
             else:
                 # A live write into a hole copies the (zero) cluster first: such clusters are data now.
-                while pos < end:
-                    c = pos >> shift
-                    stop = min((c + 1) << shift, end)
-                    add(stop - pos, 0 if t[c] else hz)
-                    pos = stop
+                for c, a, b in m.pieces(pos, n):
+                    add(b - a, 0 if t[c] else hz)
             pos = end
         return out
 

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import sys
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import msgspec
 
@@ -30,7 +30,7 @@ from ipc.channel import Channel
 log = logging.getLogger("worker")
 
 EXIT_SUPERVISOR_GONE = 75  # EX_TEMPFAIL
-_gone = False
+orphaned = False  # set once, by the main thread, when the supervisor is gone (read: refuse_if_orphaned)
 
 
 def refuse_if_orphaned() -> None:
@@ -40,13 +40,13 @@ def refuse_if_orphaned() -> None:
     main thread sets it the moment the channel reads end of file, the kernel's
     PR_SET_PDEATHSIG follows within microseconds, and a new instance waits until
     this process is gone, so nothing executed in between can reach it."""
-    if _gone:
+    if orphaned:
         raise OSError(errno.ESHUTDOWN, "the supervisor is gone; not executing")
 
 
 def _supervisor_gone(why: str) -> None:
-    global _gone
-    _gone = True  # first: request threads stop executing now, before the log line below
+    global orphaned
+    orphaned = True  # first: request threads stop executing now, before the log line below
     log.error("%s: exiting without executing anything still queued", why)
     logging.shutdown()
     os._exit(EXIT_SUPERVISOR_GONE)
@@ -55,7 +55,7 @@ def _supervisor_gone(why: str) -> None:
 ChannelKind = Literal["messages", "optional", "socket"]
 
 
-def bootstrap(prog: str, settings_type: Any, argv: list[str] | None, *, title: Any, log_name: Any,
+def bootstrap(prog: str, settings_type: Any, argv: list[str] | None, *, title: Callable[[Any], str], log_name: Callable[[Any], str],
               channel_kind: ChannelKind = "messages") -> tuple[Any, Any]:
     """Every worker's start, in this order: settings, process title, logging, channel.
 
@@ -85,10 +85,6 @@ def bootstrap(prog: str, settings_type: Any, argv: list[str] | None, *, title: A
         return settings, None
     sock = socket.socket(fileno=args.channel_fd)
     return settings, sock if channel_kind == "socket" else Channel(sock, workermsg.ToWorker)
-
-
-def channel(fd: int) -> Channel:
-    return Channel(socket.socket(fileno=fd), workermsg.ToWorker)
 
 
 def supervisor_messages(chan: Channel) -> Iterator[tuple[Any, list[int]]]:

@@ -74,8 +74,9 @@ class VolumeBackend:
         return self.fd, offset
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
-        refuse_if_orphaned()  # a write queued before the supervisor died must never land
-        with self.cow.writing(offset, len(data)):
+        cow = self.cow
+        cow.begin(offset, len(data))  # `with cow.writing(...)`, spelled out: the hot path (see CopyOnWrite.begin)
+        try:
             if fua:
                 n = os.pwritev(self.fd, [data], offset, os.RWF_DSYNC)
                 if n != len(data):  # short (nearly full file system): finish, then make it durable
@@ -85,13 +86,14 @@ class VolumeBackend:
                 n = os.pwrite(self.fd, data, offset)
                 if n != len(data):
                     fileio.pwrite_all(self.fd, memoryview(data)[n:], offset + n)
+        finally:
+            cow.end()
 
     def flush(self) -> None:
         refuse_if_orphaned()
         os.fdatasync(self.fd)
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
-        refuse_if_orphaned()
         with self.cow.writing(offset, length):
             fileio.punch_hole(self.fd, offset, length)  # a hint: a device that can't is fine
             if fua:
@@ -101,7 +103,6 @@ class VolumeBackend:
         if fast and not self.can_punch:
             # Say so before copying anything for the snapshots: the client will write zeroes itself.
             raise OSError(errno.ENOTSUP, "no fast way to zero this range")
-        refuse_if_orphaned()
         with self.cow.writing(offset, length):
             if not (may_trim and fileio.punch_hole(self.fd, offset, length)):
                 if fast:
