@@ -17,8 +17,10 @@ import time
 
 import msgspec
 
+from daemon import clitool
 from daemon import storeopen
 from daemon.client import ControlClient, NotRunning
+from daemon.version import version
 from ipc import control, names
 from ipc.units import humanize, strsuftoll
 
@@ -27,6 +29,31 @@ USAGE = """usage: fssconfig [-Ccxv] [-t timeout] [--no-suspend] [-r rundir] devi
        fssconfig -u [-v] [-r rundir] device
        fssconfig -l [-v] [--json] [-r rundir] [device]
        fssconfig --volumes [-v] [--json] [-r rundir]"""
+HELP = USAGE + """
+
+Configure, unconfigure and list fssd snapshot devices (fssN), as NetBSD's
+fssconfig(8). `path` is a volume name, mountpoint or image path; `backup` a
+file, a directory or a raw block device; `cluster` and `size` take k/M/G.
+
+options:
+  -C                take the snapshot application-consistently (VSS CHECK,
+                    FREEZE, barrier, THAW) and print the freeze window
+  -t SECONDS        with -C: each VSS phase's timeout (default [vss] timeout)
+  --no-suspend      do not suspend (FIFREEZE) the volume's file systems around
+                    the snapshot: it is then crash-consistent
+  -c                unconfigure the device when its last NBD client disconnects
+  -x                unlink the backing file once the snapshot is configured
+  -l                list the devices (all, or the one named)
+  -u                unconfigure the device
+  -v                verbose: list the device after configuring or before
+                    unconfiguring; with -l and --volumes, details
+  --volumes         list the volumes and their NBD URIs
+  --json            with -l or --volumes: print JSON
+  -r, --rundir DIR  fssd's run directory (default $FSSD_RUNDIR, else /run/fssd)
+  -h, --help        print this help and exit
+  --version         print the version and exit
+
+See fssconfig(8)."""
 
 
 class Usage(Exception):
@@ -87,6 +114,7 @@ def _json(obj) -> str:
     return msgspec.json.format(msgspec.json.encode(obj)).decode()
 
 
+@clitool.entry
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -104,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     try:
-        opts, args = getopt.getopt(argv, "Cclr:t:uvx", ["json", "volumes", "rundir=", "help", "no-suspend"])
+        opts, args = getopt.getopt(argv, "Cchlr:t:uvx", ["json", "volumes", "rundir=", "help", "no-suspend", "version"])
     except getopt.GetoptError as e:
         raise Usage(str(e)) from None
     action = None
@@ -137,8 +165,12 @@ def _main(argv: list[str]) -> int:
             as_json = True
         elif o in ("-r", "--rundir"):
             rundir = v
-        elif o == "--help":
-            raise Usage("")
+        elif o in ("-h", "--help"):
+            print(HELP)
+            return 0
+        elif o == "--version":
+            print(f"{PROG} {version()}")
+            return 0
     client = ControlClient(names.resolve_rundir(rundir))
     if action in ("-l", "-u", "--volumes") and (unlink or uoc or consistent or no_suspend or timeout is not None):
         raise Usage("")

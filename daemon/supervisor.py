@@ -22,12 +22,15 @@ import time
 import msgspec
 import setproctitle
 
+from daemon import clitool
 from daemon import config as configmod
 from daemon import leftovers
+from daemon import portability
 from daemon import rundir as rundirmod
 from daemon.control_server import ControlServer
 from daemon.notify import Notifier, child_env
 from daemon.procs import Worker, WorkerGone
+from daemon.version import version
 from daemon.snapshots import SnapshotManager
 from ipc import logfmt, names, workermsg
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
@@ -504,22 +507,37 @@ def _print_status(rundir: str) -> int:
     return 0
 
 
+@clitool.entry
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fssd", description="copy-on-write snapshots of live volumes, served over NBD")
-    p.add_argument("-c", "--config", default=configmod.DEFAULT_CONFIG, help="configuration file (default %(default)s)")
-    p.add_argument("-r", "--rundir", help="run directory (overrides [daemon] rundir)")
+    p.add_argument("-c", "--config", metavar="FILE", help=f"configuration file (default {configmod.DEFAULT_CONFIG}; with --status: its run directory)")
+    p.add_argument("-r", "--rundir", metavar="DIR", help="run directory (overrides [daemon] rundir; with --status: default the -c file's, else $FSSD_RUNDIR, else /run/fssd)")
     p.add_argument("-d", "--debug", action="store_true", help="debug logging")
     p.add_argument("-s", "--syslog", action="store_true", help="log to syslog instead of stderr")
     p.add_argument("--status", action="store_true", help="print the running daemon's status as JSON and exit")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}", help="print the version and exit")
     args = p.parse_args(argv)
     if args.status:
-        return _print_status(names.resolve_rundir(args.rundir))
+        rundir = args.rundir
+        if rundir is None and args.config is not None:  # the instance that config runs
+            try:
+                rundir = configmod.load(args.config).daemon.rundir
+            except configmod.ConfigError as e:
+                print(f"fssd: {e}", file=sys.stderr)
+                return 2
+        return _print_status(names.resolve_rundir(rundir))
+    args.config = args.config or configmod.DEFAULT_CONFIG
     logfmt.setup("supervisor", args.debug, args.syslog)
     try:
         cfg = configmod.load(args.config, rundir_override=args.rundir)
     except configmod.ConfigError as e:
         print(f"fssd: {e}", file=sys.stderr)
         return 2
+    missing = portability.problems(cfg, portability.facts())
+    for line in missing:
+        print(f"fssd: {line}", file=sys.stderr)
+    if missing:
+        return 1
     try:
         rundirmod.trust_rundir(cfg.daemon.rundir, rundirmod.group_gid(cfg.daemon.group))
     except rundirmod.UntrustedRundir as e:

@@ -1,4 +1,4 @@
-"""Copy-on-write into the snapshots' backing stores: the volume's one write path (DESIGN.md "Write path").
+"""Copy-on-write into the snapshots' backing stores: the volume's one write path (docs/architecture.md "Write path").
 
 Every live write, trim and write-zeroes runs as
 

@@ -1,4 +1,4 @@
-"""Snapshot worker `fssN`: serves one snapshot read-only over NBD (DESIGN.md "Read path").
+"""Snapshot worker `fssN`: serves one snapshot read-only over NBD (docs/architecture.md "Read path").
 
 Entry set: read the backing store. Entry clear: read the live volume, then
 test the entry again; if it was set meanwhile the volume may already hold new
