@@ -1,7 +1,10 @@
 """The cluster map shared between processes: one span helper, and "first error only" across processes."""
 
+import fcntl
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -71,7 +74,7 @@ def _racer(name, reason, start, barrier, out):
 
 
 def test_first_error_wins_across_processes(map_name):
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded pytest
     start, barrier, out = ctx.Barrier(2), ctx.Barrier(2), ctx.Queue()
     procs = [ctx.Process(target=_racer, args=(map_name, r, start, barrier, out)) for r in ("backing store full", "worker failed repeatedly")]
     for p in procs:
@@ -95,26 +98,28 @@ def test_first_error_wins_across_processes(map_name):
 
 def test_a_killed_holder_does_not_wedge_the_error_lock(map_name):
     """The kernel drops an OFD lock with its holder, so a SIGKILLed process never blocks set_error."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, fcntl\nfrom ipc.clustermap import ClusterMap\n"
+         f"m = ClusterMap.attach({map_name!r})\nm._ofd_lock(fcntl.F_WRLCK)\nprint('locked', flush=True)\nsys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
         m = ClusterMap.attach(map_name)
-        m._ofd_lock(clustermap.fcntl.F_WRLCK)
-        os.write(w, b"x")
-        os.read(r, 1)  # hold the lock until killed
-        os._exit(0)
-    try:
-        assert os.read(r, 1) == b"x"
+        try:
+            # While it lives, the lock is really held: a non-waiting attempt is refused.
+            with pytest.raises(BlockingIOError):
+                fcntl.fcntl(m._fd, getattr(fcntl, "F_OFD_SETLK", 37),
+                            clustermap._FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, clustermap.ERROR_OFFSET, clustermap.ERROR_MAX, 0))
+            holder.kill()
+            holder.wait(timeout=10)
+            assert m.set_error("write error on backing store") is True
+        finally:
+            m.close()
     finally:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        os.close(r)
-        os.close(w)
-    m = ClusterMap.attach(map_name)
-    try:
-        assert m.set_error("write error on backing store") is True
-    finally:
-        m.close()
+        holder.kill()
+        holder.wait(timeout=10)
+        holder.stdin.close()
+        holder.stdout.close()
 
 
 def test_a_read_only_mapping_cannot_set_an_error(map_name):
