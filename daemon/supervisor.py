@@ -180,8 +180,9 @@ class Supervisor:
                 freeze_mounts=self.cfg.freeze_mounts(),
                 hooks_dir=vss.hooks_dir,
                 hyperv_device=vss.hyperv_device,
-                debug=self.debug, use_syslog=self.use_syslog,
+                debug=self.debug,
                 group=self.cfg.daemon.group, max_apps=vss.max_apps, max_apps_per_uid=vss.max_apps_per_uid,
+                use_syslog=self.use_syslog,
             )
             return "workers.broker", msgspec.json.encode(settings).decode(), []
 
