@@ -38,7 +38,7 @@ from daemon.vssgate import ChannelVssGate
 from ipc import control, logfmt, names, workermsg
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
 from workers import nbdserve
-from workers.volume import AttachedSnapshot, VolumeSettings
+from workers.settings import AttachedSnapshot, VolumeSettings
 
 log = logging.getLogger("supervisor")
 
@@ -210,7 +210,7 @@ class Supervisor:
     async def start_broker(self) -> None:
         if not self.cfg.vss.enabled:
             return
-        from workers.broker import BrokerSettings  # the VSS half; imported only when enabled
+        from workers.settings import BrokerSettings
 
         vss = self.cfg.vss
 
