@@ -88,7 +88,7 @@ class Bench:
     def fssd(self, fs: Ext4, mode: str) -> Fssd:
         vol = os.path.join(fs.mnt, "vol.img")
         f = Fssd(self.scratch, [("vol", vol, None)], devices=2, tag=f"fssd-{mode}")
-        text = f.config.read_text().replace("[daemon]\n", f'[daemon]\ndurability = "{mode}"\nstatedir = "{f.dir / "state"}"\n', 1)
+        text = f.config.read_text().replace("[daemon]\n", f'[daemon]\ndurability = "{mode}"\n', 1)
         f.config.write_text(text)
         return f.start()
 
@@ -167,7 +167,7 @@ class Bench:
                     if not isinstance(res, recovery.Intact) or res.copies != copies:
                         raise RuntimeError(f"recovery bench: unexpected {res!r:.200}")
                     cmap = durable.load_map(f"/fssd.bench{os.getpid()}.rec", rec, res, rec.limit_clusters)
-                    self.add(f"recovery {label}", time.perf_counter() - t0)
+                    self.add(f"recovery {label}", (time.perf_counter() - t0) * 1000)
                     name = cmap.name
                     cmap.close()
                     from ipc.clustermap import ClusterMap
@@ -195,9 +195,9 @@ class Bench:
                 self.rows.append(row(f"{kind} first touch {mode}", v, unit, r[f"{kind} {mode}"]))
         for label in ("clean", "power loss"):
             v = median(r[f"recovery {label}"])
-            print(f"recovery, 1 TiB sparse, 100,000 copies, {label}: {v:.3f} s ({fmt_runs(r[f'recovery {label}'])}), "
-                  f"target < {RECOVERY_TARGET_S} s: {'met' if v < RECOVERY_TARGET_S else 'MISSED'}")
-            self.rows.append(row(f"recovery {label}", v, "s", r[f"recovery {label}"]))
+            print(f"recovery, 1 TiB sparse, 100,000 copies, {label}: {v:.0f} ms ({fmt_runs(r[f'recovery {label}'])}), "
+                  f"target < {RECOVERY_TARGET_S * 1000:.0f} ms: {'met' if v < RECOVERY_TARGET_S * 1000 else 'MISSED'}")
+            self.rows.append(row(f"recovery {label}", v, "ms", r[f"recovery {label}"]))
         emit(self.args.results, self.rows)
 
 

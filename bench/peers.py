@@ -132,7 +132,7 @@ class Fssd:
         self.rundir = self.dir / "run"
         self.config = self.dir / "fssd.toml"
         self.log = self.dir / "fssd.log"
-        lines = ["[daemon]", f'rundir = "{self.rundir}"', f"devices = {devices}", ""]
+        lines = ["[daemon]", f'rundir = "{self.rundir}"', f'statedir = "{self.dir / "state"}"', f"devices = {devices}", ""]
         for name, path, size in volumes:
             lines += ["[[volume]]", f'name = "{name}"', f'path = "{path}"']
             if size:

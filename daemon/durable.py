@@ -48,10 +48,8 @@ def opened_path(fd: int) -> str:
 
 def load_map(name: str, rec: SnapshotRecord, intact: Intact, limit_clusters: int, flags: int = 0) -> ClusterMap:
     """The shared-memory map of a recovered snapshot, from its on-disk table: ACTIVE, its instant's time."""
-    count = -(-rec.volume_size // rec.cluster_size)
-    tcl = sf.table_clusters(count, rec.cluster_size)
     ClusterMap.unlink(name)
-    cmap = ClusterMap.create(name, rec.cluster_size, rec.volume_size, limit_clusters, flags, tclusters=tcl)
+    cmap = ClusterMap.create(name, rec.cluster_size, rec.volume_size, limit_clusters, flags)
     cmap.table[:] = memoryview(intact.table).cast("I")
     cmap.bs_next = intact.bs_next
     cmap.copies = intact.copies
@@ -61,9 +59,8 @@ def load_map(name: str, rec: SnapshotRecord, intact: Intact, limit_clusters: int
 
 def invalid_map(name: str, rec: SnapshotRecord, reason: str, flags: int = 0) -> ClusterMap:
     """A map that only says "invalid, because ...": status shows it, reads answer EIO."""
-    count = -(-rec.volume_size // rec.cluster_size)
     ClusterMap.unlink(name)
-    cmap = ClusterMap.create(name, rec.cluster_size, rec.volume_size, 0, flags, tclusters=sf.table_clusters(count, rec.cluster_size))
+    cmap = ClusterMap.create(name, rec.cluster_size, rec.volume_size, 0, flags)
     cmap.set_error(reason)
     cmap.activate(rec.created_ns)
     return cmap

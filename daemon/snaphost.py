@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 if TYPE_CHECKING:
     from daemon.backing import BackingStore
     from daemon.procs import Worker
+    from daemon.statedir import StateDir
 
 # (channel fd) -> (module, settings json, descriptors to pass): what a worker is started with.
 SpawnArgs = Callable[[int], tuple[str, str, list[int]]]
@@ -72,3 +73,8 @@ class SnapshotHost:
     flags: WorkerFlags = field(default_factory=lambda: WorkerFlags({}))
     # Runs blocking work (table writes, fsyncs, closing a large store) off the event loop.
     offload: Callable[..., Any] = asyncio.to_thread
+    # Durable snapshots (docs/architecture.md "Durability"): the level new snapshots get,
+    # the state directory (None: nothing is recorded) and this boot's id.
+    durability: Callable[[], str] = lambda: "none"
+    state: "StateDir | None" = None
+    boot_id: str = ""

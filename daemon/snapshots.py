@@ -10,6 +10,7 @@ start the `fssN` worker that serves the snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -18,11 +19,12 @@ import time
 from datetime import datetime, timezone
 import msgspec
 
-from daemon import backing, suspend
+from daemon import backing, durable, recovery, statedir, suspend
 from daemon.errors import ControlError
 from daemon.procs import Worker, WorkerGone
 from daemon.snaphost import SnapshotHost
 from ipc import control, names, workermsg
+from ipc import storeformat as sf
 from ipc.clustermap import FLAG_UNCONFIG_ON_CLOSE, ClusterMap, MapState, choose_cluster_size, table_clusters
 from workers.settings import SnapshotSettings
 
@@ -47,16 +49,11 @@ def _devices(mounts: list[str]) -> frozenset[int]:
 SLOW_TABLE_ENV = "FSSD_TEST_SLOW_TABLE_WRITE"
 
 
-def write_table(store: backing.BackingStore, nbytes: int) -> None:
-    """The on-disk table (all clear) heads the store, copies are appended after it; writing it
-    also proves the store takes writes (a "file" on /proc truncates without error). Tens of MiB
-    and an fsync at 1 TiB: runs off the event loop."""
-    if not store.is_device:
-        os.ftruncate(store.fd, 0)
-    if os.pwrite(store.fd, bytes(nbytes), 0) != nbytes:
-        raise OSError(errno.EIO, "short write")
-    if not store.is_device:
-        os.fsync(store.fd)
+def write_table(store: backing.BackingStore, header: sf.StoreHeader) -> None:
+    """The store's header and the all-clear table head the store, copies are appended after
+    it; writing them also proves the store takes writes (a "file" on /proc truncates without
+    error). Over 100 MiB and an fsync at 1 TiB: runs off the event loop."""
+    durable.write_layout(store.fd, store.is_device, header)
     delay = os.environ.get(SLOW_TABLE_ENV)
     if delay:
         time.sleep(float(delay))
@@ -78,6 +75,9 @@ class Snapshot:
         self.suspended: list[str] = []
         self.window_ms = 0.0
         self.note = ""
+        self.durability = "none"
+        self.record: statedir.SnapshotRecord | None = None  # in the state directory
+        self.recovered = 0.0  # when a start-up brought it back (epoch seconds)
 
     @property
     def taken_utc(self) -> str:
@@ -89,6 +89,7 @@ class SnapshotManager:
         self.host = host
         self.snaps: dict[str, Snapshot] = {}
         self.lock = asyncio.Lock()
+        self.usage = durable.UsageWatch()
 
     # -- queries -------------------------------------------------------------------
 
@@ -100,7 +101,8 @@ class SnapshotManager:
 
     def attached_for(self, volume: str) -> list[tuple[str, str, int]]:
         """What a (re)started volume worker must protect: (device, map name, backing fd)."""
-        return [(s.device, s.map.name, s.store.fd) for s in self.snaps.values() if s.volume == volume and s.map.state == MapState.ACTIVE]
+        return [(s.device, s.map.name, s.store.fd) for s in self.snaps.values()
+                if s.volume == volume and s.map.state == MapState.ACTIVE and s.map.valid and s.store.fd >= 0]
 
     def workers(self) -> list[Worker]:
         return [s.worker for s in self.snaps.values() if s.worker]
@@ -144,6 +146,10 @@ class SnapshotManager:
             suspended=s.suspended,
             window_ms=s.window_ms,
             note=s.note,
+            durability=s.durability,
+            recovered=s.recovered,
+            store_usage=self.usage.percent(m.bs_next, m.table_clusters, m.bs_limit),
+            usage_warning=self.usage.reached.get(device, 0),
         )
 
     # -- configure -------------------------------------------------------------------
@@ -193,6 +199,8 @@ class SnapshotManager:
             except OSError:
                 pass
         for d, snap in self.snaps.items():
+            if snap.store.fd < 0:  # came back invalid without its store
+                continue
             for ident in backing.store_identities(snap.store.fd, os.fstat(snap.store.fd)):
                 taken.setdefault(ident, f"the backing store of {d}")
         return taken
@@ -206,9 +214,15 @@ class SnapshotManager:
         count = (vol.size + csize - 1) // csize
         tclusters = table_clusters(count, csize)
         limit = backing.limit_clusters(store, req.size, csize, count, tclusters)
+        durability = self.host.durability()
         try:
-            log.debug("%s: writing the table (%d bytes) to the backing store", req.device, tclusters * csize)
-            await self.host.offload(write_table, store, tclusters * csize)
+            vst = os.stat(vol.section.path)
+            header = sf.StoreHeader(
+                sf.new_id(), vst.st_dev, vst.st_ino, vol.size, csize, count, tclusters, limit, time.time_ns(),
+                sf.DURABILITY_NAMES[durability], sf.FLAG_UNLINKED if store.unlink_now else 0,
+            )
+            log.debug("%s: writing the header and table (%d bytes) to the backing store", req.device, tclusters * csize)
+            await self.host.offload(write_table, store, header)
         except OSError as e:
             raise ControlError(e.errno or errno.EIO, f"{req.backup}: backing store not writable: {e.strerror or e}") from None
         map_name = names.map_name(self.host.prefix, req.device)
@@ -231,6 +245,16 @@ class SnapshotManager:
                 held = await self._suspended_barrier(vol, snap)
             self.snaps[req.device] = snap
             await self._start_worker(snap)
+            snap.durability = durability
+            if durability != "none" and self.host.state is not None:
+                # Only now: a crash before this leaves a store no record names (removed at the
+                # next start), never a record of a snapshot that was not taken.
+                snap.record = self._record(snap, vol, header, vst)
+                try:
+                    await self.host.offload(self.host.state.save, snap.record)
+                except OSError as e:
+                    snap.record = None
+                    raise ControlError(e.errno or errno.EIO, f"{req.device}: cannot record the snapshot in {self.host.state.path}: {e.strerror or e}") from None
         except BaseException:
             self.snaps.pop(req.device, None)
             await self._detach(vol.worker, req.device)
@@ -252,6 +276,20 @@ class SnapshotManager:
             log.info("%s: %s", req.device, snap.note)
         self.host.changed()
         return control.Configured(self.info(req.device), held, window_ms, snap.window_ms if snap.consistency == "file-system" and snap.suspended else None)
+
+    def _record(self, snap: Snapshot, vol, header: sf.StoreHeader, vst: os.stat_result) -> statedir.SnapshotRecord:
+        store = snap.store
+        path = "" if store.unlink_now else durable.opened_path(store.fd)
+        return statedir.SnapshotRecord(
+            device=snap.device, volume=snap.volume, volume_path=os.path.abspath(vol.section.path),
+            volume_id=statedir.identity(vst), volume_size=vol.size,
+            store_path=path, store_id=statedir.identity(os.fstat(store.fd)),
+            cluster_size=header.cluster_size, limit_clusters=header.limit_clusters,
+            flags=header.flags | (0 if path else sf.FLAG_UNLINKED), created_ns=snap.map.created_ns,
+            snapshot_id=header.snapshot_id, durability=snap.durability, boot_id=self.host.boot_id,
+            unconfig_on_close=snap.unconfig_on_close, consistency=snap.consistency,
+            made=store.dirfd >= 0 and bool(store.name), owner=store.owner,
+        )
 
     async def _barrier(self, worker: Worker, snap: Snapshot) -> int:
         msg = workermsg.AttachSnapshot(snap.device, snap.map.name, worker.next_req())
@@ -391,6 +429,11 @@ class SnapshotManager:
             await self._remove(snap)
 
     async def _remove(self, snap: Snapshot) -> None:
+        if snap.record is not None and self.host.state is not None:
+            # The record goes first: a crash from here on never brings back a half-removed snapshot.
+            await self.host.offload(self.host.state.remove, snap.device)
+            snap.record = None
+        self.usage.forget(snap.device)
         snap.map.state = MapState.DESTROYING
         if snap.worker:
             await snap.worker.stop()
@@ -409,6 +452,127 @@ class SnapshotManager:
         async with self.lock:
             for snap in list(self.snaps.values()):
                 await self._remove(snap)
+
+    # -- durable snapshots across fssd's life (docs/architecture.md "Durability") -----
+
+    async def stop_for_restart(self) -> None:
+        """fssd stops: snapshots in the state directory stay configured (their fssN workers
+        stop); the others ("none") are unconfigured as before."""
+        async with self.lock:
+            for snap in list(self.snaps.values()):
+                if snap.record is None:
+                    await self._remove(snap)
+                elif snap.worker:
+                    await snap.worker.stop()
+                    self._close_listener(snap)
+
+    async def mark_clean(self, volume_paths: dict[str, str]) -> None:
+        """After the volume workers stopped: every store and volume synced (whatever the
+        workers managed), then each record says "stopped cleanly" with the volume's stat."""
+        state = self.host.state
+        for snap in list(self.snaps.values()):
+            rec = snap.record
+            if rec is None or state is None:
+                continue
+            if not snap.map.valid or snap.map.state != MapState.ACTIVE:
+                continue  # invalid: the record stays as it was, so it stays invalid
+            try:
+                await self.host.offload(_sync_and_stamp, snap.store.fd, volume_paths.get(snap.volume, rec.volume_path), state,
+                                        msgspec.structs.replace(rec, boot_id=self.host.boot_id))
+            except OSError as e:
+                log.error("%s: could not record a clean stop (%s): it will be checked as after a crash", snap.device, e)
+
+    def close_all(self) -> None:
+        for snap in list(self.snaps.values()):
+            self._close_listener(snap)
+            snap.map.close()
+            for fd in (snap.store.fd, snap.store.dirfd):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        self.snaps.clear()
+
+    async def recover(self, records: list[statedir.SnapshotRecord], volume_paths: dict[str, str]) -> None:
+        """Start-up, before any volume worker: bring back every snapshot of the state directory,
+        intact (map rebuilt from its on-disk table) or invalid with the reason. Never writes a volume."""
+        boot = self.host.boot_id
+        for rec in records:
+            if rec.device not in self.devices():
+                log.error("%s: in the state directory but [daemon] devices has no such device; left as it is", rec.device)
+                continue
+            t0 = time.monotonic()
+            fd = recovery.open_store(rec)
+            if rec.volume not in volume_paths:
+                res: recovery.Intact | recovery.Invalid = recovery.Invalid(f"volume {rec.volume} is no longer configured")
+            elif os.path.abspath(volume_paths[rec.volume]) != rec.volume_path:
+                res = recovery.Invalid(f"volume {rec.volume} is now configured at {volume_paths[rec.volume]}, not {rec.volume_path}")
+            else:
+                try:
+                    res = await self.host.offload(recovery.gather, rec, boot, fd)
+                except OSError as e:
+                    res = recovery.Invalid(f"cannot read the backing store: {e.strerror or e}")
+            store = self._recovered_store(rec, fd)
+            flags = FLAG_UNCONFIG_ON_CLOSE if rec.unconfig_on_close else 0
+            name = names.map_name(self.host.prefix, rec.device)
+            if isinstance(res, recovery.Intact):
+                cmap = durable.load_map(name, rec, res, rec.limit_clusters, flags)
+            else:
+                cmap = durable.invalid_map(name, rec, res.reason, flags)
+            snap = Snapshot(rec.device, rec.volume, store, cmap, rec.unconfig_on_close)
+            snap.backup_shown = rec.store_path or "(unlinked)"
+            snap.consistency = rec.consistency
+            snap.durability = rec.durability
+            snap.recovered = time.time()
+            snap.record = rec
+            self.snaps[rec.device] = snap
+            if isinstance(res, recovery.Invalid):
+                log.error("%s: snapshot of %s taken %s comes back invalid: %s", rec.device, rec.volume, snap.taken_utc, res.reason)
+                continue
+            # This boot, not (yet) stopped cleanly: what a crash from now on is checked against.
+            snap.record = msgspec.structs.replace(rec, boot_id=boot, clean=False, volume_at_stop=None)
+            try:
+                await self.host.offload(self.host.state.save, snap.record)
+            except OSError as e:
+                log.error("%s: cannot update its record (%s); it stays as it was", rec.device, e)
+            log.info("%s: snapshot of %s taken %s recovered (%s): %d cluster(s) copied, %d re-read, %d uncommitted dropped, %.0f ms",
+                     rec.device, rec.volume, snap.taken_utc, rec.durability, res.copies, res.verified, res.dropped, (time.monotonic() - t0) * 1000)
+
+    def _recovered_store(self, rec: statedir.SnapshotRecord, fd: int) -> backing.BackingStore:
+        is_device = rec.store_id.kind == "block"
+        size = 0
+        if fd >= 0 and is_device:
+            size = os.lseek(fd, 0, os.SEEK_END)
+        dirfd, name = -1, ""
+        if fd >= 0 and rec.made and rec.store_path:
+            # To remove the file fssconfig made at unconfigure, as before a restart: only while
+            # the name still is this file and the asker's (backing.discard checks).
+            try:
+                dirfd = os.open(os.path.dirname(rec.store_path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                name = os.path.basename(rec.store_path)
+            except OSError:
+                dirfd = -1
+        return backing.BackingStore(fd, rec.store_path or "(unlinked)", not rec.store_path, is_device, size, 512, dirfd, name, rec.owner)
+
+    async def start_recovered(self) -> None:
+        """After the volume workers re-attached them: the fssN workers and exports."""
+        for snap in list(self.snaps.values()):
+            if snap.recovered and snap.worker is None and snap.map.usable:
+                try:
+                    await self._start_worker(snap)
+                except ControlError as e:
+                    self.lost(snap.device, str(e))
+
+    def check_usage(self) -> None:
+        """Store usage warnings, once each per snapshot (blksnap's low-space event)."""
+        for snap in self.snaps.values():
+            m = snap.map
+            if not m.usable:
+                continue
+            for step in self.usage.check(snap.device, m.bs_next, m.table_clusters, m.bs_limit):
+                log.warning("%s: backing store %.0f%% full (%d of %d clusters for copies used; warned at %d%%)", snap.device,
+                            self.usage.percent(m.bs_next, m.table_clusters, m.bs_limit), m.bs_next - m.table_clusters,
+                            m.bs_limit - m.table_clusters, step)
+                self.host.changed()
 
     # -- events from workers ---------------------------------------------------------
 
@@ -443,3 +607,19 @@ class SnapshotManager:
         if snap.map.set_error(f"worker failed repeatedly ({worker.last_error})"):
             log.error("%s: snapshot invalid: worker failed repeatedly (%s)", snap.device, worker.last_error)
         self.host.changed()
+
+
+def _sync_and_stamp(store_fd: int, volume_path: str, state: statedir.StateDir, rec: statedir.SnapshotRecord) -> None:
+    """The clean stop of one snapshot: store and volume on disk, then the record says so."""
+    if store_fd >= 0:
+        os.fsync(store_fd)
+    fd = os.open(volume_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        os.fsync(fd)
+        stamp = statedir.volume_stamp(os.fstat(fd))
+        if rec.volume_id.kind == "block":
+            stamp = msgspec.structs.replace(stamp, size=os.lseek(fd, 0, os.SEEK_END))
+    finally:
+        os.close(fd)
+    state.save(msgspec.structs.replace(rec, clean=True, volume_at_stop=stamp))
+

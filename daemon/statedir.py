@@ -11,6 +11,7 @@ notice a volume written while fssd was not running).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import stat
@@ -60,6 +61,8 @@ class SnapshotRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     volume_at_stop: VolumeStamp | None = None
     unconfig_on_close: bool = False
     consistency: str = "crash"
+    made: bool = False  # fssconfig created the store file: unconfiguring removes it
+    owner: int = -1  # the uid that asked for it (the removal checks the file is still theirs)
 
 
 class StateDirError(Exception):
@@ -135,6 +138,22 @@ class StateDir:
                 raise StateDirError(f"state directory {p} is not a directory")
             if st.st_uid != os.geteuid() or st.st_mode & 0o022:
                 raise StateDirError(f"state directory {p} must be owned by uid {os.geteuid()} and writable by it alone")
+
+    def lock(self, rundir: str) -> int:
+        """One instance per state directory: an flock on STATEDIR/lock, held for fssd's life
+        (close-on-exec: workers never hold it). Raises StateDirError naming the holder."""
+        path = os.path.join(self.path, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise StateDirError(f"state directory {self.path} is in use by another fssd ({other or 'unknown'}); "
+                                "give each instance its own [daemon] statedir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, run directory {rundir}\n".encode(), 0)
+        return fd
 
     def save(self, rec: SnapshotRecord) -> None:
         write_atomic(self.snapdir, rec.device + ".json", msgspec.json.encode(rec))

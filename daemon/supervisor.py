@@ -25,6 +25,7 @@ import setproctitle
 from daemon import clitool
 from daemon import config as configmod
 from daemon import leftovers
+from daemon import statedir as statedirmod
 from daemon import portability
 from daemon import rundir as rundirmod
 from daemon.control_server import ControlServer
@@ -43,6 +44,8 @@ from workers.settings import AttachedSnapshot, VolumeSettings
 log = logging.getLogger("supervisor")
 
 STOP_TIMEOUT = 15.0
+# How often store usage is compared with the 80 % / 95 % steps (a few header reads).
+USAGE_INTERVAL = 0.5
 # A new instance waits this long for the processes of a killed one to be gone.
 LOCK_WAIT = 10.0
 
@@ -69,8 +72,12 @@ def nbd_limits(d: configmod.DaemonSection) -> nbdserve.Limits:
 
 
 class Supervisor:
-    def __init__(self, cfg: configmod.Config, config_path: str, debug: bool, use_syslog: bool):
+    def __init__(self, cfg: configmod.Config, config_path: str, debug: bool, use_syslog: bool,
+                 state: statedirmod.StateDir | None = None, records: list[statedirmod.SnapshotRecord] | None = None):
         self.cfg = cfg
+        self.state = state
+        self.records = records or []
+        self.boot_id = statedirmod.current_boot_id()
         self.config_path = config_path
         self.debug = debug
         self.use_syslog = use_syslog
@@ -91,6 +98,7 @@ class Supervisor:
         self.stop_event = asyncio.Event()
         self.shutting_down = False
         self._watchdog: asyncio.Task | None = None
+        self._usage: asyncio.Task | None = None
         self._sockets: set[str] = set()
 
     def _snapshot_host(self) -> SnapshotHost:
@@ -110,6 +118,9 @@ class Supervisor:
             changed=self.update_status,
             stopping=lambda: self.shutting_down,
             flags=WorkerFlags(self.env, self.debug, self.use_syslog),
+            durability=lambda: self.cfg.daemon.durability,  # [daemon]: fixed until a restart
+            state=self.state,
+            boot_id=self.boot_id,
         )
 
     def _vss_gate(self) -> ChannelVssGate | None:
@@ -318,6 +329,11 @@ class Supervisor:
         active = self.snaps.summary()
         self.notifier.status(f"{len(self.volumes)} volume(s); {active}; vss {self.vss_state.state}")
 
+    async def _usage_loop(self) -> None:
+        while True:
+            await asyncio.sleep(USAGE_INTERVAL)
+            self.snaps.check_usage()
+
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
             self.notifier.watchdog()
@@ -332,8 +348,12 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         try:
             configmod.create_missing_images(self.cfg)
+            # Snapshots from the state directory first: each volume worker re-attaches them
+            # before it serves a single write.
+            await self.snaps.recover(self.records, {v.name: v.path for v in self.cfg.volume})
             for section in self.cfg.volume:
                 await self.start_volume(section)
+            await self.snaps.start_recovered()
             await self.start_broker()
             await self.control.start()
         except (WorkerGone, OSError, ImportError) as e:
@@ -345,6 +365,7 @@ class Supervisor:
         interval = self.notifier.watchdog_interval()
         if interval:
             self._watchdog = asyncio.ensure_future(self._watchdog_loop(interval))
+        self._usage = asyncio.ensure_future(self._usage_loop())
         log.info("ready: %d volume(s), control socket %s", len(self.volumes), names.control_socket(self.rundir))
         await self.stop_event.wait()
         await self.shutdown()
@@ -356,12 +377,19 @@ class Supervisor:
         log.info("stopping")
         if self._watchdog:
             self._watchdog.cancel()
+        if self._usage:
+            self._usage.cancel()
         await self.control.stop()
-        await self.snaps.unconfigure_all()
+        # Snapshots in the state directory stay configured; the volume workers stop after
+        # them (syncing every store), then the records say the stop was clean.
+        await self.snaps.stop_for_restart()
         if self.broker:
             await self.broker.stop(STOP_TIMEOUT)
+        paths = {name: st.section.path for name, st in self.volumes.items()}
         for name in list(self.volumes):
             await self.stop_volume(name)
+        await self.snaps.mark_clean(paths)
+        self.snaps.close_all()
         cleanup_names(self.prefix)
         leftovers.forget(self.rundir)
         log.info("stopped")
@@ -576,8 +604,19 @@ def main(argv: list[str] | None = None) -> int:
     Worker.hold_fd = lock_fd
     setproctitle.setproctitle(names.proc_title("supervisor", cfg.daemon.rundir))
     cleanup_names(names.instance_prefix(cfg.daemon.rundir))
-    leftovers.remove(cfg.daemon.rundir)
-    sup = Supervisor(cfg, os.path.abspath(args.config), args.debug, args.syslog)
+    state = statedirmod.StateDir(cfg.daemon.statedir)
+    try:
+        state.open()
+        state_fd = state.lock(cfg.daemon.rundir)
+    except (statedirmod.StateDirError, OSError) as e:
+        print(f"fssd: {e}", file=sys.stderr)
+        return 2
+    records, bad = state.load()
+    for line in bad:
+        log.error("%s; left as it is", line)
+    # A store a record names comes back; one whose configure never finished is removed.
+    leftovers.remove(cfg.daemon.rundir, frozenset((r.store_id.dev, r.store_id.ino) for r in records))
+    sup = Supervisor(cfg, os.path.abspath(args.config), args.debug, args.syslog, state, records)
     rc = asyncio.run(sup.run())
     # Only after a clean stop (every worker gone): otherwise the file stays, and so does
     # its lock for as long as any worker still holds it.
@@ -586,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError:
         pass
     os.close(lock_fd)
+    os.close(state_fd)
     return rc
 
 

@@ -2,7 +2,8 @@
 
 Entry 0: the cluster is still only on the volume. Entry k: its old content is
 backing-store cluster k (NetBSD's indirect table: clusters [0, table_clusters)
-of the backing store hold the on-disk copy of this table, so k >= 1 always).
+of the backing store hold its header and the on-disk table, ipc/storeformat.py,
+so k >= 1 always).
 An aligned 4-byte store is atomic, so the entry is its own "copied" flag: the
 volume worker publishes it after the copy is complete and before it
 overwrites the volume; the snapshot worker reads without a lock.
@@ -44,6 +45,8 @@ import time
 from typing import Iterator
 
 import posix_ipc
+
+from ipc import storeformat
 
 MAGIC = b"FSSDMAP1"
 VERSION = 1
@@ -107,8 +110,9 @@ def choose_cluster_size(requested: int, volume_size: int, bs_block: int = 512) -
 
 
 def table_clusters(cluster_count: int, cluster_size: int) -> int:
-    """Backing-store clusters holding the on-disk table (fss: FSS_BTOCL(len)+1)."""
-    return (cluster_count * 4) // cluster_size + 1
+    """Backing-store clusters before the first copy: the store's header page and its
+    on-disk table (ipc/storeformat.py), as fss keeps its table ahead of the copies."""
+    return storeformat.table_clusters(cluster_count, cluster_size)
 
 
 class ClusterMap:
@@ -304,6 +308,4 @@ class ClusterMap:
                 out.extend(filter(None, memoryview(piece).cast("I")))
         return out
 
-    def table_bytes(self) -> bytes:
-        """The table as stored at the head of the backing store."""
-        return self._mm[HEADER_SIZE : HEADER_SIZE + 4 * self.cluster_count]
+

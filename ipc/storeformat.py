@@ -22,6 +22,7 @@ torn or overwritten, and an 8-byte entry is never torn.
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 import uuid
 import zlib
@@ -167,17 +168,19 @@ def crc(data) -> int:
 
 
 def iter_entries(table: bytes):
-    """(volume cluster, store cluster, crc) for every set entry; zero runs skipped a chunk at a time."""
-    chunk = 1 << 16  # a multiple of ENTRY_SIZE
-    zero = bytes(chunk)
-    view = memoryview(table)
-    for base in range(0, len(table) - len(table) % ENTRY_SIZE, chunk):
-        piece = view[base : base + chunk]
-        if piece == zero[: len(piece)]:
+    """(volume cluster, store cluster, crc) for every set entry. Zero runs are skipped a chunk
+    at a time (memcmp) and set entries found by itertools.compress, both in C: a 1 TiB
+    volume's 128 MiB table is scanned in well under a second."""
+    n = len(table) // ENTRY_SIZE
+    words = memoryview(table)[: n * ENTRY_SIZE].cast("Q")  # one entry: crc << 32 | store cluster
+    chunk = 8192
+    zero = bytes(chunk * ENTRY_SIZE)
+    for base in range(0, n, chunk):
+        piece = words[base : base + chunk]
+        if table[base * ENTRY_SIZE : (base + len(piece)) * ENTRY_SIZE] == zero[: len(piece) * ENTRY_SIZE]:
             continue
-        words = piece[: len(piece) - len(piece) % ENTRY_SIZE].cast("I")
-        first = base // ENTRY_SIZE
-        for i in range(0, len(words), 2):
-            k = words[i]
+        for i in itertools.compress(range(len(piece)), piece):
+            w = piece[i]
+            k = w & 0xFFFFFFFF
             if k:
-                yield first + i // 2, k, words[i + 1]
+                yield base + i, k, w >> 32

@@ -69,7 +69,8 @@ class Fssd:
             return
         vols = self.volumes if volumes is None else volumes
         v = self.vss if vss is None else vss
-        lines = ["[daemon]", f'rundir = "{self.rundir}"', f"devices = {self.devices}", self.extra, ""]
+        # Each instance its own state directory (snapshots that outlive fssd are recorded there).
+        lines = ["[daemon]", f'rundir = "{self.rundir}"', f'statedir = "{self.tmp / "state"}"', f"devices = {self.devices}", self.extra, ""]
         for vol in vols:
             lines.append("[[volume]]")
             for k, val in vol.items():

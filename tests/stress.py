@@ -5,9 +5,12 @@ and check the live volume and every valid snapshot against a model of acknowledg
 
 Each round: writers storm the volume, snapshots are taken during it, and at a
 random moment one process is SIGKILLed (the kinds take turns in a seeded
-order: supervisor, volume worker, snapshot worker, VSS broker). After the
-process is back (a killed supervisor is started again, as systemd would),
-the writers pause and everything is read back and compared with the model.
+order: supervisor, volume worker, snapshot worker, VSS broker, and "all":
+every fssd process at once). After the process is back (a killed supervisor
+is started again, as systemd would), the writers pause and everything is read
+back and compared with the model. Snapshots outlive a killed supervisor
+(docs/architecture.md "Durability"): after the restart each one must read
+exactly as it did before, or be invalid with a reason; the counts are printed.
 
 The model. Every 4 KiB block has exactly one writer (writers own interleaved
 16 KiB stripes, so several of them share each snapshot cluster), and a block's
@@ -53,7 +56,8 @@ from ipc import control, nbd  # noqa: E402
 BLOCK = 4096
 STRIPE = 4  # blocks a writer owns in a row
 ZERO = -1  # the version of a block WRITE_ZEROES cleared
-KINDS = ("supervisor", "volume", "snapshot", "broker")
+KINDS = ("supervisor", "volume", "snapshot", "broker", "all")
+RESTARTS = ("supervisor", "all")  # kinds after which fssd itself starts again
 DEVICES = ("fss0", "fss1", "fss2", "fss3")
 CLUSTERS = (4096, 16384, 65536)
 
@@ -292,8 +296,10 @@ class Snap:
 
 
 class Stress:
-    def __init__(self, workdir: Path, seed: int, size: int, writers: int, vss: bool, log=print, env: dict | None = None, kinds: tuple = KINDS):
+    def __init__(self, workdir: Path, seed: int, size: int, writers: int, vss: bool, log=print, env: dict | None = None, kinds: tuple = KINDS,
+                 pace: float = 1.0):
         self.seed = seed
+        self.pace = pace  # scales the storm's random waits (a short CI slice runs more rounds)
         self.rng = random.Random(seed)
         self.size = size
         self.nblocks = size // BLOCK
@@ -321,6 +327,10 @@ class Stress:
         self.writers: list[Writer] = []
         self.generation = 0  # supervisor kills so far: which instance a configure reached
         self.configuring: Path | None = None
+        self.configuring_device = ""
+        self.across_restarts = collections.Counter()  # snapshots after a restart: intact / invalid
+        self.invalid_reasons: list[str] = []
+        self.refusals: list[str] = []
         self.env = env
         self.kinds = [k for k in kinds if k != "broker" or vss]
 
@@ -342,7 +352,7 @@ class Stress:
     def configure(self, device: str, cluster: int, consistent: bool) -> None:
         store = self.work / f"bs-{device}"
         gen = self.generation
-        self.configuring = store
+        self.configuring, self.configuring_device = store, device
         window = self.model.window_open()
         opened = None
         try:
@@ -361,11 +371,12 @@ class Stress:
                     storeopen.remove_created(opened)
                 storeopen.close(opened)
             self.model.window_close(window)
-            self.configuring = None
+            self.configuring, self.configuring_device = None, ""
         if not isinstance(reply, control.Configured) or gen != self.generation:
             # Refused, cut short, or answered across a supervisor kill (which instance made it
             # is unknown: sync_devices removes it if it exists).
             self.snapshot_refusals += 1
+            self.refusals.append(f"{device}: {reply!r:.200}")
             return
         t_ns = int(reply.snapshot.taken * 1e9)  # the barrier's stamp
         possible = [Model.at_instant(window, b, t_ns) for b in range(self.nblocks)]
@@ -442,21 +453,23 @@ class Stress:
     def kill(self, kind: str) -> str:
         if kind == "broker" and not self.vss:
             return "nothing (no broker)"
-        if kind == "supervisor":
+        if kind in RESTARTS:
             pid = self.f.proc.pid
-            os.kill(pid, signal.SIGKILL)
+            pids = [pid]
+            if kind == "all":  # every fssd process in one go, as a cgroup-wide SIGKILL would
+                with contextlib.suppress(NotRunning, OSError):
+                    pids += [w.pid for w in self.status().workers if w.alive]
+            for p in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
             self.generation += 1
-            # Snapshots last while fssd runs; their stores (and one being configured) must go.
-            lost = [s.store for s in self.snaps.values()] + ([self.configuring] if self.configuring else [])
-            self.snaps.clear()
+            cut_short = (self.configuring_device, self.configuring) if self.configuring else None
             self.f.proc.wait()
             self.f._logf.close()
             self.f.proc = None
             self.f.start(env=self.env)  # as systemd would; it waits until the old workers are gone
-            left = [str(p) for p in lost if p.exists()]
-            if left:
-                self.losses.append(f"backing stores left behind by the killed instance: {left}")
-            return f"supervisor (pid {pid})"
+            self.after_restart(cut_short)
+            return f"{'supervisor' if kind == 'supervisor' else f'all {len(pids)} processes'} (pid {pid})"
         key = {"volume": "data", "broker": None, "snapshot": None}[kind]
         if kind == "snapshot":
             if not self.snaps:
@@ -468,6 +481,29 @@ class Stress:
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: self.pid_of(kind, key) not in (None, pid) or (kind == "snapshot" and not self.snap_usable(key)), 60, f"{kind} to come back")
         return f"{kind} {key or ''} (pid {pid})".replace("  ", " ")
+
+    def after_restart(self, cut_short: tuple[str, Path] | None) -> None:
+        """Every snapshot taken before the kill is back: active (checked against what it read
+        before at the next check) or invalid with a reason. A configure the kill cut short left
+        either a snapshot (its record was written: sync_devices removes it) or nothing at all."""
+        listed = {s.device: s for s in self.status().snapshots if s.in_use}
+        for dev, snap in list(self.snaps.items()):
+            info = listed.get(dev)
+            if info is None:
+                self.losses.append(f"{dev} did not come back after the restart")
+                self.snaps.pop(dev)
+            elif info.state != "active":
+                if not info.error:
+                    self.losses.append(f"{dev} came back {info.state} without a reason")
+                self.across_restarts["invalid"] += 1
+                self.invalid_reasons.append(f"{dev}: {info.error}")
+                self.snaps.pop(dev)
+            else:
+                self.across_restarts["intact"] += 1  # its data: check_snapshot, below
+        if cut_short is not None:
+            dev, store = cut_short
+            if dev not in listed and store.exists():
+                self.losses.append(f"backing store {store} of a configure cut short was left behind")
 
     def sync_devices(self) -> None:
         """A configure cut short by a kill may still have made its snapshot: remove the unknown."""
@@ -487,10 +523,12 @@ class Stress:
         self.storming.set()
         if kind == "snapshot" and not self.snaps:  # something to kill
             self.configure(free.pop(0), self.rng.choice(CLUSTERS), False)
-        staller = Staller(self) if kind == "supervisor" else None
+        if kind in RESTARTS and len(self.snaps) < 2 and free:  # something to bring back
+            self.configure(free.pop(0), self.rng.choice(CLUSTERS), False)
+        staller = Staller(self) if kind in RESTARTS else None
         # The kill comes at a random moment, maybe in the middle of taking a snapshot.
         what: list = []
-        delay = self.rng.uniform(0.05, 1.2)
+        delay = self.rng.uniform(0.05, 1.2) * self.pace
 
         def killer_run() -> None:
             time.sleep(delay)
@@ -503,7 +541,7 @@ class Stress:
         killer.start()
         try:
             for _ in range(2):
-                time.sleep(self.rng.uniform(0.02, 0.25))
+                time.sleep(self.rng.uniform(0.02, 0.25) * self.pace)
                 if free:
                     self.configure(free.pop(0), self.rng.choice(CLUSTERS), self.vss and self.rng.random() < 0.5)
         finally:
@@ -521,7 +559,7 @@ class Stress:
                 self.losses.append("a write queued before the supervisor was killed was executed afterwards")
             self.storming.set()
         self.kills[kind] += 1
-        time.sleep(self.rng.uniform(0.1, 0.3))  # the storm goes on against the restarted process
+        time.sleep(self.rng.uniform(0.1, 0.3) * self.pace)  # the storm goes on against the restarted process
         self.pause()
         self.check_live()
         for s in list(self.snaps.values()):
@@ -564,16 +602,20 @@ class Stress:
             "write errors": sum(w.errors for w in self.writers),
             "snapshots taken": self.snapshots_taken,
             "snapshot configures refused or cut short": self.snapshot_refusals,
+            "refusals": self.refusals[:10],
             "bytes checked": self.bytes_checked,
+            "snapshots back after restarts": dict(self.across_restarts),
+            "invalid after restarts": self.invalid_reasons[:10],
             "losses": len(self.losses),
             "loss details": self.losses[:20],
         }
 
 
-def run_stress(seed: int, rounds: int, writers: int = 6, size: int = 16 << 20, vss: bool = True, log=print, env: dict | None = None, kinds: tuple = KINDS) -> dict:
+def run_stress(seed: int, rounds: int, writers: int = 6, size: int = 16 << 20, vss: bool = True, log=print, env: dict | None = None, kinds: tuple = KINDS,
+               pace: float = 1.0) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fssd-stress-", dir="/dev/shm"))
     try:
-        return Stress(work, seed, size, writers, vss, log, env, kinds).run(rounds)
+        return Stress(work, seed, size, writers, vss, log, env, kinds, pace).run(rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -595,6 +637,9 @@ def main() -> int:
     print(f"writes answered {s['writes answered']}, unanswered {s['writes unanswered (connection killed)']}, errors {s['write errors']}; "
           f"snapshots taken {s['snapshots taken']} (refused or cut short {s['snapshot configures refused or cut short']}); "
           f"bytes checked {s['bytes checked']} ({s['bytes checked'] >> 20} MiB); losses: {s['losses']}")
+    back = s["snapshots back after restarts"]
+    print(f"snapshots after supervisor restarts: {back.get('intact', 0)} intact (read back unchanged), {back.get('invalid', 0)} invalid"
+          + "".join(f"\n  invalid: {r}" for r in s["invalid after restarts"]))
     for d in s["loss details"]:
         print("  " + d)
     return 1 if s["losses"] else 0

@@ -62,7 +62,8 @@ def test_cluster_size_rules_follow_fss():
     assert -(-odd // choose_cluster_size(0, odd)) <= CLUSTER_MAX
     with pytest.raises(ValueError):
         choose_cluster_size(1 << 32, 1 << 40)
-    assert table_clusters(16384, 65536) == 2  # fss: 1 GiB at 64 KiB -> "128K backup" when fresh
+    # 1 GiB at 64 KiB: a 4 KiB header page and 16384 entries of 8 bytes -> "192K backup" when fresh
+    assert table_clusters(16384, 65536) == 3
 
 
 def test_map_header_round_trip_and_first_error_wins(world):

@@ -75,7 +75,8 @@ def test_stop_is_clean_and_instances_run_side_by_side(fssd_factory, shmdir):
     with pytest.raises(posix_ipc.ExistentialError):
         posix_ipc.SharedMemory(names.map_name(a.prefix, "fss0"))
     assert sorted(os.listdir(a.rundir)) == [], os.listdir(a.rundir)
-    assert not (shmdir / "bsa").exists()
+    # The snapshot outlives fssd (docs/architecture.md "Durability"): its store and its record stay.
+    assert (shmdir / "bsa").exists() and (a.tmp / "state" / "snapshots" / "fss0.json").exists()
     # b is unaffected.
     run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0 0 1M", b.uri("fss0"))
 

@@ -1,6 +1,7 @@
 """Group commit (workers/groupcommit.py): concurrent commits share one sync; none returns early."""
 
 import threading
+import time
 
 import pytest
 
@@ -61,11 +62,16 @@ def test_writers_waiting_during_a_sync_share_the_next_one():
 def test_many_threads_every_commit_is_covered_and_syncs_are_shared():
     s = SlowSync()
     s.release.set()
-    gc = GroupCommit(s)
+
+    def disk():  # a sync that takes as long as a fast disk's (others arrive meanwhile)
+        time.sleep(0.002)
+        s()
+
+    gc = GroupCommit(disk)
     bad = []
 
     def writer():
-        for _ in range(200):
+        for _ in range(50):
             mine = s.issue()
             gc.commit()
             if mine > s.durable:
@@ -77,7 +83,7 @@ def test_many_threads_every_commit_is_covered_and_syncs_are_shared():
     for t in ts:
         t.join(30)
     assert bad == []
-    assert gc.commits == 3200 and gc.syncs < gc.commits
+    assert gc.commits == 800 and gc.syncs < gc.commits / 2
 
 
 def test_a_failed_sync_fails_exactly_its_batch_and_the_next_one_recovers():

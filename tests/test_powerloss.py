@@ -56,7 +56,8 @@ class Rig:
             os.fsync(bfd)
             name = f"/fssd.test{os.getpid()}.pl{i}"
             ClusterMap.unlink(name)
-            cmap = ClusterMap.create(name, cs, VSIZE, 0, tclusters=tcl)
+            cmap = ClusterMap.create(name, cs, VSIZE, 0)
+            assert cmap.table_clusters == tcl
             target = SnapshotTarget(f"fss{i}", cmap, bfd, self.vfd, StoreJournal(bfd, durability, tcl))
             self.backend.attach(target)
             rec = SnapshotRecord(

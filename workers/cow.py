@@ -41,8 +41,10 @@ import threading
 import time
 import weakref
 
+from ipc import storeformat
 from ipc.clustermap import ClusterMap, span
 from workers import fileio, spawned
+from workers.storejournal import StoreJournal
 
 log = logging.getLogger("cow")
 
@@ -62,11 +64,13 @@ PROTECT_CHUNK = 64 << 20
 class SnapshotTarget:
     """One attached snapshot as the volume worker sees it."""
 
-    def __init__(self, device: str, cmap: ClusterMap, bs_fd: int, volume_fd: int):
+    def __init__(self, device: str, cmap: ClusterMap, bs_fd: int, volume_fd: int, journal: StoreJournal | None = None):
         self.device = device
         self.map = cmap
         self.bs_fd = bs_fd
         self.volume_fd = volume_fd
+        # The table entries in the store and, under "power", their group commit.
+        self.journal = journal if journal is not None else StoreJournal.for_store(bs_fd, cmap.table_clusters)
         # Local mirror of "usable", so the hot path reads no header.
         self.active = cmap.usable
         # Backing-store slots are handed out under this lock; the copies run outside it.
@@ -98,6 +102,10 @@ class SnapshotTarget:
                 end = taken.find(1, pos)
                 holes.append([tc + pos, end - pos])
                 pos = taken.find(0, end)
+        if self.journal.power:
+            # Never reused under "power": they may lie below the commit record's watermark on
+            # disk, where recovery trusts a copy without re-reading it.
+            holes = []
         with self._alloc:
             self._holes = holes
             m.bs_next = top
@@ -142,9 +150,8 @@ class SnapshotTarget:
             self.active = False
             return
         m = self.map
-        shift = m.cluster_shift
-        cs = m.cluster_size
         t = m.table
+        journal = self.journal
         c, last = m.span(offset, length)
         while c <= last:
             if t[c]:
@@ -156,23 +163,27 @@ class SnapshotTarget:
             n = c - start
             with self._alloc:
                 runs = self._reserve(n)
+                if runs is not None:
+                    for dest, k in runs:
+                        journal.reserved(dest, k)
             if runs is None:
                 self.invalidate("backing store full")
                 return
-            first = start
-            for dest, k in runs:  # one run unless reclaimed clusters are being reused
-                src = first << shift
-                nbytes = min((first + k) << shift, m.volume_size) - src
-                try:
-                    if old is None:
-                        fileio.copy_range(self.volume_fd, src, self.bs_fd, dest * cs, nbytes)
-                    else:
-                        fileio.pwrite_all(self.bs_fd, old[src - old_base : src - old_base + nbytes], dest * cs)
-                except OSError as e:
-                    self.invalidate("backing store full" if e.errno in _FULL else "write error on backing store", e)
-                    return
-                first += k
-            # Publish only now: a reader that sees the entry finds the copy complete.
+            try:
+                self._copy_runs(start, runs, old, old_base)
+            except OSError as e:
+                self.invalidate("backing store full" if e.errno in _FULL else "write error on backing store", e)
+                return
+            finally:
+                for dest, _k in runs:
+                    journal.written(dest)
+            try:
+                journal.commit()  # "power": durable before anyone may write these clusters
+            except OSError as e:
+                self.invalidate("sync of the backing store failed", e)
+                return
+            # Publish only now: a reader that sees the entry finds the copy complete, and
+            # (under "power") a writer that sees it may overwrite the volume at once.
             first = start
             for dest, k in runs:
                 for i in range(k):
@@ -181,17 +192,47 @@ class SnapshotTarget:
             with self._alloc:
                 m.copies = m.copies + n
 
+    def _copy_runs(self, start: int, runs: list[tuple[int, int]], old: memoryview | None, old_base: int) -> None:
+        """Copy volume clusters start.. into the reserved store runs, then write their table
+        entries (with each copy's crc32 under "power", which recovery checks after a power loss)."""
+        m = self.map
+        shift = m.cluster_shift
+        cs = m.cluster_size
+        journal = self.journal
+        first = start
+        for dest, k in runs:  # one run unless reclaimed clusters are being reused
+            src = first << shift
+            nbytes = min((first + k) << shift, m.volume_size) - src
+            crcs = [0] * k
+            if journal.power:
+                if old is None:
+                    data = memoryview(bytearray(nbytes))
+                    got = os.preadv(self.volume_fd, [data], src)
+                    if got != nbytes:  # past the image's end reads as zeros
+                        data[got:] = bytes(nbytes - got)
+                else:
+                    data = old[src - old_base : src - old_base + nbytes]
+                crcs = [storeformat.crc(data[i * cs : (i + 1) * cs]) for i in range(k)]
+                fileio.pwrite_all(self.bs_fd, data, dest * cs)
+            elif old is None:
+                fileio.copy_range(self.volume_fd, src, self.bs_fd, dest * cs, nbytes)
+            else:
+                fileio.pwrite_all(self.bs_fd, old[src - old_base : src - old_base + nbytes], dest * cs)
+            journal.record(first, dest, crcs)
+            first += k
+
     def invalidate(self, reason: str, exc: OSError | None = None) -> None:
         self.active = False
         if self.map.set_error(reason):  # only the first error acts, across threads and processes
             log.error("%s: snapshot invalid: %s%s", self.device, reason, f" ({exc.strerror})" if exc else "")
 
-    def write_table(self) -> None:
-        """The on-disk copy of the table at the head of the backing store (NetBSD's layout)."""
+    def sync(self) -> None:
+        """At a clean stop: every copy and table entry on disk, before the state directory
+        records the stop as clean (docs/architecture.md "Durability")."""
         try:
-            os.pwrite(self.bs_fd, self.map.table_bytes(), 0)
+            os.fsync(self.bs_fd)
         except OSError as e:
-            log.warning("%s: could not write the table to the backing store: %s", self.device, e)
+            log.warning("%s: could not sync the backing store: %s", self.device, e)
 
 
 class _Slot:
@@ -326,9 +367,14 @@ class CopyOnWrite:
 
     def attach(self, target: SnapshotTarget) -> int:
         """The snapshot barrier: drain writes, attach, stamp the time, resume. Returns µs held."""
+        power = target.journal.power
+        if power:  # the instant must be on disk: most of it now, the rest inside the gate
+            os.fdatasync(self.fd)
         t0 = time.perf_counter_ns()
         self._gate.close()
         try:
+            if power:
+                os.fdatasync(self.fd)
             target.map.activate()
             target.active = target.map.usable
             self.targets = self.targets + (target,)

@@ -35,6 +35,15 @@ class StoreJournal:
         self.watermark = Watermark(first_copy_cluster)
         self.group = GroupCommit(self._sync, before=self.watermark.low, after=self._commit_record) if self.power else None
 
+    @classmethod
+    def for_store(cls, bs_fd: int, first_copy_cluster: int) -> "StoreJournal":
+        """The durability the store's header says (written at configure); none without one."""
+        try:
+            h = sf.decode_header(os.pread(bs_fd, sf.SECTOR, sf.HEADER_OFFSET))
+        except (OSError, sf.StoreFormatError):
+            return cls(bs_fd, Durability.NONE, first_copy_cluster)
+        return cls(bs_fd, Durability(h.durability), first_copy_cluster)
+
     def _sync(self) -> None:
         os.fdatasync(self.fd)
 

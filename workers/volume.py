@@ -162,13 +162,18 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
                 os.close(fds[0])
                 chan.send(workermsg.Refused(msg.device, getattr(e, "errno", None) or errno.EINVAL, str(e), msg.req))
                 continue
-            held = backend.attach(target)
+            try:
+                held = backend.attach(target)
+            except OSError as e:  # "power": the instant could not be synced to the volume
+                target.map.close()
+                os.close(fds[0])
+                chan.send(workermsg.Refused(msg.device, e.errno or errno.EIO, f"could not sync the volume for the snapshot: {e.strerror or e}", msg.req))
+                continue
             log.info("%s: snapshot barrier held writes for %d us", msg.device, held)
             chan.send(workermsg.Attached(msg.device, held, msg.req))
         elif isinstance(msg, workermsg.DetachSnapshot):
             target = backend.detach(msg.device)
             if target is not None:
-                target.write_table()
                 os.close(target.bs_fd)
                 target.map.close()
             chan.send(workermsg.Detached(msg.device, msg.req))
@@ -178,8 +183,8 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
             log.warning("ignoring unexpected message %r", msg)
 
     server.stop()
-    for t in backend.targets:
-        t.write_table()
+    for t in backend.targets:  # copies and table entries on disk before the stop counts as clean
+        t.sync()
     os.fsync(fd)
     log.info("stopped")
     return 0
