@@ -233,3 +233,15 @@ def test_store_usage_warnings_once_each(fssd_factory, shmdir):
     assert len(re.findall(r"fss0: backing store 8\d% full", text)) == 1
     assert len(re.findall(r"fss0: backing store (9\d|100)% full", text)) == 1
     assert "(warned at 95%)" in f.fssconfig("-l", "-v").stdout
+
+
+def test_durability_none_is_in_memory_only(fssd_factory, shmdir):
+    """The behaviour before durability existed: stopping fssd unconfigures, nothing is recorded."""
+    f = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": SIZE}], extra='durability = "none"')
+    f.fssconfig("fss0", "data", shmdir / "bs0")
+    assert _snap(f, "fss0")["durability"] == "none"
+    assert not _record(f, "fss0").exists()
+    f.stop()
+    assert not (shmdir / "bs0").exists()
+    f.start()
+    assert _snap(f, "fss0")["in_use"] is False
