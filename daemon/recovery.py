@@ -69,6 +69,8 @@ def decide(
     boot_id: str,
     read_store: Callable[[int, int], bytes],
 ) -> Intact | Invalid:
+    if rec.invalid:
+        return Invalid(rec.invalid)
     if rec.flags & sf.FLAG_UNLINKED:
         return Invalid("backing store was unlinked (-x), so it could not outlive fssd")
     if store.identity is None:
@@ -85,6 +87,8 @@ def decide(
         return Invalid(f"backing store header: {e}")
     if h.snapshot_id != rec.snapshot_id:
         return Invalid("backing store belongs to another snapshot")
+    if h.flags & sf.FLAG_INVALID:
+        return Invalid("the snapshot was already invalid before fssd stopped (see its log)")
     if (h.volume_dev, h.volume_ino, h.volume_size, h.cluster_size) != (rec.volume_id.dev, rec.volume_id.ino, rec.volume_size, rec.cluster_size):
         return Invalid("backing store header does not match the recorded volume or cluster size")
     vstamp = volume.stamp

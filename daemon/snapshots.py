@@ -475,7 +475,8 @@ class SnapshotManager:
             if rec is None or state is None:
                 continue
             if not snap.map.valid or snap.map.state != MapState.ACTIVE:
-                continue  # invalid: the record stays as it was, so it stays invalid
+                await self._persist_invalid(snap)  # invalid once, invalid for good
+                continue
             try:
                 await self.host.offload(_sync_and_stamp, snap.store.fd, volume_paths.get(snap.volume, rec.volume_path), state,
                                         msgspec.structs.replace(rec, boot_id=self.host.boot_id))
@@ -527,6 +528,7 @@ class SnapshotManager:
             self.snaps[rec.device] = snap
             if isinstance(res, recovery.Invalid):
                 log.error("%s: snapshot of %s taken %s comes back invalid: %s", rec.device, rec.volume, snap.taken_utc, res.reason)
+                await self._persist_invalid(snap)  # never valid again, even if the cause goes away
                 continue
             # This boot, not (yet) stopped cleanly: what a crash from now on is checked against.
             snap.record = msgspec.structs.replace(rec, boot_id=boot, clean=False, volume_at_stop=None)
@@ -562,10 +564,25 @@ class SnapshotManager:
                 except ControlError as e:
                     self.lost(snap.device, str(e))
 
+    async def _persist_invalid(self, snap: Snapshot) -> None:
+        """Write the reason into the snapshot's record: whatever happens next, a restart brings
+        it back invalid with that reason (the volume worker also flagged its store's header)."""
+        rec, state = snap.record, self.host.state
+        if rec is None or state is None or rec.invalid or snap.map.valid:
+            return
+        snap.record = msgspec.structs.replace(rec, invalid=snap.map.error or "invalid")
+        try:
+            await self.host.offload(state.save, snap.record)
+        except OSError as e:
+            log.error("%s: could not record that it is invalid: %s", snap.device, e)
+
     def check_usage(self) -> None:
-        """Store usage warnings, once each per snapshot (blksnap's low-space event)."""
+        """Store usage warnings, once each per snapshot (blksnap's low-space event); a snapshot
+        that turned invalid gets the reason into its record."""
         for snap in self.snaps.values():
             m = snap.map
+            if not m.valid and snap.record is not None and not snap.record.invalid:
+                asyncio.ensure_future(self._persist_invalid(snap))
             if not m.usable:
                 continue
             for step in self.usage.check(snap.device, m.bs_next, m.table_clusters, m.bs_limit):

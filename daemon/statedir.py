@@ -61,6 +61,7 @@ class SnapshotRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     volume_at_stop: VolumeStamp | None = None
     unconfig_on_close: bool = False
     consistency: str = "crash"
+    invalid: str = ""  # why, once it became invalid: it never comes back valid
     made: bool = False  # fssconfig created the store file: unconfiguring removes it
     owner: int = -1  # the uid that asked for it (the removal checks the file is still theirs)
 

@@ -2,7 +2,7 @@
 
 ```
 offset 0     header, one 512-byte sector, written and synced once at configure:
-             magic "FSSDSTOR", format version, flags (UNLINKED), durability,
+             magic "FSSDSTOR", format version, flags (UNLINKED, INVALID), durability,
              snapshot id (uuid), volume identity (dev, ino, size), cluster size,
              cluster count, table offset, table clusters, store limit,
              creation time; crc32 of the sector in its last 4 bytes
@@ -39,7 +39,8 @@ TABLE_OFFSET = 4096
 ENTRY_SIZE = 8
 
 FLAG_UNLINKED = 1  # created with -x: the store has no name, so it cannot come back after fssd stops
-KNOWN_FLAGS = FLAG_UNLINKED
+FLAG_INVALID = 2  # the snapshot became invalid (store full, write error): copies stopped, never valid again
+KNOWN_FLAGS = FLAG_UNLINKED | FLAG_INVALID
 
 
 class Durability(enum.IntEnum):

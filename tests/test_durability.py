@@ -245,3 +245,18 @@ def test_durability_none_is_in_memory_only(fssd_factory, shmdir):
     assert not (shmdir / "bs0").exists()
     f.start()
     assert _snap(f, "fss0")["in_use"] is False
+
+
+def test_invalid_before_a_kill_stays_invalid_after_it(fssd_factory, shmdir):
+    """A snapshot whose store filled up stops copying; the volume is then written without
+    copies. Killed right after, fssd must not bring it back as if it were intact."""
+    f = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": SIZE}])
+    cs = 65536
+    tcl = sf.table_clusters(SIZE // cs, cs)
+    f.fssconfig("fss0", "data", shmdir / "bs0", "64k", str((tcl + 4) * cs))  # room for 4 copies
+    run("qemu-io", "-f", "raw", "-c", f"write -P 0x33 0 {8 * cs}", f.uri("data"))
+    wait_for(lambda: _snap(f, "fss0")["state"] == "invalid", 10, "the store to fill")
+    _kill_all(f)  # at once: the supervisor may not have written anything down yet
+    f.start()
+    s = _snap(f, "fss0")
+    assert s["state"] == "invalid" and ("backing store full" in s["error"] or "already invalid" in s["error"]), s

@@ -117,6 +117,7 @@ def test_power_loss_entry_past_the_end_is_dropped_when_in_doubt():
         (dict(rec=_rec(clean=True, volume_at_stop=VolumeStamp(VSIZE, 11, 20))), "written while fssd was not running"),
         (dict(rec=_rec(flags=sf.FLAG_UNLINKED, store_path="")), "unlinked"),
         (dict(rec=_rec(snapshot_id=sf.new_id())), "another snapshot"),
+        (dict(rec=_rec(invalid="backing store full")), "backing store full"),
     ],
 )
 def test_invalid_with_the_right_reason(change, reason):
@@ -224,3 +225,13 @@ def test_statedir_refuses_a_group_writable_directory(tmp_path):
 
 def test_boot_id_is_read():
     assert len(statedir.current_boot_id()) == 36
+
+
+def test_a_store_flagged_invalid_never_comes_back_valid():
+    s = Store()
+    h = sf.decode_header(bytes(s.img[:512]))
+    import msgspec
+
+    s.img[:512] = sf.encode_header(msgspec.structs.replace(h, flags=sf.FLAG_INVALID))
+    res = s.decide(_rec(clean=True, volume_at_stop=VolumeStamp(VSIZE, 10, 20)))
+    assert isinstance(res, recovery.Invalid) and "already invalid" in res.reason

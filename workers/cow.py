@@ -225,6 +225,10 @@ class SnapshotTarget:
         self.active = False
         if self.map.set_error(reason):  # only the first error acts, across threads and processes
             log.error("%s: snapshot invalid: %s%s", self.device, reason, f" ({exc.strerror})" if exc else "")
+            # Before the caller writes the volume without copying: on disk too, so a restart
+            # after any crash finds it invalid rather than missing the copies from here on.
+            if not self.journal.invalid():
+                log.error("%s: could not mark the backing store invalid; the state directory will", self.device)
 
     def sync(self) -> None:
         """At a clean stop: every copy and table entry on disk, before the state directory

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 
+import msgspec
+
 from ipc import storeformat as sf
 from ipc.storeformat import Durability
 from workers.groupcommit import GroupCommit, Watermark
@@ -73,6 +75,29 @@ class StoreJournal:
         if self.power:
             self.watermark.closed(first)
 
+    def invalid(self) -> bool:
+        """The snapshot just became invalid: copies stop, the volume is written without them.
+        Say so in the store's header before that happens (synced under "power"), so no restart
+        can bring it back as if intact. False if the store would not take it."""
+        if not self.keeps:
+            return True
+        return mark_invalid(self.fd, self.power)
+
     def commit(self) -> None:
         if self.group is not None:
             self.group.commit()
+
+
+def mark_invalid(bs_fd: int, sync: bool) -> bool:
+    """Set FLAG_INVALID in the store's header (one sector, rewritten whole)."""
+    try:
+        h = sf.decode_header(os.pread(bs_fd, sf.SECTOR, sf.HEADER_OFFSET))
+        if not h.flags & sf.FLAG_INVALID:
+            raw = sf.encode_header(msgspec.structs.replace(h, flags=h.flags | sf.FLAG_INVALID))
+            if os.pwrite(bs_fd, raw, sf.HEADER_OFFSET) != len(raw):
+                return False
+            if sync:
+                os.fdatasync(bs_fd)
+        return True
+    except (OSError, sf.StoreFormatError):
+        return False

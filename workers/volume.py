@@ -22,6 +22,7 @@ from ipc.channel import Channel
 from ipc.clustermap import ClusterMap
 from workers import fileio
 from workers.cow import CopyOnWrite, SnapshotTarget
+from workers.storejournal import mark_invalid
 from workers import spawned
 from workers.nbdserve import Server
 from workers.settings import AttachedSnapshot, VolumeSettings  # noqa: F401 (AttachedSnapshot: re-exported)
@@ -137,6 +138,7 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
         except (OSError, ValueError, posix_ipc.Error) as e:
             # One snapshot's trouble never keeps the live volume down; the supervisor marks it invalid.
             log.error("%s: cannot re-attach (%s)", s.device, e)
+            mark_invalid(s.bs_fd, True)  # this worker will write the volume without copying for it
             lost.append(workermsg.Refused(s.device, getattr(e, "errno", None) or errno.EIO, f"volume worker could not re-attach: {e}"))
             continue
         reclaimed, took = t.reconcile()  # what a killed predecessor reserved but never published
