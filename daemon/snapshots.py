@@ -221,7 +221,7 @@ class SnapshotManager:
                 sf.new_id(), vst.st_dev, vst.st_ino, vol.size, csize, count, tclusters, limit, time.time_ns(),
                 sf.DURABILITY_NAMES[durability], sf.FLAG_UNLINKED if store.unlink_now else 0,
             )
-            log.debug("%s: writing the header and table (%d bytes) to the backing store", req.device, tclusters * csize)
+            log.debug("%s: writing the table (with the store header, %d bytes) to the backing store", req.device, tclusters * csize)
             await self.host.offload(write_table, store, header)
         except OSError as e:
             raise ControlError(e.errno or errno.EIO, f"{req.backup}: backing store not writable: {e.strerror or e}") from None
