@@ -289,6 +289,8 @@ def main() -> int:
         rounds = 0
         ctl_dropped_after = 0.0
         idle_threads = 0
+        max_log_lines = 0
+        log_lines_before = f.log.read_text(errors="replace").count("\n")
         for rnd in range(args.rounds):
             if time.monotonic() - t_start > args.time_limit:
                 print(f"time limit reached after {rounds} rounds", flush=True)
@@ -340,6 +342,7 @@ def main() -> int:
             # The member's caps: MAX_PER_UID control connections, 32 NBD connections, 8 registrations ([vss] max_apps_per_uid).
             fails.check(m1["ctl_refused"] + m1["ctl_closed"] >= n_ctl - MAX_PER_UID, f"round {rnd}: control flood not capped {m1}")
             fails.check(m2["ctl_still_open"] == 0 and m2["ctl_dropped_after"] < FRAME_TIMEOUT + 3, f"round {rnd}: half-sent control requests not dropped in time {m2}")
+            fails.check(m1["ctl_refused"] + m1["ctl_closed"] + m2["ctl_dropped"] == n_ctl, f"round {rnd}: control connections unaccounted for {m1} {m2}")
             fails.check(m1["nbd_served"] <= 32 - n_stall, f"round {rnd}: NBD per-uid cap not kept {m1}")
             fails.check(m2["nbd_stalled_open"] == 0, f"round {rnd}: stalled NBD handshakes not dropped {m2}")
             fails.check(m1["reg_ok"] <= 8 and m1["reg_refused"] >= n_reg - 8, f"round {rnd}: registrations not capped {m1}")
@@ -349,6 +352,10 @@ def main() -> int:
                 fails.check(alive, f"round {rnd}: {k} (pid {p}) restarted or gone")
             log = f.log.read_text(errors="replace")
             fails.check("Traceback" not in log, f"round {rnd}: traceback in the log")
+            log_lines = log.count("\n")
+            fails.check(log_lines - log_lines_before < 60, f"round {rnd}: {log_lines - log_lines_before} log lines (refusals and drops are rate-limited)")
+            max_log_lines = max(max_log_lines, log_lines - log_lines_before)
+            log_lines_before = log_lines
             totals["ctl_attempted"] += n_ctl
             totals["ctl_refused"] += m1["ctl_refused"]
             totals["ctl_closed"] += m1["ctl_closed"]
@@ -380,6 +387,7 @@ def main() -> int:
             print(f"root fssconfig -l: median {statistics.median(answers) * 1000:.0f} ms, worst {max(answers) * 1000:.0f} ms "
                   f"(idle machine-time {statistics.median(idle_list) * 1000:.0f} ms); nbdcopy 64 MiB: median {statistics.median(nbdcopy_s):.2f} s, worst {max(nbdcopy_s):.2f} s")
         print("max RSS (MiB, start -> max): " + ", ".join(f"{k} {start_rss[k] / 1024:.0f} -> {max_rss[k] / 1024:.0f}" for k in pids))
+        print(f"log lines per round: at most {max_log_lines}")
         print("max threads: " + ", ".join(f"{k} {max_thr[k]}" for k in pids) + f" (volume with {IDLE_CONNECTIONS} idle connections only: {idle_threads})")
     except Exception as e:  # reported as a failure, cleanup below
         fails.append(f"{type(e).__name__}: {e}")
