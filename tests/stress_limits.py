@@ -385,7 +385,7 @@ def main() -> int:
               f"pre-created queue names {totals['queues_made']}")
         if answers:
             print(f"root fssconfig -l: median {statistics.median(answers) * 1000:.0f} ms, worst {max(answers) * 1000:.0f} ms "
-                  f"(idle machine-time {statistics.median(idle_list) * 1000:.0f} ms); nbdcopy 64 MiB: median {statistics.median(nbdcopy_s):.2f} s, worst {max(nbdcopy_s):.2f} s")
+                  f"(before the floods {statistics.median(idle_list) * 1000:.0f} ms); nbdcopy 64 MiB: median {statistics.median(nbdcopy_s):.2f} s, worst {max(nbdcopy_s):.2f} s")
         print("max RSS (MiB, start -> max): " + ", ".join(f"{k} {start_rss[k] / 1024:.0f} -> {max_rss[k] / 1024:.0f}" for k in pids))
         print(f"log lines per round: at most {max_log_lines}")
         print("max threads: " + ", ".join(f"{k} {max_thr[k]}" for k in pids) + f" (volume with {IDLE_CONNECTIONS} idle connections only: {idle_threads})")
