@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fsshelp import Fssd, run, sha256_file  # noqa: E402
+from fsshelp import Fssd, run, sha256_file, wait_for  # noqa: E402
 from nbdwire import connect, req  # noqa: E402
 from secusers import Users  # noqa: E402
 
@@ -203,6 +203,10 @@ def threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 class Failures(list):
     def check(self, ok: bool, what: str) -> None:
         if not ok:
@@ -280,6 +284,7 @@ def main() -> int:
         max_rss = {k: rss_kib(p) for k, p in pids.items()}
         max_thr = {k: threads(p) for k, p in pids.items()}
         start_rss = dict(max_rss)
+        start_fds = {k: fds(p) for k, p in pids.items()}
         idle_list = [timed([FSSCONFIG, "-r", f.rundir, "-l"])[0] for _ in range(3)]
         answers: list[float] = []
         nbdcopy_s: list[float] = []
@@ -350,6 +355,12 @@ def main() -> int:
             for k, p in pids.items():
                 alive = f.proc.poll() is None if k == "supervisor" else f.alive_pid(k, {"volume": "data", "snapshot": "fss0", "broker": ""}[k]) == p
                 fails.check(alive, f"round {rnd}: {k} (pid {p}) restarted or gone")
+            # Every connection of the round is gone on fssd's side too (no descriptor kept).
+            for k, p in pids.items():
+                try:
+                    wait_for(lambda: fds(p) <= start_fds[k] + 2, 15, f"{k}'s descriptors back to {start_fds[k]}", interval=0.1)
+                except TimeoutError as e:
+                    fails.check(False, f"round {rnd}: {e} (has {fds(p)})")
             log = f.log.read_text(errors="replace")
             fails.check("Traceback" not in log, f"round {rnd}: traceback in the log")
             log_lines = log.count("\n")
