@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from ipc.units import parse_size
+from daemon.units import parse_size
 
 DEFAULT_CONFIG = "/etc/fssd/fssd.toml"
 MAX_DEVICES = 64
