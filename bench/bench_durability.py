@@ -91,9 +91,9 @@ class Bench:
     def add(self, key: str, v: float) -> None:
         self.r.setdefault(key, []).append(v)
 
-    def fssd(self, fs: Ext4, mode: str) -> Fssd:
+    def fssd(self, fs: Ext4, mode: str, run: int) -> Fssd:
         vol = os.path.join(fs.mnt, "vol.img")
-        f = Fssd(self.scratch, [("vol", vol, None)], devices=2, tag=f"fssd-{mode}")
+        f = Fssd(self.scratch, [("vol", vol, None)], devices=2, tag=f"fssd-{mode}-{run}")
         text = f.config.read_text().replace("[daemon]\n", f'[daemon]\ndurability = "{mode}"\n', 1)
         f.config.write_text(text)
         return f.start()
@@ -108,7 +108,7 @@ class Bench:
         clusters = self.size // 65536
         for run in range(self.args.runs):
             for mode in MODES[run % 3 :] + MODES[: run % 3]:  # each run in another order
-                f = self.fssd(fs, mode)
+                f = self.fssd(fs, mode, run)
                 try:
                     live = f.uri("vol")
                     f.fssconfig("fss0", "vol", store)
