@@ -11,6 +11,7 @@ from typing import Annotated
 
 import msgspec
 
+from ipc.listenpolicy import ListenSection, parse_address
 from ipc.units import parse_size
 
 DEFAULT_CONFIG = "/etc/fssd/fssd.toml"
@@ -126,6 +127,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     daemon: DaemonSection = DaemonSection()
     volume: list[VolumeSection] = []
     vss: VssSection = VssSection()
+    # NBD over TCP (ipc.listenpolicy documents the keys); none by default.
+    listen: list[ListenSection] = []
 
     def freeze_mounts(self) -> list[str]:
         """What the broker may freeze: [vss] freeze, else every volume's mountpoint (never /)."""
@@ -159,6 +162,23 @@ def _check_freeze(cfg: Config) -> None:
                 raise ConfigError(f"[vss] freeze {m} holds the image of volume {vol.name!r}: freezing it would stall the volume - at `$.vss.freeze`")
 
 
+def _check_listen(cfg: Config) -> None:
+    """[[listen]]: one table per address; the TLS files it names must be there."""
+    seen: set[tuple[str, int]] = set()
+    for i, sec in enumerate(cfg.listen):
+        where = f"`$.listen[{i}]`"
+        hp = parse_address(sec.address)
+        if hp in seen:
+            raise ConfigError(f"address {sec.address} is listed twice - at {where}.address")
+        seen.add(hp)
+        if sec.tls == "off":
+            continue
+        wanted = ["server-cert.pem", "server-key.pem"] + (["ca-cert.pem"] if sec.verify_peer else [])
+        for f in wanted:
+            if not os.path.isfile(os.path.join(sec.tls_dir, f)):
+                raise ConfigError(f"{os.path.join(sec.tls_dir, f)} is missing (tls = \"require\" needs {', '.join(wanted)}) - at {where}.tls_dir")
+
+
 def load(path: str, rundir_override: str | None = None) -> Config:
     """Read and validate; raises ConfigError with the file name and the key."""
     try:
@@ -175,6 +195,7 @@ def load(path: str, rundir_override: str | None = None) -> Config:
     try:
         _check_volumes(cfg)
         _check_freeze(cfg)
+        _check_listen(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     if rundir_override:

@@ -10,6 +10,8 @@ from typing import ClassVar
 
 import msgspec
 
+from ipc.listenpolicy import ListenSection
+
 
 class _Msg(msgspec.Struct, tag_field="t", frozen=True):
     pass
@@ -32,6 +34,15 @@ class DetachSnapshot(_Msg, tag="detach"):
     req: int = 0
 
 
+class ListenUpdate(_Msg, tag="listen-update"):
+    """TCP front (SIGHUP): reload the TLS credentials from tls_dir and apply these rules
+    and limits to new connections (those open stay as they are); `volumes` are the
+    live volumes now configured (the exports that are not snapshots)."""
+
+    listen: ListenSection
+    volumes: list[str]
+
+
 class Stop(_Msg, tag="stop"):
     pass
 
@@ -40,7 +51,7 @@ class Stop(_Msg, tag="stop"):
 
 
 class Ready(_Msg, tag="ready"):
-    kind: str  # "volume" | "snapshot" | "broker"
+    kind: str  # "volume" | "snapshot" | "broker" | "listen"
     pid: int
 
 
@@ -77,5 +88,5 @@ class VssState(_Msg, tag="vss"):
     frozen: list[str] = []
 
 
-ToWorker = AttachSnapshot | DetachSnapshot | Stop
+ToWorker = AttachSnapshot | DetachSnapshot | ListenUpdate | Stop
 FromWorker = Ready | Attached | Detached | Refused | ClientsChanged | VssState
