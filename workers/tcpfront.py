@@ -109,6 +109,24 @@ class _Warn:
         log.log(level, msg + (f" ({n} more since)" if n else ""), *args)
 
 
+class _WarnPer:
+    """_Warn per key (a client): one noisy client does not hide another's refusals."""
+
+    def __init__(self, max_keys: int = 1024):
+        self._by: dict[str, _Warn] = {}
+        self._max = max_keys
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, level: int, msg: str, *args) -> None:
+        with self._lock:
+            w = self._by.get(key)
+            if w is None:
+                if len(self._by) >= self._max:
+                    self._by.clear()
+                w = self._by[key] = _Warn()
+        w(level, msg, *args)
+
+
 class _Closed(Exception):
     """The connection is over (reason logged by whoever raised it, if worth it)."""
 
@@ -129,7 +147,7 @@ class Front:
         self._warn_cap = _Warn()
         self._warn_tls = _Warn()
         self._warn_drop = _Warn()
-        self._warn_policy = _Warn()
+        self._warn_policy = _WarnPer()
         if self.listen.tls == "off":
             log.warning("%s: plain TCP (tls = \"off\"): exports and data cross the network unencrypted and clients are known by address only", self.listen.address)
 
@@ -249,7 +267,7 @@ class Front:
                 if refusal is None:
                     key = client.key
                 else:
-                    self._warn_policy(logging.WARNING, "%s: %s: %s", listen.address, _fmt(addr), refusal)
+                    self._warn_policy(client.key, logging.WARNING, "%s: %s: %s", listen.address, _fmt(addr), refusal)
                     conn.refusal = refusal
             _send_all(io, conn.greeting(), deadline)
             while True:
@@ -270,12 +288,12 @@ class Front:
                             if refusal is None:
                                 key = client.key
                             else:
-                                self._warn_policy(logging.WARNING, "%s: %s %s: %s", listen.address, _fmt(addr), client.subject_text, refusal)
+                                self._warn_policy(client.key, logging.WARNING, "%s: %s %s: %s", listen.address, _fmt(addr), client.subject_text, refusal)
                                 conn.refusal = refusal
                         conn.tls_started()
                         log.debug("%s: %s: TLS %s, %s", listen.address, _fmt(addr), io.version(), client.subject_text)
                     elif t is nbd.PolicyRefused:
-                        self._warn_policy(logging.WARNING, "%s: refused %s %s export %r (%s): not allowed", listen.address, _fmt(addr), client.subject_text, ev.name, _OPT_NAMES.get(ev.opt, ev.opt))
+                        self._warn_policy(client.key, logging.WARNING, "%s: refused %s %s export %r (%s): not allowed", listen.address, _fmt(addr), client.subject_text, ev.name, _OPT_NAMES.get(ev.opt, ev.opt))
                     elif t is nbd.ExportWanted:
                         _send_all(io, conn.data_to_send(), deadline)
                         unix, replies, export = self._open_export(conn, ev, deadline)
