@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-APT_PACKAGES := libnbd-bin nbdfuse qemu-utils fuse3 e2fsprogs util-linux kmod procps systemd udev nbd-client fio
+APT_PACKAGES := libnbd-bin nbdfuse qemu-utils fuse3 e2fsprogs util-linux kmod procps systemd udev nbd-client fio openssl
 BENCH_PACKAGES := nbdkit fio qemu-system-common
 STAMP_APT := $(VENV)/.apt-stamp
 STAMP_VENV := $(VENV)/.venv-stamp
