@@ -402,83 +402,106 @@ class Front:
 
     def _relay(self, io: socket.socket, unix: socket.socket, first: bytes, idle: float) -> str:
         """Bytes both ways until one side closes (or nothing moves for `idle` seconds);
-        at most RELAY_CHUNK held per direction. Non-blocking: one thread drives the SSL object."""
+        at most RELAY_CHUNK held per direction. Non-blocking: one thread drives the SSL
+        object. Driven by readiness: a socket is read again only after poll() says so
+        (or the SSL object holds decrypted bytes), so a request costs few system calls,
+        and what the client pipelined (many small TLS records) leaves in one send."""
         io.setblocking(False)
         unix.setblocking(False)
         is_tls = isinstance(io, ssl.SSLSocket)
-        up: memoryview | None = memoryview(first) if first else None  # client -> worker
-        down: bytes | None = None  # worker -> client (kept whole: SSL_write retries need the same bytes)
-        down_off = 0
-        io_wants_write = False
+        ubuf, dbuf = bytearray(RELAY_CHUNK), bytearray(RELAY_CHUNK)
+        umv, dmv = memoryview(ubuf), memoryview(dbuf)
+        up: memoryview | None = memoryview(first) if first else None  # client -> worker, unsent
+        down: memoryview | None = None  # worker -> client, unsent (an SSL retry resends the same bytes)
+        io_r = unix_r = True  # may have something to read
+        io_w_blocked = False  # SSL wants the socket writable before it can go on
         poll = select.poll()
         iofd, ufd = io.fileno(), unix.fileno()
         poll.register(iofd, select.POLLIN)
         poll.register(ufd, select.POLLIN)
         last = time.monotonic()
-        want_ex = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
-        while not self._stopping.is_set():
+        want = (ssl.SSLWantReadError, BlockingIOError, InterruptedError)
+        POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
+        stopping = self._stopping
+        while not stopping.is_set():
             moved = False
-            if up is None:
+            if up is None and (io_r or (is_tls and io.pending())):
+                n = 0
                 try:
-                    data = io.recv(RELAY_CHUNK)
-                    if not data:
-                        return "client closed"
-                    up = memoryview(data)
-                    moved = True
-                    io_wants_write = False
+                    while n < RELAY_CHUNK:
+                        k = io.recv_into(umv[n:])
+                        if not k:
+                            if not n:
+                                return "client closed"
+                            break
+                        n += k
+                        if not is_tls:
+                            break  # one recv took what the socket had
+                except want:
+                    io_r = False
                 except ssl.SSLWantWriteError:
-                    io_wants_write = True
-                except want_ex:
-                    pass
+                    io_r, io_w_blocked = False, True
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    return "client closed"
+                    if not n:
+                        return "client closed"
                 except OSError as e:
                     return f"client connection failed: {e}"
+                if n:
+                    up = umv[:n]
+                    moved = True
             if up is not None:
                 try:
-                    n = unix.send(up)
-                    up = up[n:] if n < len(up) else None
+                    k = unix.send(up)
+                    up = up[k:] if k < len(up) else None
                     moved = True
-                except want_ex:
+                except want:
                     pass
                 except OSError as e:
                     return f"worker connection failed: {e}"
-            if down is None:
+            if down is None and unix_r:
                 try:
-                    data = unix.recv(RELAY_CHUNK)
-                    if not data:
+                    k = unix.recv_into(dmv)
+                    if not k:
                         return "the export's worker closed the connection"
-                    down, down_off = data, 0
+                    down = dmv[:k]
                     moved = True
-                except want_ex:
-                    pass
+                except want:
+                    unix_r = False
                 except OSError as e:
                     return f"worker connection failed: {e}"
             if down is not None:
                 try:
-                    n = io.send(memoryview(down)[down_off:] if down_off else down)
-                    down_off += n
-                    if down_off >= len(down):
-                        down = None
+                    k = io.send(down)
+                    down = down[k:] if k < len(down) else None
+                    io_w_blocked = False
                     moved = True
-                except want_ex:
-                    pass
+                except (ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                    io_w_blocked = True
+                except ssl.SSLWantReadError:
+                    io_r = True
                 except OSError as e:
                     return f"client connection failed: {e}"
             if moved:
                 last = time.monotonic()
                 continue
-            if is_tls and up is None and io.pending():
-                continue
-            poll.modify(iofd, (select.POLLIN if up is None else 0) | (select.POLLOUT if down is not None or io_wants_write else 0))
-            poll.modify(ufd, (select.POLLIN if down is None else 0) | (select.POLLOUT if up is not None else 0))
+            poll.modify(iofd, (POLLIN if up is None else 0) | (POLLOUT if down is not None or io_w_blocked else 0))
+            poll.modify(ufd, (POLLIN if down is None else 0) | (POLLOUT if up is not None else 0))
             if idle:
                 left = idle - (time.monotonic() - last)
                 if left <= 0:
                     return f"idle for {idle:g} s"
-                poll.poll(left * 1000)
+                ready = poll.poll(left * 1000)
             else:
-                poll.poll()
+                ready = poll.poll()
+            for fd, ev in ready:
+                if fd == iofd:
+                    if ev & ~POLLOUT:
+                        io_r = True
+                    if ev & POLLOUT and io_w_blocked:
+                        io_w_blocked = False
+                        io_r = True  # a write the read path was waiting for
+                elif ev & ~POLLOUT:
+                    unix_r = True
         return "fssd is stopping"
 
 
