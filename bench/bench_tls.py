@@ -16,6 +16,7 @@ against fssd's own Unix socket: what the relay through the front costs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -48,6 +49,32 @@ def make_pki(d: Path) -> tuple[Path, Path]:
         (out / "ext").unlink()
         shutil.copy(ca / "ca-cert.pem", out / "ca-cert.pem")
     return srv, cli
+
+
+def libnbd_home(clidir: Path, home: Path) -> Path:
+    """fio's nbd engine may not name local files in a URI (tls-certificates=), so libnbd
+    must find the client's certificates in its default place: $HOME/.pki/libnbd for a
+    user other than root. fio runs as nobody with this HOME (the files are nobody's)."""
+    d = home / ".pki" / "libnbd"
+    d.parent.mkdir(parents=True)
+    shutil.copytree(clidir, d)
+    for p in [home, home / ".pki", d, *d.iterdir()]:
+        os.chown(p, 65534, 65534)
+    os.chmod(home.parent, 0o711)  # the scratch directory: nobody may pass through it
+    return home
+
+
+def fio_as_nobody(uri: str, home: Path, rw: str, runtime: float) -> float:
+    """IOPS of fio's nbd engine (as peers.fio_nbd), run as nobody with HOME=home."""
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env", f"HOME={home}",
+            "fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k", "--iodepth=32", "--size=1G",
+            "--output-format=json", "--time_based", f"--runtime={runtime}", "--ramp_time=1"]
+    p = run(*argv, cwd=str(home))
+    out = p.stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    if job.get("error"):
+        raise RuntimeError(f"fio error {job['error']}: {p.stderr}")
+    return job["read"]["iops"]
 
 
 def free_port() -> int:
@@ -88,6 +115,7 @@ def main() -> int:
     fssd = qemu = None
     try:
         srvdir, clidir = make_pki(scratch.tmp / "pki")
+        home = libnbd_home(clidir, scratch.tmp / "home")
         img = scratch.shm / "volume.img"
         make_random_image(img, GiB)
         tls_port, plain_port, qemu_port = free_port(), free_port(), free_port()
@@ -113,7 +141,7 @@ allow = [{{ client = "127.0.0.1", exports = ["fss*"] }}]
         ]
         tests = [
             ("seq read (nbdcopy -C4 -T4)", "MiB/s", lambda u: nbdcopy(u, "null:", GiB)),
-            ("4k randread QD32 (fio nbd)", "IOPS", lambda u: fio_nbd(u, "randread", runtime=args.fio_runtime)),
+            ("4k randread QD32 (fio nbd)", "IOPS", lambda u: fio_as_nobody(u.split("?")[0], home, "randread", args.fio_runtime) if u.startswith("nbds:") else fio_nbd(u, "randread", runtime=args.fio_runtime)),
         ]
         rows = []
         print(f"{'figure':44} {'fssd':>9} {'peer':>9} {'ratio':>6}  runs fssd | peer")

@@ -45,12 +45,11 @@ import setproctitle
 from ipc import listenpolicy, logfmt, names, nbd, workermsg
 from ipc.listenpolicy import Client, ListenSection
 from ipc.nbdclient import ClientHandshake, HandshakeFailed
-from workers import spawned
+from workers import relay, spawned
+from workers.tlsstream import PlainStream, Timeout, TLSStream
 
 log = logging.getLogger("listen")
 
-# Relay chunk: at most this much is held per direction per connection.
-RELAY_CHUNK = 256 * 1024
 # Handshake receive size (options are at most 64 KiB).
 HS_CHUNK = 64 * 1024
 WARN_EVERY = 10.0
@@ -244,7 +243,7 @@ class Front:
             socks = list(self._socks)
         for s in socks:
             try:
-                socket.socket.shutdown(s, socket.SHUT_RDWR)  # the plain socket's: SSLSocket's drops its SSL object
+                s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -253,7 +252,7 @@ class Front:
     def _connection(self, sock: socket.socket, addr, listen: ListenSection, ctx: ssl.SSLContext | None) -> None:
         key = None
         client = Client(address=addr[0])
-        io: socket.socket = sock
+        io: PlainStream | TLSStream = PlainStream(sock)
         unix = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -278,9 +277,6 @@ class Front:
                     if t is nbd.StartTLS:
                         _send_all(io, conn.data_to_send(), deadline)
                         io = self._start_tls(sock, ctx, addr, deadline)
-                        with self._lock:
-                            self._socks.discard(sock)
-                            self._socks.add(io)
                         if listen.verify_peer:
                             client = Client(address=addr[0], subject=listenpolicy.subject_from_peercert(io.getpeercert() or {}))
                             state["client"] = client
@@ -302,7 +298,10 @@ class Front:
                             first = conn.take_buffered()
                             del conn
                             log.info("%s: %s %s opened %s", listen.address, _fmt(addr), client.subject_text, ev.name)
-                            why = self._relay(io, unix, first, listen.idle_timeout)
+                            if io.tls:
+                                why = relay.relay_tls(io, unix, first, listen.idle_timeout, self._stopping)
+                            else:
+                                why = relay.relay_plain(sock, unix, first, listen.idle_timeout, self._stopping)
                             log.info("%s: %s %s closed %s: %s", listen.address, _fmt(addr), client.subject_text, ev.name, why)
                             return
                     elif t is nbd.Disconnect:
@@ -325,28 +324,20 @@ class Front:
         except Exception:  # a bug costs this connection, never the listener
             log.exception("%s: %s: internal error; closing this connection", listen.address, _fmt(addr))
         finally:
-            for s in (unix, io, sock):
+            for s in (unix, sock):
                 if s is not None:
                     try:
                         s.close()
                     except OSError:
                         pass
-            self._forget(io, key)
-            if io is not sock:
-                self._forget_sock(sock)
+            self._forget(sock, key)
 
-    def _forget_sock(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._socks.discard(sock)
-
-    def _start_tls(self, sock: socket.socket, ctx: ssl.SSLContext, addr, deadline: float) -> ssl.SSLSocket:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _Closed("handshake timeout")
-        sock.settimeout(left)  # CPython applies it to the whole do_handshake() call
+    def _start_tls(self, sock: socket.socket, ctx: ssl.SSLContext, addr, deadline: float) -> TLSStream:
+        t = TLSStream(sock, ctx)
         try:
-            return ctx.wrap_socket(sock, server_side=True)
-        except socket.timeout:
+            t.handshake(deadline)
+            return t
+        except Timeout:
             raise _Closed("handshake timeout during TLS") from None
         except (ssl.SSLError, OSError) as e:
             self._warn_tls(logging.WARNING, "%s: TLS handshake with %s failed: %s", self.listen.address, _fmt(addr), getattr(e, "reason", None) or e)
@@ -398,112 +389,6 @@ class Front:
             log.error("%s: opening %s failed: %s", self.listen.address, ev.name, e)
             return None, nbd.option_reply(ev.opt, nbd.REP_ERR_SHUTDOWN, f"export {ev.name!r} is not available"), None
 
-    # -- relaying ---------------------------------------------------------------------------
-
-    def _relay(self, io: socket.socket, unix: socket.socket, first: bytes, idle: float) -> str:
-        """Bytes both ways until one side closes (or nothing moves for `idle` seconds);
-        at most RELAY_CHUNK held per direction. Non-blocking: one thread drives the SSL
-        object. Driven by readiness: a socket is read again only after poll() says so
-        (or the SSL object holds decrypted bytes), so a request costs few system calls,
-        and what the client pipelined (many small TLS records) leaves in one send."""
-        io.setblocking(False)
-        unix.setblocking(False)
-        is_tls = isinstance(io, ssl.SSLSocket)
-        ubuf, dbuf = bytearray(RELAY_CHUNK), bytearray(RELAY_CHUNK)
-        umv, dmv = memoryview(ubuf), memoryview(dbuf)
-        up: memoryview | None = memoryview(first) if first else None  # client -> worker, unsent
-        down: memoryview | None = None  # worker -> client, unsent (an SSL retry resends the same bytes)
-        io_r = unix_r = True  # may have something to read
-        io_w_blocked = False  # SSL wants the socket writable before it can go on
-        poll = select.poll()
-        iofd, ufd = io.fileno(), unix.fileno()
-        poll.register(iofd, select.POLLIN)
-        poll.register(ufd, select.POLLIN)
-        last = time.monotonic()
-        want = (ssl.SSLWantReadError, BlockingIOError, InterruptedError)
-        POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
-        stopping = self._stopping
-        while not stopping.is_set():
-            moved = False
-            if up is None and (io_r or (is_tls and io.pending())):
-                n = 0
-                try:
-                    while n < RELAY_CHUNK:
-                        k = io.recv_into(umv[n:])
-                        if not k:
-                            if not n:
-                                return "client closed"
-                            break
-                        n += k
-                        if not is_tls:
-                            break  # one recv took what the socket had
-                except want:
-                    io_r = False
-                except ssl.SSLWantWriteError:
-                    io_r, io_w_blocked = False, True
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    if not n:
-                        return "client closed"
-                except OSError as e:
-                    return f"client connection failed: {e}"
-                if n:
-                    up = umv[:n]
-                    moved = True
-            if up is not None:
-                try:
-                    k = unix.send(up)
-                    up = up[k:] if k < len(up) else None
-                    moved = True
-                except want:
-                    pass
-                except OSError as e:
-                    return f"worker connection failed: {e}"
-            if down is None and unix_r:
-                try:
-                    k = unix.recv_into(dmv)
-                    if not k:
-                        return "the export's worker closed the connection"
-                    down = dmv[:k]
-                    moved = True
-                except want:
-                    unix_r = False
-                except OSError as e:
-                    return f"worker connection failed: {e}"
-            if down is not None:
-                try:
-                    k = io.send(down)
-                    down = down[k:] if k < len(down) else None
-                    io_w_blocked = False
-                    moved = True
-                except (ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
-                    io_w_blocked = True
-                except ssl.SSLWantReadError:
-                    io_r = True
-                except OSError as e:
-                    return f"client connection failed: {e}"
-            if moved:
-                last = time.monotonic()
-                continue
-            poll.modify(iofd, (POLLIN if up is None else 0) | (POLLOUT if down is not None or io_w_blocked else 0))
-            poll.modify(ufd, (POLLIN if down is None else 0) | (POLLOUT if up is not None else 0))
-            if idle:
-                left = idle - (time.monotonic() - last)
-                if left <= 0:
-                    return f"idle for {idle:g} s"
-                ready = poll.poll(left * 1000)
-            else:
-                ready = poll.poll()
-            for fd, ev in ready:
-                if fd == iofd:
-                    if ev & ~POLLOUT:
-                        io_r = True
-                    if ev & POLLOUT and io_w_blocked:
-                        io_w_blocked = False
-                        io_r = True  # a write the read path was waiting for
-                elif ev & ~POLLOUT:
-                    unix_r = True
-        return "fssd is stopping"
-
 
 _OPT_NAMES = {nbd.OPT_INFO: "INFO", nbd.OPT_GO: "GO", nbd.OPT_LIST: "LIST", nbd.OPT_SET_META_CONTEXT: "SET_META_CONTEXT", nbd.OPT_LIST_META_CONTEXT: "LIST_META_CONTEXT"}
 
@@ -513,33 +398,23 @@ def _fmt(addr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+def _send_all(stream: PlainStream | TLSStream, data: bytes, deadline: float) -> None:
     if not data:
         return
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise _Closed("handshake timeout")
-    sock.settimeout(left)
     try:
-        sock.sendall(data)
-    except socket.timeout:
+        stream.sendall(data, deadline)
+    except Timeout:
         raise _Closed("handshake timeout (the client does not read)") from None
-    except OSError as e:
+    except (OSError, ssl.SSLError) as e:
         raise _Closed(f"client went away during the handshake: {e}") from None
 
 
-def _recv(sock: socket.socket, deadline: float) -> bytes:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise _Closed("handshake timeout")
-    sock.settimeout(left)
+def _recv(stream: PlainStream | TLSStream, deadline: float) -> bytes:
     try:
-        return sock.recv(HS_CHUNK)
-    except socket.timeout:
+        return stream.recv(HS_CHUNK, deadline)
+    except Timeout:
         raise _Closed("handshake timeout") from None
-    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-        return b""
-    except OSError as e:
+    except (OSError, ssl.SSLError) as e:
         raise _Closed(f"client went away during the handshake: {e}") from None
 
 
