@@ -66,9 +66,9 @@ def sign(ca: Path, out: Path, stem: str, subject: str, ext: str, days: int = 3) 
     shutil.copy(ca / "ca-cert.pem", out / "ca-cert.pem")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(family: int = socket.AF_INET) -> int:
+    with socket.socket(family) as s:
+        s.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
         return s.getsockname()[1]
 
 
@@ -98,7 +98,7 @@ def srv(tmp_path_factory, pki):
     shutil.copy(img, shm / "instant.img")  # the snapshot's instant
     f = Fssd(tmp_path_factory.mktemp("tls") / "i0", [{"name": "data", "path": str(img)}])
     f.shm = shm
-    f.ports = {"main": free_port(), "tight": free_port(), "plain": free_port()}
+    f.ports = {"main": free_port(), "tight": free_port(), "plain": free_port(), "v6": free_port(family=socket.AF_INET6)}
     srvdir = pki / "server"
     f.config.write_text(
         f.config.read_text()
@@ -117,6 +117,11 @@ max_connections = 4
 max_connections_per_client = 2
 handshake_timeout = 1
 idle_timeout = 1.5
+
+[[listen]]
+address = "[::1]:{f.ports['v6']}"
+tls_dir = "{srvdir}"
+allow = [{{ client = "CN=backup1", exports = ["fss*"] }}]
 
 [[listen]]
 address = "127.0.0.1:{f.ports['plain']}"
@@ -528,6 +533,23 @@ def test_plain_tcp_is_a_logged_warning(srv):
     run("nbdcopy", f"nbd://127.0.0.1:{srv.ports['plain']}/fss0", out)
     assert sha256_file(out) == sha256_file(srv.shm / "instant.img")
     out.unlink()
+
+
+def test_front_is_a_titled_worker_restarted_after_a_kill_over_ipv6_too(srv, pki):
+    key = f"listen [::1]:{srv.ports['v6']}"
+    pid = srv.worker_pid("listen", key)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert f.read().split(b"\0")[0].decode() == f"fssd[{srv.rundir}]: {key}"
+    uri = f"nbds://[::1]:{srv.ports['v6']}/fss0?tls-certificates={pki / 'backup1'}"
+    os.kill(pid, signal.SIGKILL)
+    # The supervisor holds the listening socket: a client connecting meanwhile queues and is served.
+    out = srv.shm / "v6.img"
+    run("nbdcopy", uri, out)
+    assert sha256_file(out) == sha256_file(srv.shm / "instant.img")
+    out.unlink()
+    new = wait_for(lambda: srv.alive_pid("listen", key), 20, "the front to restart")
+    assert new != pid
+    assert listed(f"nbds://[::1]:{srv.ports['v6']}/?tls-certificates={pki / 'backup1'}") == ["fss0"]
 
 
 def test_bad_listen_config_is_one_line(tmp_path, fssd_factory, shmdir):
