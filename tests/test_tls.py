@@ -513,9 +513,7 @@ def test_sighup_rotates_the_server_certificate_and_keeps_open_sessions(srv, pki)
     for f in ("server-cert.pem", "server-key.pem"):
         os.replace(staging / f, pki / "server" / f)
     new_der = ssl.PEM_cert_to_DER_cert((pki / "server" / "server-cert.pem").read_text())
-    reloads = log_text(srv).count("listen: INFO: 127.0.0.1:%d: reloaded" % srv.ports["main"])
-    srv.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: log_text(srv).count("listen: INFO: 127.0.0.1:%d: reloaded" % srv.ports["main"]) > reloads, 20, "the front to reload")
+    sighup_and_wait(srv)
     # The open session reads on, with the certificate it started with.
     assert r.pread(2, MiB, 8 * MiB) == instant(srv, MiB, 8 * MiB)
     assert r.sock.getpeercert(binary_form=True) == old_der
@@ -524,6 +522,29 @@ def test_sighup_rotates_the_server_certificate_and_keeps_open_sessions(srv, pki)
     assert n.sock.getpeercert(binary_form=True) == new_der != old_der
     n.close()
     r.close()
+    assert listed(nbds(srv, pki, "backup1")) == ["data", "fss0"]
+
+
+def sighup_and_wait(srv) -> None:
+    line = "listen: INFO: 127.0.0.1:%d: reloaded" % srv.ports["main"]
+    before = log_text(srv).count(line)
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: log_text(srv).count(line) > before, 20, "the front to reload")
+
+
+def test_a_revoked_certificate_is_refused_once_ca_crl_pem_is_there(srv, pki):
+    ca = pki / "ca"
+    sign(ca, pki / "revoked", "client", "/O=fssd test/CN=backup1", CLIENT_EXT)
+    assert listed(nbds(srv, pki, "revoked")) == ["data", "fss0"]
+    (ca / "index.txt").write_text("")
+    (ca / "crlnumber").write_text("01\n")
+    (ca / "ca.cnf").write_text(f"[ca]\ndefault_ca = d\n[d]\ndatabase = {ca}/index.txt\ncrlnumber = {ca}/crlnumber\ndefault_md = sha256\ndefault_crl_days = 2\n")
+    common = ["-config", ca / "ca.cnf", "-keyfile", ca / "ca-key.pem", "-cert", ca / "ca-cert.pem"]
+    run("openssl", "ca", *common, "-revoke", pki / "revoked" / "client-cert.pem")
+    run("openssl", "ca", *common, "-gencrl", "-out", pki / "server" / "ca-crl.pem")
+    sighup_and_wait(srv)
+    p = run("nbdinfo", nbds(srv, pki, "revoked", "fss0"), check=False)
+    assert p.returncode != 0 and "export-size" not in p.stdout
     assert listed(nbds(srv, pki, "backup1")) == ["data", "fss0"]
 
 
