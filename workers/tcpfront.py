@@ -21,9 +21,10 @@ Exports are read on demand: a snapshot is a `fssN.sock` in the run directory
 supervisor names (spawn settings, ListenUpdate on SIGHUP). The listening socket
 is the supervisor's, inherited, so clients queue while this process restarts.
 
-Threads: one accepts; each connection has one thread (handshake with blocking
-calls under the handshake deadline, then the relay on non-blocking sockets,
-since one SSL object must not be used from two threads at once).
+Threads: one accepts; each connection has one thread: the handshake with
+blocking calls under one deadline (TLS included), then workers.relay on
+non-blocking sockets (one SSL object must not be used from two threads at
+once). TLS runs on memory BIOs (workers.tlsstream).
 """
 
 from __future__ import annotations
