@@ -2,16 +2,20 @@
 #   make test    system packages + .venv, then the whole suite
 #   make demo    the main job end to end
 #   make bench   benchmarks against nbdkit and qemu-storage-daemon
+#   make stress  fault injection: SIGKILLs of every process kind under a write storm (SEED=, ROUNDS=)
 
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-APT_PACKAGES := libnbd-bin nbdfuse qemu-utils fuse3 e2fsprogs util-linux kmod procps systemd udev nbd-client fio openssl
+APT_PACKAGES := libnbd-bin nbdfuse qemu-utils fuse3 e2fsprogs xfsprogs util-linux kmod procps systemd udev nbd-client fio mandoc python3-venv openssl
 BENCH_PACKAGES := nbdkit fio qemu-system-common
 STAMP_APT := $(VENV)/.apt-stamp
 STAMP_VENV := $(VENV)/.venv-stamp
 
-.PHONY: all deps venv test demo bench clean
+SEED ?= 1
+ROUNDS ?= 60
+
+.PHONY: all deps venv test demo bench stress clean
 all: test
 
 $(STAMP_APT):
@@ -42,6 +46,9 @@ bench: deps venv
 	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 	bash bench/run.sh
+
+stress: deps venv
+	$(VPY) tests/stress.py --seed $(SEED) --rounds $(ROUNDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

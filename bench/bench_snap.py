@@ -3,7 +3,7 @@
     python bench/bench_snap.py [--runs 3] [--barrier-runs 10] [--results FILE]
 
 Same run, same 1 GiB image of incompressible data in /dev/shm, served by fssd
-and by qemu-storage-daemon (recipe A of nbd-peers.md: copy-before-write +
+and by qemu-storage-daemon (copy-before-write +
 snapshot-access, CBW target a qcow2 in /dev/shm). Every run takes fresh
 snapshots before and drops them after, so "first touch" really is the first
 write to every cluster since the snapshot.

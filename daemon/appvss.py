@@ -17,6 +17,8 @@ import signal
 import sys
 import time
 
+from daemon import clitool
+from daemon.version import version
 from ipc import logfmt
 from ipc.names import resolve_rundir
 from ipc.vss_client import Application, VssError
@@ -78,6 +80,7 @@ def _mode(text: str) -> int:
     return v
 
 
+@clitool.entry
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="appvss", description="Simulate a VSS application (hv_vss(4) example).")
     ap.add_argument("-f", type=_mode, default=0, metavar="0|1|2", help="freeze: 0 success, 1 timeout, 2 failure")
@@ -86,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-d", action="store_true", help="debug messages")
     ap.add_argument("-n", action="store_true", help="stay in the foreground")
     ap.add_argument("-w", type=float, default=2.0, metavar="SECONDS", help="simulated work time (default 2)")
-    ap.add_argument("--name", default="appvss")
-    ap.add_argument("-r", "--rundir")
+    ap.add_argument("--name", default="appvss", help="the name to register with the broker (default appvss)")
+    ap.add_argument("-r", "--rundir", metavar="DIR", help="fssd run directory (default $FSSD_RUNDIR or /run/fssd)")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {version()}", help="print the version and exit")
     args = ap.parse_args(argv)
     if not 0 <= args.w <= 3600:
         ap.error("-w must be between 0 and 3600 seconds")

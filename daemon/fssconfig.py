@@ -1,6 +1,6 @@
 """fssconfig: configure, unconfigure and list fssd snapshot devices, as NetBSD's fssconfig(8).
 
-usage: fssconfig [-Ccxv] device path backup [cluster [size]]
+usage: fssconfig [-Ccxv] [-t timeout] [--no-suspend] device path backup [cluster [size]]
        fssconfig -u [-v] device
        fssconfig -l [-v] [--json] [device]
        fssconfig --volumes [-v] [--json]
@@ -17,16 +17,43 @@ import time
 
 import msgspec
 
+from daemon import clitool
 from daemon import storeopen
 from daemon.client import ControlClient, NotRunning
+from daemon.version import version
 from ipc import control, names
 from ipc.units import humanize, strsuftoll
 
 PROG = "fssconfig"
-USAGE = """usage: fssconfig [-Ccxv] [-r rundir] device path backup [cluster [size]]
+USAGE = """usage: fssconfig [-Ccxv] [-t timeout] [--no-suspend] [-r rundir] device path backup [cluster [size]]
        fssconfig -u [-v] [-r rundir] device
        fssconfig -l [-v] [--json] [-r rundir] [device]
        fssconfig --volumes [-v] [--json] [-r rundir]"""
+HELP = USAGE + """
+
+Configure, unconfigure and list fssd snapshot devices (fssN), as NetBSD's
+fssconfig(8). `path` is a volume name, mountpoint or image path; `backup` a
+file, a directory or a raw block device; `cluster` and `size` take k/M/G.
+
+options:
+  -C                take the snapshot application-consistently (VSS CHECK,
+                    FREEZE, barrier, THAW) and print the freeze window
+  -t SECONDS        with -C: each VSS phase's timeout (default [vss] timeout)
+  --no-suspend      do not suspend (FIFREEZE) the volume's file systems around
+                    the snapshot: it is then crash-consistent
+  -c                unconfigure the device when its last NBD client disconnects
+  -x                unlink the backing file once the snapshot is configured
+  -l                list the devices (all, or the one named)
+  -u                unconfigure the device
+  -v                verbose: list the device after configuring or before
+                    unconfiguring; with -l and --volumes, details
+  --volumes         list the volumes and their NBD URIs
+  --json            with -l or --volumes: print JSON
+  -r, --rundir DIR  fssd's run directory (default $FSSD_RUNDIR, else /run/fssd)
+  -h, --help        print this help and exit
+  --version         print the version and exit
+
+See fssconfig(8)."""
 
 
 class Usage(Exception):
@@ -59,7 +86,19 @@ def format_snapshot(s: control.SnapshotInfo, verbose: bool) -> str:
             f"{', last error: ' + s.last_error if s.last_error else ''}, {s.clients} client(s)"
             f"\n    {s.uri}\n    backing store {s.backup}{limit}, {s.copies} cluster(s) copied"
         )
+        consistency = _consistency(s)
+        if consistency:
+            line += f"\n    {consistency}"
     return line
+
+
+def _consistency(s: control.SnapshotInfo) -> str:
+    """How the instant was taken, one line (-l -v)."""
+    if s.consistency == "application":
+        return f"application-consistent (VSS), freeze window {s.window_ms:.1f} ms"
+    if s.consistency == "file-system" and s.suspended:
+        return f"file-system-consistent: suspended {', '.join(s.suspended)} for {s.window_ms:.1f} ms"
+    return s.note
 
 
 def _duration(sec: float) -> str:
@@ -75,6 +114,7 @@ def _json(obj) -> str:
     return msgspec.json.format(msgspec.json.encode(obj)).decode()
 
 
+@clitool.entry
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -92,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     try:
-        opts, args = getopt.getopt(argv, "Cclr:uvx", ["json", "volumes", "rundir=", "help"])
+        opts, args = getopt.getopt(argv, "Cchlr:t:uvx", ["json", "volumes", "rundir=", "help", "no-suspend", "version"])
     except getopt.GetoptError as e:
         raise Usage(str(e)) from None
     action = None
-    verbose = unlink = uoc = consistent = as_json = False
+    verbose = unlink = uoc = consistent = as_json = no_suspend = False
     rundir = None
+    timeout = None
     for o, v in opts:
         if o in ("-l", "-u", "--volumes"):
             if action is not None:
@@ -111,15 +152,32 @@ def _main(argv: list[str]) -> int:
             verbose = True
         elif o == "-x":
             unlink = True
+        elif o == "-t":
+            try:
+                timeout = float(v)
+            except ValueError:
+                timeout = -1.0
+            if not 0 < timeout <= 3600:
+                raise Usage(f"-t {v}: timeout must be between 0 and 3600 seconds")
+        elif o == "--no-suspend":
+            no_suspend = True
         elif o == "--json":
             as_json = True
         elif o in ("-r", "--rundir"):
             rundir = v
-        elif o == "--help":
-            raise Usage("")
+        elif o in ("-h", "--help"):
+            print(HELP)
+            return 0
+        elif o == "--version":
+            print(f"{PROG} {version()}")
+            return 0
     client = ControlClient(names.resolve_rundir(rundir))
-    if action in ("-l", "-u", "--volumes") and (unlink or uoc or consistent):
+    if action in ("-l", "-u", "--volumes") and (unlink or uoc or consistent or no_suspend or timeout is not None):
         raise Usage("")
+    if timeout is not None and not consistent:
+        raise Usage("-t applies to -C (the VSS phases)")
+    if consistent and no_suspend:
+        raise Usage("-C and --no-suspend exclude each other")
 
     if action == "--volumes":
         if args:
@@ -186,6 +244,8 @@ def _main(argv: list[str]) -> int:
         unconfig_on_close=uoc,
         unlink=unlink or store.nameless,
         consistent=consistent,
+        timeout=timeout,
+        no_suspend=no_suspend,
         name=store.name if keep_name else "",
         nfds=2 if keep_name else 1,
     )
@@ -200,8 +260,14 @@ def _main(argv: list[str]) -> int:
             storeopen.remove_created(store)  # a file made for a configure that failed
         storeopen.close(store)
         sock.close()
+    snap = reply.snapshot
     if consistent:
         print(f"{device}: application-consistent snapshot, freeze window {reply.freeze_window_ms:.1f} ms, barrier {reply.barrier_us} us")
+    elif reply.suspend_window_ms is not None:
+        print(f"{device}: file-system-consistent snapshot, suspended {', '.join(snap.suspended)} for {reply.suspend_window_ms:.1f} ms, "
+              f"barrier {reply.barrier_us} us")
+    if verbose and snap.note:
+        print(f"{device}: {snap.note}")
     if verbose:
         print(format_snapshot(reply.snapshot, True))
     return 0

@@ -1,9 +1,12 @@
 """Worker processes as the supervisor sees them: spawn, channel, exit, restart with back-off.
 
-Each worker is `python -m workers.<kind> SETTINGS_JSON` with one end of a
-socketpair (the channel) and whatever descriptors it serves (listening socket,
-backing stores) inherited through pass_fds. Exits are noticed through a pidfd
-in the event loop, so a SIGKILLed worker is seen at once.
+Each worker is `python -m workers.<kind> SETTINGS_JSON` (started through
+workers.launch, which makes the kernel kill it when the supervisor dies) with
+one end of a socketpair (the channel) and whatever descriptors it serves
+(listening socket, backing stores) inherited through pass_fds, plus the run
+directory's locked pid file, so a new instance can tell when every process of
+this one is gone. Exits are noticed through a pidfd in the event loop, so a
+SIGKILLed worker is seen at once.
 """
 
 from __future__ import annotations
@@ -34,10 +37,18 @@ class WorkerGone(Exception):
     pass
 
 
+# What a worker gets when the supervisor dies: the data workers die at once (nothing a
+# client queued may run after a new instance starts); the broker thaws first, then exits.
+PARENT_DEATH_SIGNAL = {"broker": "TERM"}
+
+
 class Worker:
     """One supervised process: `python -m MODULE --channel-fd N SETTINGS_JSON`.
 
     `spawn_args(channel_fd)` returns (module, settings_json, fds to pass)."""
+
+    # The run directory's locked pid file (set by the supervisor): every worker holds it too.
+    hold_fd: int | None = None
 
     def __init__(
         self,
@@ -93,10 +104,16 @@ class Worker:
         self.exited = asyncio.Event()
         self.codec = FrameCodec(workermsg.FromWorker)
         self.proc = None
+        launch = ["--supervisor-pid", str(os.getpid()), "--pdeathsig", PARENT_DEATH_SIGNAL.get(self.kind, "KILL")]
+        held = [] if self.hold_fd is None else [self.hold_fd]
+        if held:
+            launch += ["--hold-fd", str(self.hold_fd)]
         try:
+            # Spawned from the event loop's thread, which lives as long as the supervisor:
+            # PR_SET_PDEATHSIG fires when the thread that forked the worker ends.
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, "--channel-fd", str(child.fileno()), settings],
-                pass_fds=[child.fileno(), *fds],
+                [sys.executable, "-m", "workers.launch", *launch, module, "--channel-fd", str(child.fileno()), settings],
+                pass_fds=[child.fileno(), *fds, *held],
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 cwd="/",

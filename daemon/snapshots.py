@@ -1,9 +1,10 @@
 """Snapshot devices fss0..fssN-1: configure, unconfigure, status (the supervisor's half).
 
 Configuring is serialised (as NetBSD's fss_creating): open the backing store,
-create the all-clear map in shared memory, optionally CHECK + FREEZE through
-the VSS broker, ask the volume worker for the barrier, THAW, then start the
-`fssN` worker that serves the snapshot.
+create the all-clear map in shared memory, suspend the volume's file systems
+(daemon.suspend: FIFREEZE, as fss suspends; with -C, CHECK + FREEZE through
+the VSS broker instead), ask the volume worker for the barrier, thaw, then
+start the `fssN` worker that serves the snapshot.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from daemon import backing
+from daemon import backing, suspend
 from daemon.procs import Worker, WorkerGone
 from ipc import control, names, workermsg
 from ipc.clustermap import FLAG_UNCONFIG_ON_CLOSE, ClusterMap, MapState, choose_cluster_size, table_clusters
@@ -31,6 +32,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("supervisor")
 
 ATTACH_TIMEOUT = 30.0
+
+
+def _devices(mounts: list[str]) -> frozenset[int]:
+    """The file systems mounted at these points (what the broker froze)."""
+    devs = set()
+    for m in mounts:
+        try:
+            if os.path.ismount(m):
+                devs.add(os.stat(m).st_dev)
+        except OSError:
+            pass
+    return frozenset(devs)
 
 
 class ControlError(Exception):
@@ -51,6 +64,10 @@ class Snapshot:
         self.had_clients = False
         self.clients = 0
         self.backup_shown = "(unlinked)" if store.unlink_now else store.path
+        self.consistency = "crash"  # file-system | application | crash
+        self.suspended: list[str] = []
+        self.window_ms = 0.0
+        self.note = ""
 
     @property
     def taken_utc(self) -> str:
@@ -113,6 +130,10 @@ class SnapshotManager:
             restarts=w.restarts if w else 0,
             last_error=w.last_error if w else "",
             clients=s.clients,
+            consistency=s.consistency,
+            suspended=s.suspended,
+            window_ms=s.window_ms,
+            note=s.note,
         )
 
     # -- configure -------------------------------------------------------------------
@@ -139,10 +160,12 @@ class SnapshotManager:
                     raise ControlError(e.errno, str(e)) from None
                 store = store._replace(unlink_now=req.unlink, dirfd=fds[1] if req.nfds == 2 else -1, name=req.name)
                 fds = []  # the store's now
+                self.sup.record_made(store)  # from now on a kill must not leave the file behind
                 try:
                     return await self._configure(req, vol, vol.section.name, store)
                 except BaseException:
                     backing.discard(store, unlinked=True)  # fssconfig removes a file it made for a failed configure
+                    self.sup.record_made()
                     raise
         finally:
             for fd in fds:
@@ -199,9 +222,13 @@ class SnapshotManager:
         window_ms = None
         try:
             if req.consistent:
-                held, window_ms = await self._consistent_barrier(vol.worker, snap)
-            else:
+                held, window_ms = await self._consistent_barrier(vol, snap, req.timeout)
+                snap.consistency, snap.window_ms = "application", window_ms
+            elif req.no_suspend:
                 held = await self._barrier(vol.worker, snap)
+                snap.note = f"{name} taken with --no-suspend: snapshot is crash-consistent"
+            else:
+                held = await self._suspended_barrier(vol, snap)
             self.snaps[req.device] = snap
             await self._start_worker(snap)
         except BaseException:
@@ -211,12 +238,20 @@ class SnapshotManager:
             ClusterMap.unlink(map_name)
             self._close_listener(snap)
             raise
+        if window_ms is not None:
+            how = f", freeze window {window_ms:.1f} ms"
+        elif snap.suspended:
+            how = f", suspended {', '.join(snap.suspended)} for {snap.window_ms:.1f} ms"
+        else:
+            how = ""
         log.info(
             "%s: snapshot of %s created (barrier %d us%s), %d clusters of %d, backing store %s",
-            req.device, name, held, f", freeze window {window_ms:.1f} ms" if window_ms is not None else "", count, csize, snap.backup_shown,
+            req.device, name, held, how, count, csize, snap.backup_shown,
         )
+        if snap.note:
+            log.info("%s: %s", req.device, snap.note)
         self.sup.update_status()
-        return control.Configured(self.info(req.device), held, window_ms)
+        return control.Configured(self.info(req.device), held, window_ms, snap.window_ms if snap.consistency == "file-system" and snap.suspended else None)
 
     async def _barrier(self, worker: Worker, snap: Snapshot) -> int:
         msg = workermsg.AttachSnapshot(snap.device, snap.map.name, worker.next_req())
@@ -236,13 +271,48 @@ class SnapshotManager:
             raise ControlError(errno.EIO, f"{snap.device}: unexpected answer {type(reply).__name__} to the barrier")
         return reply.barrier_us
 
-    async def _consistent_barrier(self, worker: Worker, snap: Snapshot) -> tuple[int, float]:
-        """CHECK, FREEZE, barrier, THAW: the freeze window is the snapshot's instant."""
+    async def _suspended_barrier(self, vol, snap: Snapshot, exclude: frozenset[int] | None = None) -> int:
+        """FIFREEZE the volume's file systems, barrier, FITHAW (fss's suspend); the barrier alone when
+        nothing is mounted from the volume. `exclude` (with -C): file systems the broker holds frozen
+        already; then this runs inside the broker's window and logs nothing."""
+        under_vss = exclude is not None
+        sup = self.sup
+        name = vol.section.name
+        stores = [snap.store.fd, *(s.store.fd for s in self.snaps.values())]
+        images = {v.section.path: f"the image of volume {v.section.name}" for v in sup.volumes.values()}
+        try:
+            guarded = await asyncio.to_thread(suspend.guarded_devices, stores, images)
+            plan = await asyncio.to_thread(suspend.plan, name, vol.section.mountpoint, names.export_socket(sup.rundir, name), guarded,
+                                     exclude or frozenset())
+        except suspend.SuspendError as e:
+            raise ControlError(e.errno, f"{snap.device}: {e}") from None
+        if not plan.targets:
+            if not under_vss:
+                snap.note = plan.note
+                if not plan.crash:
+                    snap.consistency = "file-system"  # mounted read-only: nothing can change under it
+            return await self._barrier(vol.worker, snap)
+        try:
+            r = await suspend.around(snap.device, plan.targets, sup.cfg.vss.freeze_max, lambda: self._barrier(vol.worker, snap),
+                                     sup.env, sup.debug, sup.use_syslog)
+        except suspend.SuspendError as e:
+            raise ControlError(e.errno, str(e)) from None
+        snap.suspended = [t.point for t in plan.targets if t.point not in r.already]
+        if r.already and not under_vss:
+            snap.note = f"{', '.join(r.already)} was frozen already (not by fssd): snapshot taken inside that freeze"
+        if not under_vss:
+            snap.consistency, snap.window_ms = "file-system", r.window_ms
+            log.debug("%s: synced %s in %.1f ms before the suspend", snap.device, ", ".join(snap.suspended), r.sync_ms)
+        return r.held_us
+
+    async def _consistent_barrier(self, vol, snap: Snapshot, timeout: float | None = None) -> tuple[int, float]:
+        """CHECK, FREEZE, barrier, THAW: the freeze window is the snapshot's instant. File systems on
+        the volume that the broker does not freeze are suspended inside its window."""
         if not self.sup.cfg.vss.enabled or self.sup.broker is None or not self.sup.broker.alive:
             raise ControlError(errno.EOPNOTSUPP, "application-consistent snapshot needs the VSS broker ([vss] enabled)")
         from ipc.vss_client import Requestor, VssError, VssTimeout
 
-        timeout = self.sup.cfg.vss.timeout
+        timeout = timeout or self.sup.cfg.vss.timeout
         requestor = Requestor(self.sup.rundir)
 
         def ask(op: str) -> tuple[bool, str, bool]:
@@ -266,7 +336,7 @@ class SnapshotManager:
                 await asyncio.to_thread(ask, "thaw")
             raise ControlError(errno.EAGAIN, f"VSS FREEZE failed: {reason}")
         try:
-            held = await self._barrier(worker, snap)
+            held = await self._suspended_barrier(vol, snap, exclude=_devices(self.sup.broker_mounts))
         finally:
             ok, reason, _ = await asyncio.to_thread(ask, "thaw")
             window = (time.perf_counter() - t0) * 1000

@@ -22,11 +22,15 @@ import time
 import msgspec
 import setproctitle
 
+from daemon import clitool
 from daemon import config as configmod
+from daemon import leftovers
+from daemon import portability
 from daemon import rundir as rundirmod
 from daemon.control_server import ControlServer
 from daemon.notify import Notifier, child_env
 from daemon.procs import Worker, WorkerGone
+from daemon.version import version
 from daemon.snapshots import SnapshotManager
 from ipc import logfmt, names, workermsg
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
@@ -37,6 +41,8 @@ from workers.volume import AttachedSnapshot, VolumeSettings
 log = logging.getLogger("supervisor")
 
 STOP_TIMEOUT = 15.0
+# A new instance waits this long for the processes of a killed one to be gone.
+LOCK_WAIT = 10.0
 
 
 class VolumeState:
@@ -92,6 +98,7 @@ class Supervisor:
         self.stop_event = asyncio.Event()
         self.shutting_down = False
         self._watchdog: asyncio.Task | None = None
+        self._sockets: set[str] = set()
 
     # -- volumes --------------------------------------------------------------------
 
@@ -101,7 +108,19 @@ class Supervisor:
         s = rundirmod.bind_unix(path, group_access, rundirmod.group_gid(self.cfg.daemon.group))
         s.listen(128)
         s.set_inheritable(False)
+        self._sockets.add(path)
+        self.record_made()
         return s
+
+    def record_made(self, configuring=None) -> None:
+        """Write down the sockets and store files fssd made, for a successor to clean up after
+        a kill; `configuring` is the store of a snapshot being configured (not yet listed)."""
+        made = [(p, "socket") for p in sorted(self._sockets)] + [(names.control_socket(self.rundir), "socket")]
+        stores = [s.store for s in self.snaps.snaps.values()] + ([configuring] if configuring else [])
+        # A file fssconfig made for us (it has its directory's descriptor): recorded by the
+        # identity of our descriptor, never of whatever the path resolves to now.
+        made += [(st.path, "store", st.fd) for st in stores if st.dirfd >= 0 and st.name and not st.unlink_now]
+        leftovers.save(self.rundir, made)
 
     async def start_volume(self, section: configmod.VolumeSection) -> None:
         size = os.stat(section.path).st_size
@@ -345,6 +364,7 @@ class Supervisor:
         return VssInfo(self.cfg.vss.enabled, self.vss_state.state, self.vss_state.detail, list(self.vss_state.frozen), self.cfg.freeze_mounts())
 
     def update_status(self) -> None:
+        self.record_made()  # called after every configure and unconfigure
         active = self.snaps.summary()
         self.notifier.status(f"{len(self.volumes)} volume(s); {active}; vss {self.vss_state.state}")
 
@@ -397,6 +417,7 @@ class Supervisor:
         for name in list(self.volumes):
             await self.stop_volume(name)
         cleanup_names(self.prefix)
+        leftovers.forget(self.rundir)
         log.info("stopped")
 
     async def reload(self) -> None:
@@ -485,15 +506,69 @@ def cleanup_names(prefix: str, devices: int = 64) -> None:
                     pass
 
 
-def _lock_rundir(rundir: str) -> int:
+def _holders(fd: int) -> list[int]:
+    """Every process with this open file (any descriptor on its inode), from /proc."""
+    st = os.fstat(fd)
+    me = os.getpid()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for n in fds:
+            try:
+                o = os.stat(f"/proc/{pid}/fd/{n}")
+            except OSError:
+                continue
+            if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
+                found.append(int(pid))
+                break
+    return sorted(found)
+
+
+def _describe(pids: list[int]) -> str:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace").strip()
+        except OSError:
+            title = "?"
+        out.append(f"pid {pid} ({title})")
+    return ", ".join(out) or "none"
+
+
+def _lock_rundir(rundir: str, wait: float = LOCK_WAIT) -> int:
+    """Lock RUNDIR/fssd.pid, held by the supervisor and inherited by every worker.
+
+    Held with a live supervisor: refused. Held only by workers of a killed one: wait
+    (they die with it, PR_SET_PDEATHSIG) until they are gone, so no old process can
+    touch a volume or a snapshot after this instance starts; refused if they linger."""
     os.makedirs(rundir, mode=0o755, exist_ok=True)
     fd = os.open(os.path.join(rundir, "fssd.pid"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    deadline = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pass
         other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise SystemExit(f"fssd: already running with run directory {rundir} (pid {other or '?'})")
+        holders = _holders(fd)
+        if other.isdigit() and int(other) in holders:
+            os.close(fd)
+            raise SystemExit(f"fssd: already running with run directory {rundir} (pid {other})")
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + wait
+            log.warning("waiting up to %.0f s for the processes of a previous fssd to exit: %s", wait, _describe(holders))
+        elif now > deadline:
+            os.close(fd)
+            raise SystemExit(f"fssd: run directory {rundir} is still held by processes of a previous fssd: {_describe(holders)}; not starting")
+        time.sleep(0.05)  # polls the lock itself: the condition we wait for
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -512,22 +587,37 @@ def _print_status(rundir: str) -> int:
     return 0
 
 
+@clitool.entry
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fssd", description="copy-on-write snapshots of live volumes, served over NBD")
-    p.add_argument("-c", "--config", default=configmod.DEFAULT_CONFIG, help="configuration file (default %(default)s)")
-    p.add_argument("-r", "--rundir", help="run directory (overrides [daemon] rundir)")
+    p.add_argument("-c", "--config", metavar="FILE", help=f"configuration file (default {configmod.DEFAULT_CONFIG}; with --status: its run directory)")
+    p.add_argument("-r", "--rundir", metavar="DIR", help="run directory (overrides [daemon] rundir; with --status: default the -c file's, else $FSSD_RUNDIR, else /run/fssd)")
     p.add_argument("-d", "--debug", action="store_true", help="debug logging")
     p.add_argument("-s", "--syslog", action="store_true", help="log to syslog instead of stderr")
     p.add_argument("--status", action="store_true", help="print the running daemon's status as JSON and exit")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}", help="print the version and exit")
     args = p.parse_args(argv)
     if args.status:
-        return _print_status(names.resolve_rundir(args.rundir))
+        rundir = args.rundir
+        if rundir is None and args.config is not None:  # the instance that config runs
+            try:
+                rundir = configmod.load(args.config).daemon.rundir
+            except configmod.ConfigError as e:
+                print(f"fssd: {e}", file=sys.stderr)
+                return 2
+        return _print_status(names.resolve_rundir(rundir))
+    args.config = args.config or configmod.DEFAULT_CONFIG
     logfmt.setup("supervisor", args.debug, args.syslog)
     try:
         cfg = configmod.load(args.config, rundir_override=args.rundir)
     except configmod.ConfigError as e:
         print(f"fssd: {e}", file=sys.stderr)
         return 2
+    missing = portability.problems(cfg, portability.facts())
+    for line in missing:
+        print(f"fssd: {line}", file=sys.stderr)
+    if missing:
+        return 1
     try:
         rundirmod.trust_rundir(cfg.daemon.rundir, rundirmod.group_gid(cfg.daemon.group))
     except rundirmod.UntrustedRundir as e:
@@ -538,17 +628,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # e.g. ELOOP: fssd.pid is a symlink
         print(f"fssd: {os.path.join(cfg.daemon.rundir, 'fssd.pid')}: {e.strerror}", file=sys.stderr)
         return 2
+    Worker.hold_fd = lock_fd
     setproctitle.setproctitle(names.proc_title("supervisor", cfg.daemon.rundir))
     cleanup_names(names.instance_prefix(cfg.daemon.rundir))
+    leftovers.remove(cfg.daemon.rundir)
     sup = Supervisor(cfg, os.path.abspath(args.config), args.debug, args.syslog)
+    rc = asyncio.run(sup.run())
+    # Only after a clean stop (every worker gone): otherwise the file stays, and so does
+    # its lock for as long as any worker still holds it.
     try:
-        return asyncio.run(sup.run())
-    finally:
-        try:
-            os.unlink(os.path.join(cfg.daemon.rundir, "fssd.pid"))
-        except FileNotFoundError:
-            pass
-        os.close(lock_fd)
+        os.unlink(os.path.join(cfg.daemon.rundir, "fssd.pid"))
+    except FileNotFoundError:
+        pass
+    os.close(lock_fd)
+    return rc
 
 
 if __name__ == "__main__":

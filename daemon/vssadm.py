@@ -13,6 +13,8 @@ import time
 
 import msgspec
 
+from daemon import clitool
+from daemon.version import version
 from ipc.names import resolve_rundir
 from ipc.vss_client import BrokerNotRunning, Requestor, VssError
 from ipc.vssproto import REQUEST_OPS, VssReply
@@ -49,13 +51,16 @@ def format_reply(r: VssReply) -> str:
     return "\n".join(lines)
 
 
+@clitool.entry
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vssadm", description="Talk to the fssd VSS broker.")
-    ap.add_argument("-r", "--rundir", help="fssd run directory (default $FSSD_RUNDIR or /run/fssd)")
-    ap.add_argument("op", choices=REQUEST_OPS)
+    ap.add_argument("-r", "--rundir", metavar="DIR", help="fssd run directory (default $FSSD_RUNDIR or /run/fssd)")
+    ap.add_argument("op", choices=REQUEST_OPS,
+                    help="check, freeze or thaw: run that VSS phase; status: the broker's state; list: also every registered application")
     ap.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
     ap.add_argument("-t", "--timeout", type=float, default=None,
                     help="seconds per phase (default: the broker's [vss] timeout)")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {version()}", help="print the version and exit")
     args = ap.parse_args(argv)
     if args.timeout is not None and not 0 < args.timeout <= 3600:
         ap.error("timeout must be between 0 and 3600 seconds")

@@ -196,6 +196,19 @@ class ClusterMap:
         _U64.pack_into(self._mm, _OFF_CREATED, when_ns if when_ns is not None else time.time_ns())
         self.state = MapState.ACTIVE
 
+    def published(self) -> list[int]:
+        """Every non-zero entry: the backing-store clusters holding published copies.
+        Runs of zero entries (most of a young snapshot) are skipped a chunk at a time."""
+        chunk = 1 << 16
+        zero = bytes(chunk)
+        end = HEADER_SIZE + 4 * self.cluster_count
+        out: list[int] = []
+        for off in range(HEADER_SIZE, end, chunk):
+            piece = self._mm[off : min(off + chunk, end)]  # bytes: compared with memcmp
+            if piece != zero[: len(piece)]:
+                out.extend(filter(None, memoryview(piece).cast("I")))
+        return out
+
     def table_bytes(self) -> bytes:
         """The table as stored at the head of the backing store."""
         return self._mm[HEADER_SIZE : HEADER_SIZE + 4 * self.cluster_count]

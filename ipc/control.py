@@ -6,6 +6,8 @@ Every request gets exactly one reply: the matching result, or `Error(errno, mess
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 
@@ -40,6 +42,10 @@ class Configure(_Msg, tag="configure"):
     unconfig_on_close: bool = False
     unlink: bool = False  # the store has no name once configured (-x, or made in a directory)
     consistent: bool = False  # -C: CHECK, FREEZE, barrier, THAW
+    # -C -t: per-phase VSS timeout for this request; None = [vss] timeout.
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    # --no-suspend: crash-consistent on purpose (fss always suspends the file system).
+    no_suspend: bool = False
     name: str = ""  # with 2 descriptors: the created file's name in the directory passed
     nfds: int = 1
 
@@ -85,6 +91,11 @@ class SnapshotInfo(msgspec.Struct, frozen=True):
     restarts: int = 0
     last_error: str = ""
     clients: int = 0
+    # How the instant was taken: "file-system" (suspended, as fss), "application" (-C), "crash".
+    consistency: str = ""
+    suspended: list[str] = []  # the mounts frozen around the barrier
+    window_ms: float = 0.0  # suspend window (or, with -C, freeze window)
+    note: str = ""  # one line, e.g. "data has no mountpoint configured: snapshot is crash-consistent"
 
 
 class VolumeInfo(msgspec.Struct, frozen=True):
@@ -129,7 +140,8 @@ class Volumes(_Msg, tag="volumes"):
 class Configured(_Msg, tag="configured"):
     snapshot: SnapshotInfo
     barrier_us: int
-    freeze_window_ms: float | None = None
+    freeze_window_ms: float | None = None  # -C
+    suspend_window_ms: float | None = None  # the file systems suspended (snapshot.suspended)
 
 
 class Unconfigured(_Msg, tag="unconfigured"):

@@ -1,7 +1,7 @@
 """Linux's Hyper-V VSS channel (/dev/vmbus/hv_vss), sans-IO: bytes in, events out.
 
 Facts from include/uapi/linux/hyperv.h and tools/hv/hv_vss_daemon.c
-(semantics.md section 3): every message is the 12-byte packed `hv_vss_msg`,
+(docs/architecture.md, VSS sequence): every message is the 12-byte packed `hv_vss_msg`,
 an 8-byte header (u8 operation, 7 reserved) whose first 4 bytes double as the
 `int error` of a reply, then a u32 of flags. The daemon registers by writing
 a message with operation VSS_OP_REGISTER1; the kernel answers with a 4-byte

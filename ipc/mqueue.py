@@ -1,7 +1,7 @@
 """Thin I/O around posix_ipc.MessageQueue: create, open, send, receive, remove.
 
 No parsing here (ipc.vssproto does that). Facts this relies on
-(ecosystem.md section 1): the umask applies to the mode given at creation, so
+(mq_open(3), mq_overview(7)): the umask applies to the mode given at creation, so
 the mode is set again with fchmod; every receive() allocates max_message_size
 bytes, so queues stay small; names outlive their creator, so whoever owns a
 name unlinks it, and stale ones are found by prefix under /dev/mqueue.

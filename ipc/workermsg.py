@@ -1,7 +1,8 @@
 """Messages on the socketpair between the supervisor and each worker.
 
 Every worker inherits one end of a socketpair (`--channel-fd N`). EOF on it
-means the supervisor is gone: the worker finishes what is in flight and exits.
+means the supervisor is gone: the worker exits at once, executing nothing
+more (Stop is the orderly way: in-flight requests finish first).
 """
 
 from __future__ import annotations

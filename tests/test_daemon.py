@@ -159,3 +159,31 @@ def test_sd_notify_ready_status_stopping(fssd_factory, shmdir, tmp_path):
         assert any(m.startswith("STATUS=1 volume(s)") for m in got)
     finally:
         rx.close()
+
+
+def test_status_finds_the_instance_of_the_config_it_is_given(fssd):
+    env = {k: v for k, v in os.environ.items() if k != names.RUNDIR_ENV}
+    r = subprocess.run([str(BIN / "fssd"), "-c", str(fssd.config), "--status"], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 0, r.stderr
+    assert [v["name"] for v in json.loads(r.stdout)["volumes"]] == ["data"]
+    # -r still wins over the config's run directory.
+    r = subprocess.run([str(BIN / "fssd"), "-c", str(fssd.config), "-r", str(fssd.tmp / "elsewhere"), "--status"],
+                       capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 1 and "not running" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_closed_pipe_is_no_traceback(fssd, shmdir):
+    """`fssconfig -l -v | head -1`: the reader goes away; the tool stops quietly."""
+    for i in range(3):
+        fssd.fssconfig(f"fss{i}", "data", shmdir / f"bs{i}")
+    for argv in ([str(BIN / "fssconfig"), "-r", str(fssd.rundir), "-l", "-v"],
+                 [str(BIN / "fssconfig"), "-r", str(fssd.rundir), "--volumes", "--json"],
+                 [str(BIN / "fssd"), "-r", str(fssd.rundir), "--status"],
+                 [str(BIN / "fssconfig"), "--help"], [str(BIN / "vssadm"), "--help"], [str(BIN / "appvss"), "--help"]):
+        for _ in range(5):
+            # A pipe whose reader is already gone: every write fails with EPIPE.
+            r_fd, w_fd = os.pipe()
+            os.close(r_fd)
+            p = subprocess.run(argv, stdout=w_fd, stderr=subprocess.PIPE, text=True, timeout=30)
+            os.close(w_fd)
+            assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, (argv, p.stderr)

@@ -50,7 +50,7 @@ def _unit_settings(text: str) -> list[tuple[str, str, str]]:
 
 def _verifiable_copy(tmp_path: Path, extra: str = "") -> Path:
     # verify checks that ExecStart's binary exists: point it at this python.
-    text = UNIT.read_text().replace("ExecStart=/usr/bin/fssd ", f"ExecStart={sys.executable} ", 1)
+    text = UNIT.read_text().replace("ExecStart=/usr/local/sbin/fssd ", f"ExecStart={sys.executable} ", 1)
     assert sys.executable in text
     copy = tmp_path / "fssd.service"
     copy.write_text(text + extra)
@@ -88,7 +88,7 @@ def test_unit_settings_required_by_fssd():
     service = {k: v for s, k, v in settings if s == "Service"}
     assert service["Type"] == "notify"
     assert service["NotifyAccess"] == "main"
-    assert service["ExecStart"] == "/usr/bin/fssd -c /etc/fssd/fssd.toml"
+    assert service["ExecStart"] == "/usr/local/sbin/fssd -c /etc/fssd/fssd.toml"  # make install's default PREFIX
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert service["KillMode"] == "mixed"
     assert service["WatchdogSec"] == "30"
@@ -96,7 +96,7 @@ def test_unit_settings_required_by_fssd():
     assert service["RuntimeDirectory"] == "fssd"
     assert service["LimitMSGQUEUE"] == "8M"
     assert "TimeoutStopSec" in service
-    # Options that would break fssd (ecosystem.md §4.2).
+    # Options that would break fssd (etc/README.md, "Not set, on purpose").
     for key in ("PrivateIPC", "PrivateDevices", "PrivateMounts", "PrivateNetwork", "RemoveIPC", "MemoryDenyWriteExecute"):
         assert key not in service, key
     assert service.get("ProtectSystem") != "strict" or "ReadWritePaths" in service
@@ -406,9 +406,9 @@ def test_rcd_script_start_command_with_stub_rc_subr(tmp_path):
     assert r.returncode == 0, r.stderr
     cmd, info = r.stdout.splitlines()
     assert cmd.split() == [
-        "/usr/sbin/daemon", "-f", "-r", "-R", "2", "-t", "fssd",
+        "/usr/sbin/daemon", "-f", "-r", "-R", "2", "-t", "fssd", "-o", "/var/log/fssd.log", "-H",
         "-P", "/var/run/fssd.daemon.pid", "-p", "/var/run/fssd.pid",
-        "/usr/local/bin/fssd", "-c", "/c.toml", "-r", "/var/run/fssd",
+        "/usr/local/sbin/fssd", "-c", "/c.toml", "-r", "/var/run/fssd",
     ]
     assert info == "pidfile=/var/run/fssd.daemon.pid procname=daemon rcvar=fssd_enable"
     code = [l for l in RCD.read_text().splitlines() if not l.lstrip().startswith("#")]
@@ -462,10 +462,13 @@ def test_install_mk_install_and_uninstall_with_destdir(tmp_path):
               "NO_PY=1", f"FSSD_CONFIG={sample}"]
     _make(*common, "install")
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    assert files == ["etc/alt/fssd/fssd.toml", "lib/systemd/system/fssd.service", "lib/udev/rules.d/90-fssd.rules"]
+    pages = sorted(f"opt/fssd/share/man/man{p.suffix[1:]}/{p.name}" for p in (ETC.parent / "man").iterdir())
+    assert len(pages) == 6
+    assert files == sorted(["etc/alt/fssd/fssd.toml", "lib/systemd/system/fssd.service", "lib/udev/rules.d/90-fssd.rules",
+                            "opt/fssd/lib/fssd/install-manifest", *pages])
     unit = (root / "lib/systemd/system/fssd.service").read_text()
-    assert "ExecStart=/opt/fssd/bin/fssd -c /etc/alt/fssd/fssd.toml\n" in unit
-    assert unit.replace("ExecStart=/opt/fssd/bin/fssd -c /etc/alt/", "ExecStart=/usr/bin/fssd -c /etc/") == UNIT.read_text()
+    assert "ExecStart=/opt/fssd/sbin/fssd -c /etc/alt/fssd/fssd.toml\n" in unit
+    assert unit.replace("ExecStart=/opt/fssd/sbin/fssd -c /etc/alt/", "ExecStart=/usr/local/sbin/fssd -c /etc/") == UNIT.read_text()
     assert (root / "lib/udev/rules.d/90-fssd.rules").read_text() == RULES.read_text()
     assert (root / "lib/systemd/system/fssd.service").stat().st_mode & 0o777 == 0o644
 
@@ -489,3 +492,4 @@ def test_install_mk_included_from_another_makefile_keeps_its_default_goal(tmp_pa
     # Paths inside install.mk resolve from its own directory, not the includer's.
     _make("-C", str(top), "install", f"DESTDIR={tmp_path / 'root'}", "NO_PY=1", f"FSSD_CONFIG={sample}")
     assert (tmp_path / "root/lib/systemd/system/fssd.service").read_text().startswith("# fssd:")
+    assert (tmp_path / "root/usr/local/lib/fssd/install-manifest").is_file()

@@ -1,10 +1,15 @@
-"""Copy-on-write into one snapshot's backing store (DESIGN.md "Write path").
+"""Copy-on-write into one snapshot's backing store (docs/architecture.md "Write path").
 
 For each cluster a live write touches whose entry is clear: copy the old
 cluster from the volume to the backing store (appended at the next free
 backing-store cluster), *then* publish the entry, *then* the caller writes the
 volume. Trouble with the backing store makes the snapshot invalid and never
 fails the live write (fss_error: only the first error acts, logged once).
+
+A volume worker killed between reserving store clusters and publishing them
+leaves those clusters reserved but unused: a restarted worker reconciles the
+allocation with the entries actually published (reconcile()) and reuses them,
+so kills never make a snapshot with room for every cluster run out of room.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import errno
 import logging
 import os
 import threading
+import time
 import weakref
 
 from ipc.clustermap import ClusterMap
@@ -36,6 +42,62 @@ class SnapshotTarget:
         self.active = cmap.usable
         # Backing-store slots are handed out under this lock; the copies run outside it.
         self._alloc = threading.Lock()
+        # Free runs [start, count) below bs_next, left by a killed worker (see reconcile()).
+        self._holes: list[list[int]] = []
+
+    def reconcile(self) -> tuple[int, float]:
+        """A restarted volume worker, before serving: make the allocation what is published.
+
+        The copy count becomes the number of entries set, the next free cluster follows the
+        last one in use, and clusters below it that no entry names (reserved by a worker
+        killed mid-copy) are handed out again first. Returns (clusters reclaimed, seconds)."""
+        t0 = time.monotonic()
+        m = self.map
+        tc = m.table_clusters
+        before = m.bs_next
+        used = m.published()
+        top = max(used, default=tc - 1) + 1
+        if used and (min(used) < tc or (m.bs_limit and top > m.bs_limit)):
+            raise ValueError("cluster map names backing-store clusters outside the store")
+        holes: list[list[int]] = []
+        if len(used) != top - tc:  # gaps below the last copy: find them
+            taken = bytearray(top - tc)
+            for k in used:
+                taken[k - tc] = 1
+            pos = taken.find(0)
+            while pos >= 0:
+                end = taken.find(1, pos)
+                holes.append([tc + pos, end - pos])
+                pos = taken.find(0, end)
+        with self._alloc:
+            self._holes = holes
+            m.bs_next = top
+            m.copies = len(used)
+        reclaimed = before - top + sum(n for _s, n in holes)
+        return reclaimed, time.monotonic() - t0
+
+    def _reserve(self, n: int) -> list[tuple[int, int]] | None:
+        """n store clusters as runs (start, count), reclaimed ones first; None when full.
+        The caller holds self._alloc."""
+        m = self.map
+        runs: list[tuple[int, int]] = []
+        holes = self._holes
+        while n and holes:
+            start, count = holes[-1]
+            take = min(count, n)
+            runs.append((start, take))
+            if take == count:
+                holes.pop()
+            else:
+                holes[-1] = [start + take, count - take]
+            n -= take
+        if n:
+            dest = m.bs_next
+            if m.bs_limit and dest + n > m.bs_limit:
+                return None
+            m.bs_next = dest + n
+            runs.append((dest, n))
+        return runs
 
     def needs_copy(self, offset: int, length: int) -> bool:
         """Lock-free fast path: False when every touched cluster is already copied."""
@@ -73,26 +135,29 @@ class SnapshotTarget:
                 c += 1
             n = c - start
             with self._alloc:
-                dest = m.bs_next
-                full = m.bs_limit and dest + n > m.bs_limit
-                if not full:
-                    m.bs_next = dest + n
-            if full:
+                runs = self._reserve(n)
+            if runs is None:
                 self.invalidate("backing store full")
                 return
-            src = start << shift
-            nbytes = min(c << shift, m.volume_size) - src
-            try:
-                if old is None:
-                    fileio.copy_range(self.volume_fd, src, self.bs_fd, dest * cs, nbytes)
-                else:
-                    fileio.pwrite_all(self.bs_fd, old[src - old_base : src - old_base + nbytes], dest * cs)
-            except OSError as e:
-                self.invalidate("backing store full" if e.errno in _FULL else "write error on backing store", e)
-                return
+            first = start
+            for dest, k in runs:  # one run unless reclaimed clusters are being reused
+                src = first << shift
+                nbytes = min((first + k) << shift, m.volume_size) - src
+                try:
+                    if old is None:
+                        fileio.copy_range(self.volume_fd, src, self.bs_fd, dest * cs, nbytes)
+                    else:
+                        fileio.pwrite_all(self.bs_fd, old[src - old_base : src - old_base + nbytes], dest * cs)
+                except OSError as e:
+                    self.invalidate("backing store full" if e.errno in _FULL else "write error on backing store", e)
+                    return
+                first += k
             # Publish only now: a reader that sees the entry finds the copy complete.
-            for i in range(n):
-                t[start + i] = dest + i
+            first = start
+            for dest, k in runs:
+                for i in range(k):
+                    t[first + i] = dest + i
+                first += k
             with self._alloc:
                 m.copies = m.copies + n
 

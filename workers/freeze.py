@@ -1,9 +1,12 @@
 """FIFREEZE / FITHAW on the configured mounts, never anything else, never /.
 
-FIFREEZE is not released when the process holding it dies (semantics.md
-3.3, 4.4), so every path that freezes has a path that thaws: freeze_all thaws
-what it froze when a later mount fails, and thaw_all is what the supervisor
-calls when the broker dies while frozen.
+FIFREEZE is not released when the process holding it dies, so every path
+that freezes has a path that thaws: freeze_all thaws what it froze when a
+later mount fails, thaw_all is what the supervisor calls when the broker dies
+while frozen, and workers.suspend (the snapshot suspend) thaws on its own
+when its supervisor goes away. The *_fd forms act on a directory already
+opened and checked, so nothing is resolved by path again between the check
+and the freeze.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from typing import NamedTuple
 
 FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
 FITHAW = 0xC0045878  # _IOWR('X', 120, int)
@@ -28,38 +32,58 @@ class FreezeError(Exception):
         self.reason = reason
 
 
+class AlreadyFrozen(FreezeError):
+    """FIFREEZE said EBUSY: someone else holds this file system frozen; not ours to hold or thaw."""
+
+
 def _refuse_root(mount: str) -> None:
     if os.path.realpath(mount) == "/":
         raise FreezeError(mount, "refusing to freeze / (nothing could thaw it)")
 
 
-def _ioctl(mount: str, request: int) -> None:
-    fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, request, 0)
-    finally:
-        os.close(fd)
+def open_mount(mount: str) -> int:
+    return os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def freeze_one(mount: str) -> None:
-    _refuse_root(mount)
+def freeze_fd(fd: int, mount: str) -> None:
+    """FIFREEZE the file system of an open directory; never the root file system's."""
+    if os.fstat(fd).st_dev == os.stat("/").st_dev:
+        raise FreezeError(mount, "refusing to freeze / (nothing could thaw it)")
     try:
-        _ioctl(mount, FIFREEZE)
+        fcntl.ioctl(fd, FIFREEZE, 0)
     except OSError as e:
-        # EBUSY: frozen already, by someone else; not ours to hold or thaw.
-        what = "already frozen" if e.errno == errno.EBUSY else os.strerror(e.errno or 0)
-        raise FreezeError(mount, f"FIFREEZE failed: {what}") from None
+        if e.errno == errno.EBUSY:
+            raise AlreadyFrozen(mount, "FIFREEZE failed: already frozen") from None
+        raise FreezeError(mount, f"FIFREEZE failed: {os.strerror(e.errno or 0)}") from None
 
 
-def thaw_one(mount: str) -> bool:
+def thaw_fd(fd: int, mount: str) -> bool:
     """FITHAW; True if it was frozen, False if not (EINVAL). Raises FreezeError otherwise."""
     try:
-        _ioctl(mount, FITHAW)
+        fcntl.ioctl(fd, FITHAW, 0)
         return True
     except OSError as e:
         if e.errno == errno.EINVAL:
             return False
         raise FreezeError(mount, f"FITHAW failed: {os.strerror(e.errno or 0)}") from None
+
+
+def freeze_one(mount: str) -> None:
+    _refuse_root(mount)
+    fd = open_mount(mount)
+    try:
+        freeze_fd(fd, mount)
+    finally:
+        os.close(fd)
+
+
+def thaw_one(mount: str) -> bool:
+    """FITHAW; True if it was frozen, False if not (EINVAL). Raises FreezeError otherwise."""
+    fd = open_mount(mount)
+    try:
+        return thaw_fd(fd, mount)
+    finally:
+        os.close(fd)
 
 
 def freeze_all(mounts: list[str]) -> list[str]:
@@ -103,9 +127,18 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mountinfo(path: str = "/proc/self/mountinfo") -> dict[str, tuple[str, set[str]]]:
-    """mount point -> (fs type, mount options); the last entry for a point wins (it is on top)."""
-    table: dict[str, tuple[str, set[str]]] = {}
+class Mount(NamedTuple):
+    point: str
+    dev: int  # st_dev of the file system (major:minor of field 3), as os.stat gives it
+    fstype: str
+    source: str
+    mount_opts: frozenset[str]  # this mount's (a bind mount may be ro on a rw file system)
+    super_opts: frozenset[str]  # the file system's
+
+
+def mounts(path: str = "/proc/self/mountinfo") -> list[Mount]:
+    """Every mount in mountinfo order (a later entry for the same point is on top)."""
+    out: list[Mount] = []
     with open(path) as f:
         for line in f:
             left, _, right = line.partition(" - ")
@@ -113,11 +146,21 @@ def mountinfo(path: str = "/proc/self/mountinfo") -> dict[str, tuple[str, set[st
             rfields = right.split()
             if len(fields) < 6 or len(rfields) < 1:
                 continue
-            opts = set(fields[5].split(","))
-            if len(rfields) >= 3:
-                opts |= set(rfields[2].split(","))
-            table[_unescape(fields[4])] = (rfields[0], opts)
-    return table
+            major, _, minor = fields[2].partition(":")
+            try:
+                dev = os.makedev(int(major), int(minor))
+            except ValueError:
+                continue
+            out.append(Mount(
+                _unescape(fields[4]), dev, rfields[0], _unescape(rfields[1]) if len(rfields) > 1 else "",
+                frozenset(fields[5].split(",")), frozenset(rfields[2].split(",")) if len(rfields) > 2 else frozenset(),
+            ))
+    return out
+
+
+def mountinfo(path: str = "/proc/self/mountinfo") -> dict[str, tuple[str, set[str]]]:
+    """mount point -> (fs type, mount options); the last entry for a point wins (it is on top)."""
+    return {m.point: (m.fstype, set(m.mount_opts | m.super_opts)) for m in mounts(path)}
 
 
 def check_freezable(mount: str, table: dict[str, tuple[str, set[str]]] | None = None) -> str | None:

@@ -1,6 +1,6 @@
 """qemu-guest-agent fsfreeze-hook.d compatible hook scripts.
 
-As the stock qemu-ga fsfreeze-hook (semantics.md 4.3): every executable in
+As the stock qemu-ga fsfreeze-hook (qemu's scripts/qemu-guest-agent/fsfreeze-hook): every executable in
 the directory, in glob (sorted) order, the same order for freeze and thaw,
 skipping editor and package-manager leftovers; argv is [file, "freeze"|"thaw"]
 with stdin /dev/null and stdout+stderr captured, in its own session (setsid).

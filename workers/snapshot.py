@@ -1,4 +1,4 @@
-"""Snapshot worker `fssN`: serves one snapshot read-only over NBD (DESIGN.md "Read path").
+"""Snapshot worker `fssN`: serves one snapshot read-only over NBD (docs/architecture.md "Read path").
 
 Entry set: read the backing store. Entry clear: read the live volume, then
 test the entry again; if it was set meanwhile the volume may already hold new
@@ -24,6 +24,7 @@ from ipc.clustermap import ClusterMap
 from workers import fileio
 from workers import spawned
 from workers.nbdserve import Server
+from workers.spawned import refuse_if_orphaned
 
 log = logging.getLogger("snapshot")
 
@@ -67,6 +68,8 @@ class SnapshotBackend:
         return buf
 
     def read_into(self, view: memoryview, offset: int) -> None:
+        # An orphan must not serve: a new instance may write the volume without copying for us.
+        refuse_if_orphaned()
         m = self.map
         if not m.usable:
             raise _invalid(m)
@@ -127,6 +130,7 @@ class SnapshotBackend:
         """A copied cluster never changes: a range that is one run of consecutive
         backing-store clusters goes out by sendfile. Anything else needs the test
         after read, so it passes through read_into."""
+        refuse_if_orphaned()
         m = self.map
         if not m.usable:
             return None
@@ -160,6 +164,7 @@ class SnapshotBackend:
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The volume's holes, less every cluster copied by the time we look (those are data)."""
+        refuse_if_orphaned()
         m = self.map
         if not m.usable:
             raise _invalid(m)

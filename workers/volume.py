@@ -28,6 +28,7 @@ from workers import fileio
 from workers.cow import SnapshotTarget, WriteGate
 from workers import spawned
 from workers.nbdserve import Server
+from workers.spawned import refuse_if_orphaned
 
 log = logging.getLogger("volume")
 
@@ -159,19 +160,23 @@ class VolumeBackend:
     # -- Backend -------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
+        refuse_if_orphaned()
         data = os.pread(self.fd, length, offset)
         if len(data) != length:
             raise OSError(errno.EIO, "short read from the volume image")
         return data
 
     def read_into(self, view: memoryview, offset: int) -> None:
+        refuse_if_orphaned()
         if os.preadv(self.fd, [view], offset) != len(view):
             raise OSError(errno.EIO, "short read from the volume image")
 
     def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:
+        refuse_if_orphaned()
         return self.fd, offset
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        refuse_if_orphaned()  # a write queued before the supervisor died must never land
         self.gate.enter()
         try:
             if self.targets:
@@ -189,9 +194,11 @@ class VolumeBackend:
             self.gate.leave()
 
     def flush(self) -> None:
+        refuse_if_orphaned()
         os.fdatasync(self.fd)
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
+        refuse_if_orphaned()
         self.gate.enter()
         try:
             if self.targets:
@@ -206,6 +213,7 @@ class VolumeBackend:
         if fast and not self.can_punch:
             # Say so before copying anything for the snapshots: the client will write zeroes itself.
             raise OSError(errno.ENOTSUP, "no fast way to zero this range")
+        refuse_if_orphaned()
         self.gate.enter()
         try:
             if self.targets:
@@ -220,9 +228,11 @@ class VolumeBackend:
             self.gate.leave()
 
     def cache(self, offset: int, length: int) -> None:
+        refuse_if_orphaned()
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        refuse_if_orphaned()
         hz = nbd.STATE_HOLE | nbd.STATE_ZERO
         return [(n, hz if hole else 0) for n, hole in fileio.extents(self.fd, offset, length)]
 
@@ -248,8 +258,9 @@ def run(settings: VolumeSettings, channel_fd: int) -> int:
             log.error("%s: cannot re-attach (%s)", s.device, e)
             lost.append(workermsg.Refused(s.device, getattr(e, "errno", None) or errno.EIO, f"volume worker could not re-attach: {e}"))
             continue
+        reclaimed, took = t.reconcile()  # what a killed predecessor reserved but never published
         backend.targets = backend.targets + (t,)
-        log.info("%s: re-attached (%d clusters copied so far)", s.device, t.map.copies)
+        log.info("%s: re-attached (%d clusters copied so far, %d reserved but unused reclaimed, %.0f ms)", s.device, t.map.copies, reclaimed, took * 1000)
     listener = socket.socket(fileno=settings.listen_fd)
     server = Server(listener, nbd.Export(settings.name, settings.size, False, f"fssd volume {settings.name}"), backend)
     acceptor = threading.Thread(target=server.serve_forever, name="accept", daemon=True)

@@ -3,7 +3,7 @@
 BrokerCore holds the application table and the one transaction in flight; it
 is driven by handle(message), request(...) and tick(), and acts only through
 a Platform (queues, FIFREEZE, hooks, state reports) and a clock, so tests
-run it with a fake of each. The sequence is DESIGN.md's:
+run it with a fake of each. The sequence (docs/architecture.md):
 
     CHECK : apps CHECK -> all OK in time? -> mounts freezable? -> OK / FAIL
     FREEZE: apps FREEZE -> hooks freeze -> FIFREEZE each mount -> OK
