@@ -166,17 +166,21 @@ def _check_listen(cfg: Config) -> None:
     """[[listen]]: one table per address; the TLS files it names must be there."""
     seen: set[tuple[str, int]] = set()
     for i, sec in enumerate(cfg.listen):
-        where = f"`$.listen[{i}]`"
+        where = f"$.listen[{i}]"
         hp = parse_address(sec.address)
         if hp in seen:
-            raise ConfigError(f"address {sec.address} is listed twice - at {where}.address")
+            raise ConfigError(f"address {sec.address} is listed twice - at `{where}.address`")
         seen.add(hp)
+        if sec.tls == "off" or not sec.verify_peer:
+            for j, rule in enumerate(sec.allow):
+                if "=" in rule.client:
+                    raise ConfigError(f"client {rule.client!r} can never match: without verified client certificates (tls = \"off\" or verify_peer = false) clients are known by address only - at `{where}.allow[{j}]`")
         if sec.tls == "off":
             continue
         wanted = ["server-cert.pem", "server-key.pem"] + (["ca-cert.pem"] if sec.verify_peer else [])
         for f in wanted:
             if not os.path.isfile(os.path.join(sec.tls_dir, f)):
-                raise ConfigError(f"{os.path.join(sec.tls_dir, f)} is missing (tls = \"require\" needs {', '.join(wanted)}) - at {where}.tls_dir")
+                raise ConfigError(f"{os.path.join(sec.tls_dir, f)} is missing (tls = \"require\" needs {', '.join(wanted)}) - at `{where}.tls_dir`")
 
 
 def load(path: str, rundir_override: str | None = None) -> Config:

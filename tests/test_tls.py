@@ -578,7 +578,10 @@ def test_bad_listen_config_is_one_line(tmp_path, fssd_factory, shmdir):
     f.config.write_text(f.config.read_text() + f'\n[[listen]]\naddress = "127.0.0.1:{free_port()}"\ntls_dir = "{tmp_path}"\n')
     p = run(BIN / "fssd", "-c", f.config, check=False)
     assert p.returncode == 2
-    assert p.stderr.strip().count("\n") == 0 and "server-cert.pem is missing" in p.stderr and "$.listen[0]" in p.stderr
+    assert p.stderr.strip().count("\n") == 0 and "server-cert.pem is missing" in p.stderr and "$.listen[0].tls_dir" in p.stderr
     f.config.write_text(f.config.read_text().replace("[[listen]]", "[[listen]]\nallow = [{ client = \"CN=x\", exports = [\"*\"], bogus = 1 }]"))
     p = run(BIN / "fssd", "-c", f.config, check=False)
     assert p.returncode == 2 and "bogus" in p.stderr
+    f.config.write_text(f.config.read_text().replace(", bogus = 1", "").replace("[[listen]]", '[[listen]]\ntls = "off"'))
+    p = run(BIN / "fssd", "-c", f.config, check=False)
+    assert p.returncode == 2 and "can never match" in p.stderr and "$.listen[0].allow[0]" in p.stderr
