@@ -325,6 +325,8 @@ class Front:
         except Exception:  # a bug costs this connection, never the listener
             log.exception("%s: %s: internal error; closing this connection", listen.address, _fmt(addr))
         finally:
+            if io.tls:
+                io.close_notify()
             for s in (unix, sock):
                 if s is not None:
                     try:

@@ -116,6 +116,19 @@ class TLSStream:
         self.obj.write(data)
         self._flush(deadline)
 
+    def close_notify(self) -> None:
+        """Best effort, never blocking: tell the client the session ends (a TLS close_notify)."""
+        try:
+            self.obj.unwrap()
+        except (ssl.SSLError, ValueError):
+            pass  # SSLWantReadError: the client's close_notify is not awaited
+        data = self.out.read()
+        if data:
+            try:
+                self.sock.send(data, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+
     def getpeercert(self):
         return self.obj.getpeercert()
 
