@@ -98,7 +98,7 @@ def srv(tmp_path_factory, pki):
     shutil.copy(img, shm / "instant.img")  # the snapshot's instant
     f = Fssd(tmp_path_factory.mktemp("tls") / "i0", [{"name": "data", "path": str(img)}])
     f.shm = shm
-    f.ports = {"main": free_port(), "tight": free_port(), "plain": free_port(), "v6": free_port(family=socket.AF_INET6)}
+    f.ports = {"main": free_port(), "tight": free_port(), "plain": free_port(), "v6": free_port(family=socket.AF_INET6), "anon": free_port()}
     srvdir = pki / "server"
     f.config.write_text(
         f.config.read_text()
@@ -122,6 +122,12 @@ idle_timeout = 1.5
 address = "[::1]:{f.ports['v6']}"
 tls_dir = "{srvdir}"
 allow = [{{ client = "CN=backup1", exports = ["fss*"] }}]
+
+[[listen]]
+address = "127.0.0.1:{f.ports['anon']}"
+tls_dir = "{srvdir}"
+verify_peer = false
+allow = [{{ client = "127.0.0.0/8", exports = ["fss*"] }}]
 
 [[listen]]
 address = "127.0.0.1:{f.ports['plain']}"
@@ -323,6 +329,18 @@ def test_client_handshake_replays_and_forces_read_only():
     assert res.ok and res.size == 1 << 20 and res.meta_ids == {nbd.BASE_ALLOCATION: nbd.BASE_ALLOCATION_ID}
     assert res.flags & nbd.TF_READ_ONLY and not res.flags & (nbd.TF_SEND_TRIM | nbd.TF_SEND_WRITE_ZEROES | nbd.TF_SEND_FUA)
     assert _replies(res.replies)[-1] == (nbd.OPT_GO, nbd.REP_ACK)
+
+
+def test_client_handshake_forwards_the_workers_refusal():
+    hs = ClientHandshake("fss0", nbd.OPT_GO, (), structured=False, meta=[], read_only=True)
+    srv = nbd.ServerConnection([nbd.Export("fss0", 4096, True)], refusal="too many connections to fss0 (at most 1)")
+    hs.receive_data(srv.greeting())
+    srv.receive_data(hs.data_to_send())
+    assert srv.events() == []
+    hs.receive_data(srv.data_to_send())
+    assert not hs.result.ok
+    assert _replies(hs.result.replies) == [(nbd.OPT_GO, nbd.REP_ERR_POLICY)]
+    assert b"too many connections" in hs.result.replies
 
 
 def test_wildcards_never_reach_a_live_volume():
@@ -546,6 +564,22 @@ def test_a_revoked_certificate_is_refused_once_ca_crl_pem_is_there(srv, pki):
     p = run("nbdinfo", nbds(srv, pki, "revoked", "fss0"), check=False)
     assert p.returncode != 0 and "export-size" not in p.stdout
     assert listed(nbds(srv, pki, "backup1")) == ["data", "fss0"]
+
+
+def test_tls_without_client_certificates_goes_by_address(srv, pki, tmp_path):
+    cadir = tmp_path / "ca-only"
+    cadir.mkdir()
+    shutil.copy(pki / "ca" / "ca-cert.pem", cadir / "ca-cert.pem")
+    uri = f"nbds://127.0.0.1:{srv.ports['anon']}/fss0?tls-certificates={cadir}"
+    out = srv.shm / "anon.img"
+    run("nbdcopy", uri, out)
+    assert sha256_file(out) == sha256_file(srv.shm / "instant.img")
+    out.unlink()
+    # Still TLS only.
+    r = Raw(srv.ports["anon"])
+    r.hello()
+    assert [t for t, _ in r.go("fss0")] == [nbd.REP_ERR_TLS_REQD]
+    r.close()
 
 
 def test_plain_tcp_is_a_logged_warning(srv):
