@@ -256,6 +256,7 @@ class Supervisor:
                 hyperv_device=vss.hyperv_device,
                 debug=self.debug,
                 group=self.cfg.daemon.group, max_apps=vss.max_apps, max_apps_per_uid=vss.max_apps_per_uid,
+                use_syslog=self.use_syslog,
             )
             return "workers.broker", msgspec.json.encode(settings).decode(), []
 

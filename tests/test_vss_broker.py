@@ -1,11 +1,33 @@
-"""The broker's state machine with a fake clock and a fake platform (no I/O)."""
+"""The broker's state machine with a fake clock and a fake platform (no I/O).
 
+SyncCore carries out the core's actions at once with the fake platform, as the
+broker's shell does with the real one (there, hooks and FIFREEZE run off the loop).
+"""
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+import msgspec
 import pytest
 
+from fsshelp import wait_for
+from ipc.channel import Channel
+from ipc.names import instance_prefix
+from ipc.vss_client import Application, Requestor
 from ipc.vssproto import Answer, Request
-from workers.vsscore import BrokerCore
+from ipc.workermsg import FromWorker, Ready
+from workers.broker import BrokerSettings
+from workers.vsscore import (BrokerCore, CheckMounts, CloseApp, Freeze, FreezeDone, HooksDone, MountsChecked, Reply,
+                             ReportState, RunHooks, SendsFailed, SendToApps, Thaw, ThawDone)
 
 PREFIX = "fssd.test0001"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Clock:
@@ -72,10 +94,53 @@ class FakePlatform:
         return [m for q, m in self.sent if q == queue and isinstance(m, Request)]
 
 
+def run_action(p, a):
+    """One action on the fake platform; the events that come back at once."""
+    if isinstance(a, SendToApps):
+        failures = tuple((q, err) for q, m in a.requests if (err := p.send_app(q, m)))
+        return [SendsFailed(a.requests[0][1].op, failures)] if failures else []
+    if isinstance(a, CloseApp):
+        p.close_app(a.queue)
+    elif isinstance(a, Reply):
+        p.reply(a.reply_to, a.reply)
+    elif isinstance(a, ReportState):
+        p.state(a.state, a.detail, list(a.frozen))
+    elif isinstance(a, RunHooks):
+        return [HooksDone(a.action, p.run_hooks(a.action, a.timeout))]
+    elif isinstance(a, Freeze):
+        return [FreezeDone(p.freeze(list(a.mounts)))]
+    elif isinstance(a, Thaw):
+        return [ThawDone(tuple(p.thaw(list(a.mounts))))]
+    elif isinstance(a, CheckMounts):
+        return [MountsChecked(next((r for m in a.mounts if (r := p.check_mount(m))), None))]
+    else:
+        raise AssertionError(f"unknown action {a!r}")
+    return []
+
+
+class SyncCore(BrokerCore):
+    """The core with every action carried out at once, completions handed straight back."""
+
+    def handle(self, event):
+        todo, did = deque([event]), []
+        while todo:
+            for a in super().handle(todo.popleft()):
+                did.append(a)
+                todo.extend(run_action(self.p, a))
+        assert not self.bad_transitions
+        return did
+
+    def shutdown(self, reason):
+        did = super().shutdown(reason)
+        for a in did:
+            run_action(self.p, a)
+        return did
+
+
 @pytest.fixture
 def env():
     clock, p = Clock(), FakePlatform()
-    core = BrokerCore(p, PREFIX, ["/mnt/a", "/mnt/b"], timeout=1.0, freeze_max=10.0, clock=clock,
+    core = SyncCore(p, PREFIX, ["/mnt/a", "/mnt/b"], timeout=1.0, freeze_max=10.0, clock=clock,
                       wall=lambda: 5.0, msgid_base=100)
     return core, p, clock
 
@@ -291,6 +356,16 @@ def test_send_failure_drops_the_app_and_fails_the_phase(env):
     assert list(core.apps) == [qa] and qb in p.unlinked and core.state == "idle"
 
 
+def test_every_send_failure_of_a_phase_is_in_its_reason(env):
+    core, p, clock = env
+    qa, qb = register(core, p, "a", 10), register(core, p, "b", 11)
+    p.send_errors[qa] = p.send_errors[qb] = "its requests queue is full"
+    req(core, "check", 1)
+    r = last_reply(p)
+    assert not r.ok and "a[10]: cannot send CHECK" in r.reason and "b[11]: cannot send CHECK" in r.reason
+    assert core.apps == {} and {qa, qb} <= set(p.unlinked)
+
+
 def test_status_while_frozen_says_what_is_held(env):
     core, p, clock = env
     core.hooks_dir = "/etc/fssd/hooks.d"
@@ -336,3 +411,147 @@ def test_thaw_failure_of_an_app_is_reported_but_fs_thawed(env):
     answer_all(core, p, "thaw", ok=False)
     r = last_reply(p)
     assert not r.ok and r.reason.startswith("file systems thawed") and r.frozen == []
+
+
+# -- the real broker process: its loop keeps answering while a hook runs
+
+
+@contextlib.contextmanager
+def real_broker(tmp_path, **kw):
+    """`python -m workers.broker` with these settings (no mounts: nothing is frozen); its rundir."""
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    settings = BrokerSettings(prefix=instance_prefix(str(rundir)), rundir=str(rundir), **kw)
+    mine, theirs = socket.socketpair()
+    with open(tmp_path / "broker.log", "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "workers.broker", "--channel-fd", str(theirs.fileno()),
+                                 msgspec.json.encode(settings).decode()], pass_fds=(theirs.fileno(),), cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=ROOT), stderr=logf)
+    theirs.close()
+    chan = Channel(mine, FromWorker)
+    try:
+        msg = None
+        while not isinstance(msg, Ready):
+            got = chan.recv(timeout=10)
+            assert got is not None, "broker exited before Ready"
+            msg = got[0]
+        yield str(rundir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        mine.close()
+
+
+def slow_thaw_hook(tmp_path):
+    """A hooks dir whose one hook takes 3 s on thaw; (dir, started flag, ended flag)."""
+    hooks_dir, started, ended = tmp_path / "hooks.d", tmp_path / "thaw-started", tmp_path / "thaw-ended"
+    hooks_dir.mkdir()
+    hook = hooks_dir / "10-slow-thaw"
+    hook.write_text(f'#!/bin/sh\n[ "$1" = thaw ] || exit 0\ntouch {started}\nsleep 3\ntouch {ended}\n')
+    hook.chmod(0o755)
+    return str(hooks_dir), started, ended
+
+
+def test_broker_answers_while_a_long_thaw_hook_runs(tmp_path):
+    hooks_dir, started, ended = slow_thaw_hook(tmp_path)
+    thaw = {}
+    with real_broker(tmp_path, timeout=10.0, hooks_dir=hooks_dir) as rundir:
+        req = Requestor(rundir)
+        assert req.request("freeze").ok
+        t = threading.Thread(target=lambda: thaw.update(r=req.request("thaw")))
+        t.start()
+        wait_for(started.exists, 5, "the thaw hook started")
+        t0 = time.monotonic()
+        r = req.request("status")
+        assert r.ok and r.state == "thawing"
+        r = req.request("check")
+        assert not r.ok and r.reason == "busy: thaw in progress"
+        with Application(rundir, "newcomer"):  # registration is answered too
+            assert "newcomer" in {a.name for a in req.request("list").apps}
+        answered = time.monotonic() - t0
+        assert answered < 1.5 and not ended.exists() and "r" not in thaw, "answered while the hook still ran"
+        t.join(15)
+        assert thaw["r"].ok and ended.exists() and thaw["r"].state == "idle"
+
+
+def test_broker_answers_while_its_own_freeze_max_thaw_runs_hooks(tmp_path):
+    hooks_dir, started, ended = slow_thaw_hook(tmp_path)
+    with real_broker(tmp_path, timeout=10.0, freeze_max=0.3, hooks_dir=hooks_dir) as rundir:
+        req = Requestor(rundir)
+        assert req.request("freeze").ok
+        wait_for(started.exists, 5, "freeze_max reached: the thaw hook started")
+        t0 = time.monotonic()
+        r = req.request("status")
+        assert r.ok and r.state == "thawing"
+        r = req.request("freeze")
+        assert not r.ok and r.reason == "busy: the broker's own thaw (freeze_max) in progress"
+        assert time.monotonic() - t0 < 1.5 and not ended.exists(), "answered while the hook still ran"
+        wait_for(lambda: req.request("status").state == "idle", 10, "the broker's thaw ends")
+        assert ended.exists()
+
+
+def test_broker_settings_carry_syslog_to_its_logging(monkeypatch):
+    import logging
+
+    import msgspec
+
+    from ipc import logfmt
+    from workers import broker
+
+    s = msgspec.json.decode(msgspec.json.encode(broker.BrokerSettings("p", "/run/x", use_syslog=True)),
+                            type=broker.BrokerSettings)
+    assert s.use_syslog and not broker.BrokerSettings("p", "/run/x").use_syslog
+    calls = []
+    monkeypatch.setattr(logfmt, "setup", lambda name, debug=False, use_syslog=False: calls.append((name, use_syslog)))
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    root.addHandler(logging.NullHandler())
+    try:
+        broker._setup_logging(False, s.use_syslog)
+    finally:
+        root.handlers[:] = saved
+    assert calls == [("vss", True)]
+
+
+def test_log_records_are_held_while_frozen_and_logging_from_a_thread_does_not_block():
+    import logging
+    import threading
+
+    from workers.broker import HoldingHandler
+
+    got = []
+
+    class ListHandler(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    h = HoldingHandler(ListHandler())
+    rec = lambda msg: logging.makeLogRecord({"name": "vss", "msg": msg, "levelno": logging.INFO})  # noqa: E731
+    h.handle(rec("before"))
+    h.hold()
+    h.handle(rec("frozen 1"))
+    h.handle(rec("frozen 2"))
+    assert got == ["before"], "records are kept while frozen, every one of them"
+    t = threading.Thread(target=lambda: h.handle(rec("from a thread")), daemon=True)
+    t.start()
+    t.join(2)
+    assert not t.is_alive(), "the handler's lock was left taken"
+    h.let_go()
+    assert got == ["before", "frozen 1", "frozen 2", "from a thread"]
+
+
+def test_shell_entry_point_takes_a_request_from_any_source(tmp_path):
+    """Broker.request is where every source's request becomes a core event; a callable gets the reply."""
+    from workers.broker import Broker
+
+    b = Broker(BrokerSettings(prefix=PREFIX, rundir=str(tmp_path), timeout=1.0), None)
+    got = []
+    try:
+        b.request("status", 7, got.append)
+        b.request("check", 8, got.append)  # no applications, no mounts: answered at once
+        b.request("thaw", 9, got.append, timeout=2.0)  # nothing frozen, no hooks: thawed at once
+    finally:
+        b.close()
+    assert [(r.msgid, r.op, r.ok, r.state) for r in got] == [(7, "status", True, "idle"), (8, "check", True, "idle"),
+                                                             (9, "thaw", True, "idle")]

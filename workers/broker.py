@@ -1,4 +1,4 @@
-"""`fssd: vss broker`: the process around workers.vsscore.BrokerCore.
+"""`fssd: vss broker`: the I/O shell around workers.vsscore.BrokerCore.
 
     python -m workers.broker --channel-fd N SETTINGS_JSON
 
@@ -16,6 +16,13 @@ connect(). An application's two queues are made here, owned by its uid, mode
 answer and nobody else's. Connections are capped (per uid, non-root in all,
 root apart so members can't lock root out), must send their first frame
 within FIRST_FRAME_TIMEOUT and frames are at most vssproto.MAX_CLIENT_FRAME.
+
+The sequences themselves are BrokerCore's: the loop turns what it reads into
+the core's events and carries out the actions it returns. Hook scripts,
+FIFREEZE, FITHAW and the mount check run in a thread (one at a time: the core
+has one phase), whose completion wakes the loop and goes back to the core as
+an event, so the loop keeps answering requests and registrations meanwhile.
+Every request, whatever its source, enters through Broker.request().
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ import socket
 import stat
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import msgspec
 import posix_ipc
@@ -45,7 +54,9 @@ from ipc.names import app_queues, vss_socket
 from ipc.vssproto import Opened, Register, Registered, Request, VssReply, VssRequest
 from ipc.workermsg import Ready, Stop, ToWorker, VssState
 from workers import freeze, hooks
-from workers.vsscore import BrokerCore
+from workers.vsscore import (JOBS, Action, AppAnswered, AppGone, BrokerCore, CheckMounts, CloseApp, Event, Freeze,
+                             FreezeDone, HooksDone, MountsChecked, Reply, ReportState, Requested, RunHooks, SendsFailed,
+                             SendToApps, Thaw, ThawDone, Tick)
 
 log = logging.getLogger("vss")
 
@@ -73,10 +84,15 @@ class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     group: str | None = None  # [daemon] group: its members may request and register (root always)
     max_apps: int = 64  # [vss] max_apps
     max_apps_per_uid: int = 8  # [vss] max_apps_per_uid (root is not capped)
+    use_syslog: bool = False  # fssd -s: log to syslog like the other workers
 
 
 class HoldingHandler(logging.Handler):
-    """While file systems are frozen, keep log records in memory (the log may live on one)."""
+    """While file systems are frozen, keep log records in memory (the log may live on one).
+
+    hold() / let_go(), not release(): logging.Handler.release() is the handler's lock,
+    which handle() calls after every emit.
+    """
 
     def __init__(self, target: logging.Handler):
         super().__init__()
@@ -94,16 +110,18 @@ class HoldingHandler(logging.Handler):
             self.target.handle(record)
 
     def hold(self) -> None:
-        self.holding = True
+        with self.lock:
+            self.holding = True
 
-    def release(self) -> None:
-        self.holding = False
-        while self.held:
-            self.target.handle(self.held.popleft())
-        if self.overflow:
-            self.target.handle(logging.makeLogRecord({"name": "vss", "levelno": logging.WARNING, "levelname": "WARNING",
-                                                      "msg": f"{self.overflow} log records dropped while frozen"}))
-            self.overflow = 0
+    def let_go(self) -> None:
+        with self.lock:
+            self.holding = False
+            while self.held:
+                self.target.handle(self.held.popleft())
+            if self.overflow:
+                self.target.handle(logging.makeLogRecord({"name": "vss", "levelno": logging.WARNING, "levelname": "WARNING",
+                                                          "msg": f"{self.overflow} log records dropped while frozen"}))
+                self.overflow = 0
 
 
 class HyperVChannel:
@@ -175,7 +193,8 @@ def queue_error(e: BaseException) -> str:
 
 
 class ProcessPlatform:
-    """BrokerCore's Platform: real queues, FIFREEZE, hooks, the supervisor channel."""
+    """The quick half of the world: application queues, replies, state reports to the supervisor
+    (BrokerCore's Platform is its open_app and pid_alive)."""
 
     def __init__(self, settings: BrokerSettings, chan: Channel | None, holder: HoldingHandler | None):
         self.s = settings
@@ -235,6 +254,8 @@ class ProcessPlatform:
             mqueue.unlink(q.answers.name)
 
     def reply(self, reply_to, reply: VssReply) -> None:
+        """To whoever asked: a socket requestor (Conn), the Hyper-V channel (HostRequest), or a
+        callable taking the VssReply (a request that came in some other way)."""
         if isinstance(reply_to, hyperv.HostRequest):
             if self.hv is not None and self.hv.fd >= 0:
                 code = "HV_S_OK" if reply.ok else "HV_E_FAIL"
@@ -244,7 +265,9 @@ class ProcessPlatform:
                 except OSError as e:
                     log.error("hyper-v: cannot answer %s: %s", reply_to.name, e)
             return
-        assert isinstance(reply_to, Conn)
+        if not isinstance(reply_to, Conn):
+            reply_to(reply)
+            return
         if reply_to.closed:
             log.info("requestor pid %d gone before the %s reply", reply_to.pid, reply.op)
             return
@@ -264,41 +287,6 @@ class ProcessPlatform:
         except (OSError, IndexError):
             return True
 
-    def check_mount(self, mount: str) -> str | None:
-        return freeze.check_freezable(mount)
-
-    def freeze(self, mounts: list[str]) -> str | None:
-        if not mounts:
-            return None
-        if self.holder:
-            self.holder.hold()
-        try:
-            freeze.freeze_all(mounts)
-        except freeze.FreezeError as e:
-            self._release()
-            return str(e)
-        except OSError as e:
-            self._release()
-            return f"cannot open mount: {e}"
-        return None
-
-    def thaw(self, mounts: list[str]) -> list[str]:
-        errors = freeze.thaw_all(mounts)
-        self._release()
-        for e in errors:
-            log.error("%s", e)
-        return [e.mount for e in errors]
-
-    def run_hooks(self, action: str, timeout: float) -> str | None:
-        if not self.s.hooks_dir:
-            return None
-        res = hooks.run_hooks(self.s.hooks_dir, action, timeout)
-        for run in res.runs:
-            log.info("hook %s %s: %s (%.0f ms)%s", run.path, action,
-                     "timed out" if run.returncode is None else f"exit {run.returncode}", run.seconds * 1000,
-                     f": {run.output}" if run.output else "")
-        return None if res.ok else res.reason
-
     def state(self, state: str, detail: str, frozen: list[str]) -> None:
         log.debug("state %s (%s)", state, detail)
         if self.chan is not None:
@@ -311,10 +299,6 @@ class ProcessPlatform:
                 self.chan = None
             except OSError:
                 pass  # the supervisor is gone; EOF handling stops us
-
-    def _release(self) -> None:
-        if self.holder:
-            self.holder.release()
 
 
 def send_and_close(conn: Conn, msg) -> None:
@@ -356,7 +340,14 @@ class Broker:
                                max_apps_per_uid=settings.max_apps_per_uid, hooks_dir=settings.hooks_dir or "")
         self.platform.on_open = self._watch_answers
         self.platform.on_close = self._unwatch_app
+        self.holder = holder
         self.sel = selectors.DefaultSelector()
+        # The one slow action in flight (hooks, FIFREEZE, FITHAW, mount check) runs in a thread;
+        # it writes a byte here when done and the loop hands its event to the core.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._job: threading.Thread | None = None
+        self._job_result: tuple[Callable[[Any, BaseException | None], Event], Any, BaseException | None] | None = None
+        self.inline = False  # stopping: slow actions run on the loop, one after the other
         self.stopping = False
         self._hv_next_try = 0.0
         self.listener: socket.socket | None = None
@@ -377,6 +368,7 @@ class Broker:
             except KeyError:
                 log.warning("group %s does not exist: the VSS socket is root-only", self.s.group)
         self._listen()
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "job")
         if self.chan is not None:
             self.chan.sock.settimeout(CHANNEL_TIMEOUT)
             self.sel.register(self.chan.sock, selectors.EVENT_READ, "channel")
@@ -425,11 +417,13 @@ class Broker:
                         self._on_channel()
                     elif key.data == "hyperv":
                         self._on_hyperv()
+                    elif key.data == "job":
+                        self._job_finished()
                     elif isinstance(key.data, Conn):
                         self._on_conn(key.data)
                     elif isinstance(key.data, str):
                         self._drain_answers(key.data)
-                self.core.tick()
+                self._feed(Tick())
                 self._expire_conns()
                 hv = self.platform.hv
                 if hv is not None and hv.fd < 0 and time.monotonic() >= self._hv_next_try:
@@ -438,7 +432,17 @@ class Broker:
             self.close()
 
     def close(self) -> None:
-        self.core.shutdown("broker stopping")
+        # Let the slow action in flight end (a FIFREEZE cannot be taken back), hand in its event,
+        # then everything runs inline: FITHAW, hooks thaw, THAW to the applications.
+        self.inline = True
+        self._job_finished(wait=True)
+        for action in self.core.shutdown("broker stopping"):
+            self._do(action)  # their completions are not handed in: the core has ended
+        self._unregister(self._wake_r)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
         hv = self.platform.hv
         if hv is not None and hv.fd >= 0:
             hv.close()
@@ -452,6 +456,135 @@ class Broker:
                 st = os.lstat(self.sock_path)
                 if (st.st_dev, st.st_ino) == self._sock_id:  # ours, not a successor's
                     os.unlink(self.sock_path)
+
+    # -- requests and the core's actions
+
+    def request(self, op: str, msgid: int, reply_to: Any, timeout: float | None = None) -> None:
+        """The one way a VSS request (CHECK / FREEZE / THAW / status / list) reaches the core, from
+        any source: the socket (a Conn), the Hyper-V channel (a hyperv.HostRequest) or the
+        supervisor's channel. The VssReply goes to reply_to, now or when the sequence ends
+        (ProcessPlatform.reply): a Conn, a HostRequest, or any callable taking the VssReply.
+        A request while another is in progress is answered FAIL busy. Never blocks."""
+        self._feed(Requested(op, msgid, reply_to, timeout))
+
+    def _feed(self, *events: Event) -> None:
+        """Hand events to the core and carry out its actions, until nothing follows at once."""
+        todo = collections.deque(events)
+        while todo:
+            for action in self.core.handle(todo.popleft()):
+                todo.extend(self._do(action))
+
+    def _do(self, a: Action) -> list[Event]:
+        """Carry out one action; what comes back at once (a send that failed, a job run inline)."""
+        if isinstance(a, SendToApps):
+            failures = tuple((q, err) for q, m in a.requests if (err := self.platform.send_app(q, m)))
+            return [SendsFailed(a.requests[0][1].op, failures)] if failures else []
+        if isinstance(a, CloseApp):
+            self.platform.close_app(a.queue)
+        elif isinstance(a, Reply):
+            self.platform.reply(a.reply_to, a.reply)
+        elif isinstance(a, ReportState):
+            self.platform.state(a.state, a.detail, list(a.frozen))
+        elif isinstance(a, JOBS):
+            return self._start_job(a)
+        return []
+
+    def _start_job(self, a: RunHooks | Freeze | Thaw | CheckMounts) -> list[Event]:
+        work, done, trivial = self._job_parts(a)
+        if trivial or self.inline:
+            try:
+                return [done(work(), None)]
+            except Exception as e:
+                return [done(None, e)]
+        if self._job is not None:  # the core runs one phase at a time: cannot happen
+            log.error("%s while another action runs: refused", type(a).__name__)
+            return [done(None, RuntimeError("another action is running"))]
+
+        def run() -> None:
+            try:
+                self._job_result = (done, work(), None)
+            except BaseException as e:  # reported to the core as the action's failure
+                self._job_result = (done, None, e)
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"j")
+
+        self._job = threading.Thread(target=run, name=f"vss {type(a).__name__}", daemon=True)
+        self._job.start()
+        return []
+
+    def _job_finished(self, wait: bool = False) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self._wake_r, 64):
+                pass
+        job = self._job
+        if job is None or (self._job_result is None and not wait):  # the result is set before the byte
+            return
+        job.join()
+        self._job = None
+        assert self._job_result is not None
+        done, result, exc = self._job_result
+        self._job_result = None
+        self._feed(done(result, exc))
+
+    def _job_parts(self, a) -> tuple[Callable[[], Any], Callable[[Any, BaseException | None], Event], bool]:
+        """(work, done, trivial) for a slow action: work runs off the loop and does no logging;
+        done turns its result (or exception) into the core's event, on the loop."""
+        if isinstance(a, RunHooks):
+            hooks_dir, action = self.s.hooks_dir, a.action
+
+            def hooks_done(res: hooks.HooksResult | None, exc: BaseException | None) -> Event:
+                if exc is not None:
+                    return HooksDone(action, f"hooks {action}: {exc}")
+                assert res is not None
+                for run in res.runs:
+                    log.info("hook %s %s: %s (%.0f ms)%s", run.path, action,
+                             "timed out" if run.returncode is None else f"exit {run.returncode}", run.seconds * 1000,
+                             f": {run.output}" if run.output else "")
+                return HooksDone(action, None if res.ok else res.reason)
+
+            return (lambda: hooks.run_hooks(hooks_dir, action, a.timeout)), hooks_done, not hooks_dir
+        if isinstance(a, Freeze):
+            mounts = list(a.mounts)
+            if mounts and self.holder:
+                self.holder.hold()
+
+            def frozen(_res: Any, exc: BaseException | None) -> Event:
+                if exc is None:
+                    return FreezeDone(None)
+                if self.holder:
+                    self.holder.let_go()
+                if isinstance(exc, freeze.FreezeError):
+                    return FreezeDone(str(exc))
+                if isinstance(exc, OSError):
+                    return FreezeDone(f"cannot open mount: {exc}")
+                return FreezeDone(f"FIFREEZE: {exc}")
+
+            return (lambda: freeze.freeze_all(mounts) if mounts else None), frozen, not mounts
+        if isinstance(a, Thaw):
+            mounts = list(a.mounts)
+
+            def thawed(errors: list[freeze.FreezeError] | None, exc: BaseException | None) -> Event:
+                if self.holder:
+                    self.holder.let_go()
+                if exc is not None:
+                    log.error("FITHAW: %s", exc)
+                    return ThawDone(tuple(mounts))
+                for e in errors or []:
+                    log.error("%s", e)
+                return ThawDone(tuple(e.mount for e in errors or []))
+
+            return (lambda: freeze.thaw_all(mounts)), thawed, not mounts
+        assert isinstance(a, CheckMounts)
+        mounts = list(a.mounts)
+
+        def check() -> str | None:
+            for m in mounts:
+                reason = freeze.check_freezable(m)
+                if reason:
+                    return reason
+            return None
+
+        return check, (lambda res, exc: MountsChecked(res if exc is None else f"cannot check mounts: {exc}")), not mounts
 
     # -- the socket
 
@@ -563,7 +696,7 @@ class Broker:
         queue = conn.queue
         self._close_conn(conn)
         if queue:
-            self.core.drop(queue, why, failed)
+            self._feed(AppGone(queue, why, failed))
 
     def _authorized(self, conn: Conn) -> bool:
         return conn.uid == 0 or (self.gid is not None and self.gid in conn.groups)
@@ -583,7 +716,7 @@ class Broker:
             conn.kind = "request"
             self.conns.discard(conn)
             self._unregister(conn.sock)
-            self.core.request(msg.op, msg.msgid, conn, msg.timeout)
+            self.request(msg.op, msg.msgid, conn, msg.timeout)
             return
         if not isinstance(msg, Register):
             log.warning("VSS socket: pid %d uid %d began with %s: closed", conn.pid, conn.uid, type(msg).__name__)
@@ -623,14 +756,14 @@ class Broker:
             try:
                 data = mqueue.receive(q.answers, 0)
             except (posix_ipc.Error, OSError) as e:
-                return self.core.drop(key, f"its answers queue failed: {e}", failed=True)
+                return self._feed(AppGone(key, f"its answers queue failed: {e}", failed=True))
             if data is None:
                 return
             try:
                 answer = vssproto.decode_answer(data)
             except vssproto.ProtocolError as e:
-                return self.core.drop(key, str(e), failed=True)
-            self.core.answer(key, answer)
+                return self._feed(AppGone(key, str(e), failed=True))
+            self._feed(AppAnswered(key, answer))
             if key not in self.platform.queues:
                 return
 
@@ -697,11 +830,11 @@ class Broker:
                     return self._hyperv_lost(str(e))
             else:
                 log.info("hyper-v: %s -> %s", ev.name, ev.op.upper())
-                self.core.request(ev.op, int.from_bytes(os.urandom(8), "little"), ev)
+                self.request(ev.op, int.from_bytes(os.urandom(8), "little"), ev)
 
 
-def _setup_logging(debug: bool) -> HoldingHandler:
-    logfmt.setup("vss", debug)
+def _setup_logging(debug: bool, use_syslog: bool = False) -> HoldingHandler:
+    logfmt.setup("vss", debug, use_syslog)
     root = logging.getLogger()
     target = root.handlers[0]
     holder = HoldingHandler(target)
@@ -726,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         setproctitle.setproctitle(names.proc_title("vss broker", settings.rundir))
     except ImportError:
         pass
-    holder = _setup_logging(settings.debug)
+    holder = _setup_logging(settings.debug, settings.use_syslog)
     chan = Channel(socket.socket(fileno=args.channel_fd), ToWorker) if args.channel_fd is not None else None
     broker = Broker(settings, chan, holder)
 
