@@ -187,6 +187,8 @@ def relay_tls(t: TLSStream, unix: socket.socket, first: bytes, idle: float, stop
                     moved = True
                 except _WANT:
                     u_r = False
+                except ssl.SSLError as e:
+                    return f"TLS failed: {e.reason or e}"
                 except OSError as e:
                     return f"worker connection failed: {e}"
             if out.pending:  # replies, and whatever TLS itself has to say (key updates)
