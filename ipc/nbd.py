@@ -18,6 +18,12 @@ reason. Anything that leaves the stream unparseable (wrong magic, an option
 too long to hold) puts the connection in the ERROR state: a `ProtocolError`
 event, and the caller closes the socket.
 
+Two more modes serve the TCP front (workers/tcpfront.py): `tls=True` answers
+every option before NBD_OPT_STARTTLS with NBD_REP_ERR_TLS_REQD and hands the
+caller a StartTLS event; `allowed=` (proxy mode) refuses names the policy
+denies with NBD_REP_ERR_POLICY and turns INFO/GO into ExportWanted events the
+caller answers with the export worker's own replies.
+
 Spec: NetworkBlockDevice/nbd doc/proto.md.
 """
 
