@@ -117,7 +117,7 @@ def relay_tls(t: TLSStream, unix: socket.socket, first: bytes, idle: float, stop
     sock.setblocking(False)
     unix.setblocking(False)
     raw = memoryview(bytearray(RAW_CHUNK))
-    dbuf = memoryview(bytearray(CHUNK))
+    ubuf, dbuf = memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK))
     up: memoryview | None = memoryview(first) if first else None  # plaintext to the worker, unsent
     ct: memoryview | None = None  # ciphertext to the client, unsent
     s_r = u_r = True
@@ -128,7 +128,7 @@ def relay_tls(t: TLSStream, unix: socket.socket, first: bytes, idle: float, stop
         if up is None:
             if client_eof:
                 return "client closed"
-            parts, n = [], 0
+            n = 0
             while n < CHUNK:
                 if not inc.pending and not obj.pending():
                     # Nothing buffered to decrypt: read the socket (a short read drained it,
@@ -149,7 +149,8 @@ def relay_tls(t: TLSStream, unix: socket.socket, first: bytes, idle: float, stop
                     s_r = k == RAW_CHUNK
                     inc.write(raw[:k])
                 try:
-                    chunk = obj.read(CHUNK - n)
+                    # Into our buffer: without one, read() allocates its whole length per record.
+                    k = obj.read(CHUNK - n, ubuf[n:])
                 except ssl.SSLWantReadError:  # a partial record: the rest is still on its way
                     if not s_r:
                         break
@@ -159,13 +160,12 @@ def relay_tls(t: TLSStream, unix: socket.socket, first: bytes, idle: float, stop
                     break
                 except ssl.SSLError as e:
                     return f"TLS failed: {e.reason or e}"
-                if not chunk:
+                if not k:
                     client_eof = True
                     break
-                parts.append(chunk)
-                n += len(chunk)
-            if parts:
-                up = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
+                n += k
+            if n:
+                up = ubuf[:n]
                 moved = True
         if up is not None:
             try:
