@@ -86,6 +86,7 @@ def pki(tmp_path_factory):
     sign(ca, base / "stranger", "client", "/O=fssd test/CN=stranger", CLIENT_EXT)
     sign(ca, base / "expired", "client", "/O=fssd test/CN=backup1", CLIENT_EXT, days=-1)
     sign(other, base / "otherca-client", "client", "/O=fssd test/CN=backup1", CLIENT_EXT)
+    shutil.copy(ca / "ca-cert.pem", base / "otherca-client" / "ca-cert.pem")  # it trusts our server: the server must refuse it
     return base
 
 
@@ -420,11 +421,18 @@ def test_refusals_each_with_the_spec_reply_and_others_unaffected(srv, pki):
     p = run("nbdinfo", f"nbd://127.0.0.1:{srv.ports['main']}/fss0", check=False)
     assert p.returncode != 0
 
-    # Certificates the server must not accept: TLS fails, nothing is served.
-    for who in ("otherca-client", "expired"):
+    # Certificates the server must not accept: TLS fails with the server's alert, nothing is served.
+    for who, alert in (("otherca-client", "UNKNOWN_CA"), ("expired", "CERTIFICATE_EXPIRED")):
         p = run("nbdinfo", nbds(srv, pki, who, "fss0"), check=False)
         assert p.returncode != 0, who
         assert "export-size" not in p.stdout
+        r = Raw(srv.ports["main"])
+        r.hello()
+        with pytest.raises(ssl.SSLError) as e:
+            r.starttls(pki / who)
+            r.go("fss0")  # TLS 1.3: the client's certificate is judged after the client's side is done
+        assert alert in str(e.value), (who, e.value)
+        r.close()
 
     # A valid but unlisted certificate, and a snapshot-only client asking for the live volume: POLICY.
     for who, export in (("stranger", "fss0"), ("snaponly", "data")):

@@ -145,7 +145,7 @@ class Front:
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._warn_cap = _Warn()
-        self._warn_tls = _Warn()
+        self._warn_tls = _WarnPer()
         self._warn_drop = _Warn()
         self._warn_policy = _WarnPer()
         if self.listen.tls == "off":
@@ -343,7 +343,7 @@ class Front:
         except Timeout:
             raise _Closed("handshake timeout during TLS") from None
         except (ssl.SSLError, OSError) as e:
-            self._warn_tls(logging.WARNING, "%s: TLS handshake with %s failed: %s", self.listen.address, _fmt(addr), getattr(e, "reason", None) or e)
+            self._warn_tls(addr[0], logging.WARNING, "%s: TLS handshake with %s failed: %s", self.listen.address, _fmt(addr), getattr(e, "reason", None) or e)
             raise _Closed("") from None
 
     def _open_export(self, conn: nbd.ServerConnection, ev: nbd.ExportWanted, deadline: float):
