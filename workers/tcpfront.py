@@ -343,7 +343,7 @@ class Front:
         except Timeout:
             raise _Closed("handshake timeout during TLS") from None
         except (ssl.SSLError, OSError) as e:
-            self._warn_tls(addr[0], logging.WARNING, "%s: TLS handshake with %s failed: %s", self.listen.address, _fmt(addr), getattr(e, "reason", None) or e)
+            self._warn_tls(addr[0], logging.WARNING, "%s: TLS handshake with %s failed: %s", self.listen.address, _fmt(addr), getattr(e, "verify_message", None) or getattr(e, "reason", None) or e)
             raise _Closed("") from None
 
     def _open_export(self, conn: nbd.ServerConnection, ev: nbd.ExportWanted, deadline: float):
