@@ -57,7 +57,7 @@ def parse_address(address: str) -> tuple[str, int]:
         raise ValueError(f"address {address!r}: write an IPv6 address in brackets, [{host}]:{port}")
     if not host:
         raise ValueError(f"address {address!r} has no host")
-    if not 0 <= int(port) <= 65535:
+    if not 1 <= int(port) <= 65535:
         raise ValueError(f"address {address!r}: port out of range")
     return host, int(port)
 

@@ -490,6 +490,32 @@ def test_handshake_timeout_holds_against_stalls_and_trickles(srv, pki):
     assert listed(nbds(srv, pki, "backup1", port="tight")) == ["fss0"]
 
 
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def test_sixty_stalled_handshakes_cost_little_and_leave_room(srv, pki):
+    pid = srv.worker_pid("listen", f"127.0.0.1:{srv.ports['main']}")
+    before = rss_kib(pid)
+    stalled = []
+    try:
+        for i in range(60):
+            r = Raw(srv.ports["main"])
+            r.hello()
+            if i % 4 == 0:  # 15 inside TLS (under snaponly's cap of 16), the rest before it
+                r.starttls(pki / "snaponly")
+            stalled.append(r)
+        grown = rss_kib(pid) - before
+        assert grown < 16 * 1024, f"front grew by {grown} KiB for 60 stalled handshakes"
+        # The other 4 of the 64 slots still serve.
+        assert listed(nbds(srv, pki, "backup1")) == ["data", "fss0"]
+    finally:
+        for r in stalled:
+            r.close()
+    print(f"60 stalled handshakes: front RSS +{grown} KiB")
+
+
 def test_idle_timeout_closes_a_quiet_session(srv, pki):
     r = opened(srv, pki, "backup1", "fss0", port="tight")
     assert r.pread(1, 0, 512) == instant(srv, 0, 512)
