@@ -161,6 +161,8 @@ class Front:
             log.error("%s; keeping the credentials in use", e)
             ctx = self.ctx
         self.listen, self.volumes, self.ctx = listen, frozenset(volumes), ctx
+        if listen.tls == "off":
+            log.warning("%s: plain TCP (tls = \"off\"): exports and data cross the network unencrypted and clients are known by address only", listen.address)
         log.info("%s: reloaded (TLS credentials from %s, %d allow rule(s))", listen.address, listen.tls_dir if ctx else "-", len(listen.allow))
 
     def exports_for(self, client: Client, listen: ListenSection) -> list[nbd.Export]:
