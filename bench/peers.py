@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from daemon.waiting import wait_for  # noqa: E402
 from ipc import names  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -94,17 +95,6 @@ def children(pid: int) -> list[int]:
         if ppid == pid:
             out.append(int(d))
     return out
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def run(*argv, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:

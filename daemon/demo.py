@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from daemon.waiting import wait_for
+
 BIN = Path(sys.executable).parent
 STEPS = 11
 _step = 0
@@ -40,14 +42,6 @@ def sh(*argv, show: bool = False, check: bool = True, **kw) -> str:
     if show and p.stdout.strip():
         print("      " + p.stdout.strip().replace("\n", "\n      "), flush=True)
     return p.stdout
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"demo: timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def nbdfuse(stack: contextlib.ExitStack, uri: str, where: Path, readonly: bool = False) -> Path:
@@ -196,4 +190,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except TimeoutError as e:  # a step that never became ready: one line, after the cleanup ran
+        sys.exit(f"demo: {e}")

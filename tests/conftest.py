@@ -7,6 +7,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fsshelp import Fssd, Mounts  # noqa: E402
+from secusers import Users  # noqa: E402
+from vsshelp import ext4_mount  # noqa: E402
 
 # Volumes and backing stores live in /dev/shm where the data path is fast;
 # every test has its own directory there.
@@ -59,3 +61,20 @@ def fssd_factory(tmp_path):
 def fssd(fssd_factory, shmdir):
     """One instance with a 64 MiB volume `data` in /dev/shm."""
     return fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "64M"}])
+
+
+@pytest.fixture(scope="session")
+def users():
+    """A group, a member of it and a stranger (tests/secusers.py), made once, removed in all cases."""
+    u = Users()
+    try:
+        yield u.create()
+    finally:
+        u.remove()
+
+
+@pytest.fixture
+def ext4(tmp_path):
+    """A loop-mounted ext4 of the test's own, the only mount a VSS test may freeze (its path)."""
+    with ext4_mount(tmp_path) as mnt:
+        yield mnt

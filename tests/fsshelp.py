@@ -13,25 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from daemon.waiting import wait_for  # noqa: F401  (the one shared wait, re-exported for the tests)
 from ipc import names
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def wait_for(pred, timeout: float = 20.0, what: str = "condition", interval: float = 0.02):
-    """Poll a real condition until it holds (never a bare sleep standing in for readiness)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def sha256_file(path: str | Path, length: int | None = None) -> str:

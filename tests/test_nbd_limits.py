@@ -12,7 +12,6 @@ import os
 import resource
 import shutil
 import socket
-import struct
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +19,7 @@ from pathlib import Path
 import pytest
 from fsshelp import BIN, Fssd, run, wait_for
 from secusers import Users
-from test_nbd_malformed import Closed, Raw, connect
-from test_nbd_protocol import info_data, opt, req
+from nbdwire import Closed, Raw, connect, info_data, req
 
 from ipc import nbd
 
@@ -60,15 +58,6 @@ def make_fssd(tmp_path_factory, name: str, extra: str):
     shm = Path(tempfile.mkdtemp(prefix=f"fssd-test-{name}-", dir="/dev/shm"))
     f = Fssd(tmp_path_factory.mktemp(name) / "i0", [{"name": "data", "path": str(shm / "data.img"), "size": "64M"}], extra=extra)
     return f, shm
-
-
-@pytest.fixture(scope="module")
-def users():
-    u = Users()
-    try:
-        yield u.create()
-    finally:
-        u.remove()
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +145,7 @@ def member_connections(fssd, users: Users, n: int, export: str = "fss0") -> list
     assert os.waitstatus_to_exitcode(status) == 0 and len(fds) == n
     out = []
     for fd in fds:
-        c = Raw.__new__(Raw)
-        c.s = socket.socket(fileno=fd)
-        c.s.settimeout(15)
-        c.structured = False
-        out.append(c)
+        out.append(Raw(sock=socket.socket(fileno=fd)))
     return out
 
 

@@ -10,6 +10,7 @@ import hashlib
 import struct
 
 import pytest
+from nbdwire import info_data, meta_data, opt, req, write
 
 from ipc import nbd
 from ipc.nbd import BadRequest, Disconnect, Export, ProtocolError, Ready, Request, ServerConnection, State
@@ -19,35 +20,7 @@ VOL = Export("data", SIZE, False, "the volume")
 SNAP = Export("fss0", SIZE, True, "a snapshot")
 MiB = 1 << 20
 
-# -- what a client sends ---------------------------------------------------------------
-
-
-def opt(code: int, data: bytes = b"") -> bytes:
-    return struct.pack(">QII", nbd.IHAVEOPT, code, len(data)) + data
-
-
-def info_data(name: str, *infos: int) -> bytes:
-    n = name.encode()
-    return struct.pack(">I", len(n)) + n + struct.pack(">H", len(infos)) + b"".join(struct.pack(">H", i) for i in infos)
-
-
-def meta_data(name: str, *queries: str) -> bytes:
-    n = name.encode()
-    out = struct.pack(">I", len(n)) + n + struct.pack(">I", len(queries))
-    for q in queries:
-        out += struct.pack(">I", len(q.encode())) + q.encode()
-    return out
-
-
-def req(cmd: int, cookie: int = 1, offset: int = 0, length: int = 0, flags: int = 0, payload: bytes = b"") -> bytes:
-    return struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, cmd, cookie, offset, length) + payload
-
-
-def write(cookie: int, offset: int, data: bytes, flags: int = 0) -> bytes:
-    return req(nbd.CMD_WRITE, cookie, offset, len(data), flags, data)
-
-
-# -- what the server answers --------------------------------------------------------------
+# -- what the server answers (what a client sends: tests/nbdwire.py) --------------------------
 
 
 def opt_replies(data: bytes) -> list[tuple[int, int, bytes]]:

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from fsshelp import BIN, run, sha256_file, wait_for
-from secusers import Users
 
 MiB = 1 << 20
 
@@ -29,15 +28,6 @@ def _umask():
     old = os.umask(0o022)
     yield
     os.umask(old)
-
-
-@pytest.fixture(scope="module")
-def users():
-    u = Users()
-    try:
-        yield u.create()
-    finally:
-        u.remove()
 
 
 def state(path) -> tuple:

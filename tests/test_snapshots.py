@@ -9,6 +9,9 @@ import threading
 
 
 from fsshelp import run, sha256_file, wait_for
+from nbdwire import connect, req
+
+from ipc import nbd
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -163,8 +166,19 @@ def test_snapshot_export_is_read_only(fssd, shmdir):
     fssd.fssconfig("fss0", "data", shmdir / "bs0")
     out = json.loads(run("nbdinfo", "--json", fssd.uri("fss0")).stdout)["exports"][0]
     assert out["is_read_only"] is True and out["export-size"] == SIZE
-    r = run("qemu-io", "-f", "raw", "-c", "write 0 4k", fssd.uri("fss0"), check=False)
-    assert r.returncode != 0 or "Operation not permitted" in r.stdout + r.stderr
+    before = export_sha(fssd, shmdir, "fss0")
+    # Real clients refuse to write a read-only export on their own side, so the writes go
+    # through the raw client: the server itself must answer EPERM and change nothing.
+    c = connect(fssd, "fss0")
+    try:
+        assert c.pwrite(1, 0, b"\xee" * 4096) == nbd.EPERM
+        for cookie, cmd in ((2, nbd.CMD_TRIM), (3, nbd.CMD_WRITE_ZEROES)):
+            c.send(req(cmd, cookie, SIZE - CLUSTER, CLUSTER))
+            assert c.reply(cookie)[0] == nbd.EPERM
+    finally:
+        c.close()
+    assert export_sha(fssd, shmdir, "fss0") == before
+    assert snapinfo(fssd, "fss0")["state"] != "invalid"
 
 
 def test_fssconfig_errors(fssd_factory, shmdir):

@@ -1,10 +1,8 @@
 """The VSS permission model, tried as root, as a member of [daemon] group and as a stranger.
 
-A user and a group are made for the session (unique names, removed even on
-failure). Processes run as them with `setpriv --init-groups`; since the
-checkout and its venv may sit in a 0700 directory, they get a world-readable
-copy of the packages and of msgspec / posix_ipc in a temporary directory
-(made once per session) and a Python outside it. Each test reproduces one of
+A user and a group are made for the session (conftest's `users`,
+tests/secusers.py: unique names, removed even on failure, and a world-readable
+copy of the code for them to run). Each test reproduces one of
 issue 9's breaks and shows it refused, the broker still answering root.
 """
 
@@ -21,91 +19,34 @@ import tempfile
 import threading
 from pathlib import Path
 
-import msgspec
-import posix_ipc
 import pytest
+from fsshelp import wait_for
+from vsshelp import BrokerProc, is_frozen
 
 from ipc import mqueue, vssproto
 from ipc.names import instance_prefix, vss_socket
 from ipc.vss_client import Application, Requestor, VssError
-from test_vss_integration import BrokerProc, ext4, is_frozen, wait_for  # noqa: F401  (ext4 is a fixture)
 from workers import freeze
 
 ROOT = Path(__file__).resolve().parent.parent
-TAG = f"fv{os.getpid() % 100000}"
-
-
-def _sh(*cmd):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="session")
-def people():
-    """(group, member, stranger): made here, removed in all cases."""
-    group, member, stranger = f"{TAG}g", f"{TAG}m", f"{TAG}s"
-    made = []
-    try:
-        for cmd, what in ((["groupadd", group], ("group", group)),
-                          (["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", "-G", group, member], ("user", member)),
-                          (["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", stranger], ("user", stranger))):
-            r = _sh(*cmd)
-            assert r.returncode == 0, f"{' '.join(cmd)}: {r.stderr}"
-            made.append(what)
-        yield group, member, stranger
-    finally:
-        for kind, name in reversed(made):
-            _sh("userdel", name) if kind == "user" else _sh("groupdel", name)
-
-
-@pytest.fixture(scope="session")
-def userpy(people):
-    """(python, PYTHONPATH) that any user can run: a readable copy of the code and its two libraries."""
-    d = Path(tempfile.mkdtemp(prefix="fssd-vss-users-", dir="/tmp"))
-    try:
-        for pkg in ("ipc", "workers", "daemon"):
-            shutil.copytree(ROOT / pkg, d / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-        site = d / "site"
-        site.mkdir()
-        shutil.copytree(Path(msgspec.__file__).parent, site / "msgspec", ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy2(posix_ipc.__file__, site / Path(posix_ipc.__file__).name)
-        for p in [d, *d.rglob("*")]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        path = f"{d}:{site}"
-        ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-        _, member, _ = people
-        for py in (os.path.realpath(sys.executable), f"/usr/bin/python{ver}", f"/usr/local/bin/python{ver}"):
-            r = subprocess.run(["setpriv", *as_user(member), py, "-c", "import msgspec, posix_ipc, ipc.vss_client"],
-                               env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"}, cwd=d, capture_output=True,
-                               text=True, timeout=30)
-            if r.returncode == 0:
-                yield py, path, d
-                return
-        pytest.fail(f"no Python {ver} that user {member} can run with msgspec and posix_ipc")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def as_user(name):
-    pw = pwd.getpwnam(name)
-    return [f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups"]
+def people(users):
+    """(group, member, stranger): conftest's session users (tests/secusers.py)."""
+    return users.group, users.member, users.stranger
 
 
 @pytest.fixture
-def run_as(userpy):
-    py, path, d = userpy
+def run_as(users):
+    """run_as(user, *python_args, code=None, wait=True, timeout=60, ipc_of=None): our code as that user."""
     started = []
 
     def run(user, *args, code=None, wait=True, timeout=60, ipc_of=None):
-        argv = ["setpriv", *as_user(user), py, *(["-c", code] if code else args)]
-        if ipc_of is not None:  # in that process's IPC namespace (its queues)
-            argv = ["nsenter", f"--ipc=/proc/{ipc_of}/ns/ipc", *argv]
-        env = {"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
-        if wait:
-            return subprocess.run(argv, env=env, cwd=d, capture_output=True, text=True, timeout=timeout)
-        p = subprocess.Popen(argv, env=env, cwd=d, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        started.append(p)
-        return p
+        got = users.py(user, *args, code=code, wait=wait, timeout=timeout, ipc_of=ipc_of)
+        if not wait:
+            started.append(got)
+        return got
 
     yield run
     for p in started:
