@@ -162,6 +162,22 @@ def _check_freeze(cfg: Config) -> None:
                 raise ConfigError(f"[vss] freeze {m} holds the image of volume {vol.name!r}: freezing it would stall the volume - at `$.vss.freeze`")
 
 
+def _check_tls_files(sec: ListenSection, where: str) -> None:
+    """Load them as the front will, so a bad file is a config error, not a front that won't start."""
+    import ssl
+
+    d = sec.tls_dir
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(os.path.join(d, "server-cert.pem"), os.path.join(d, "server-key.pem"))
+        if sec.verify_peer:
+            ctx.load_verify_locations(os.path.join(d, "ca-cert.pem"))
+        if os.path.exists(os.path.join(d, "ca-crl.pem")):
+            ctx.load_verify_locations(os.path.join(d, "ca-crl.pem"))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the TLS files in {d}: {getattr(e, 'reason', None) or e} - at `{where}.tls_dir`") from None
+
+
 def _check_listen(cfg: Config) -> None:
     """[[listen]]: one table per address; the TLS files it names must be there."""
     seen: set[tuple[str, int]] = set()
@@ -181,6 +197,7 @@ def _check_listen(cfg: Config) -> None:
         for f in wanted:
             if not os.path.isfile(os.path.join(sec.tls_dir, f)):
                 raise ConfigError(f"{os.path.join(sec.tls_dir, f)} is missing (tls = \"require\" needs {', '.join(wanted)}) - at `{where}.tls_dir`")
+        _check_tls_files(sec, where)
 
 
 def load(path: str, rundir_override: str | None = None) -> Config:

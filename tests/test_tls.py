@@ -647,6 +647,10 @@ def test_bad_listen_config_is_one_line(tmp_path, fssd_factory, shmdir):
     p = run(BIN / "fssd", "-c", f.config, check=False)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "server-cert.pem is missing" in p.stderr and "$.listen[0].tls_dir" in p.stderr
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+        (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    p = run(BIN / "fssd", "-c", f.config, check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "cannot load the TLS files" in p.stderr, p.stderr
     f.config.write_text(f.config.read_text().replace("[[listen]]", "[[listen]]\nallow = [{ client = \"CN=x\", exports = [\"*\"], bogus = 1 }]"))
     p = run(BIN / "fssd", "-c", f.config, check=False)
     assert p.returncode == 2 and "bogus" in p.stderr
