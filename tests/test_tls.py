@@ -386,6 +386,12 @@ def test_write_to_the_live_volume_over_tls_lands(srv, pki):
         f.write(b"\x5c" * (2 * MiB))
     run("qemu-img", "convert", "-n", "--object", tls_object(pki, "backup1"), "--target-image-opts", "-f", "raw", src,
         "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=%d,export=data,tls-creds=tls0" % srv.ports["main"])
+    # And 32 MiB WRITEs (the protocol's largest) through the relay.
+    big = srv.shm / "big.img"
+    with open(big, "wb") as f:
+        f.write(b"\x5c" * (2 * MiB) + os.urandom(30 * MiB))
+    run("nbdcopy", "--request-size=33554432", big, nbds(srv, pki, "backup1", "data"))
+    big.unlink()
     got = run("nbdcopy", srv.uri("data"), "-", capture_output=True, text=False).stdout
     assert got[: 2 * MiB] == b"\x5c" * (2 * MiB)
     with open(srv.shm / "data.img", "rb") as f:

@@ -129,8 +129,10 @@ def relay_tls(t: TLSStream, unix: socket.socket, first: bytes, idle: float, stop
             if client_eof:
                 return "client closed"
             n = 0
+            starved = False  # OpenSSL asked for more than is buffered
             while n < CHUNK:
-                if not inc.pending and not obj.pending():
+                if starved or (not inc.pending and not obj.pending()):
+                    starved = False
                     # Nothing buffered to decrypt: read the socket (a short read drained it,
                     # so the next read waits for poll: no EAGAIN round trips).
                     if not s_r:
@@ -154,6 +156,7 @@ def relay_tls(t: TLSStream, unix: socket.socket, first: bytes, idle: float, stop
                 except ssl.SSLWantReadError:  # a partial record: the rest is still on its way
                     if not s_r:
                         break
+                    starved = True
                     continue
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     client_eof = True
