@@ -24,7 +24,7 @@ from daemon import backing, suspend
 from daemon.procs import Worker, WorkerGone
 from ipc import control, names, workermsg
 from ipc.clustermap import FLAG_UNCONFIG_ON_CLOSE, ClusterMap, MapState, choose_cluster_size, table_clusters
-from workers.snapshot import SnapshotSettings
+from workers.settings import SnapshotSettings
 
 if TYPE_CHECKING:
     from daemon.supervisor import Supervisor

@@ -36,7 +36,7 @@ from ipc import logfmt, names, workermsg
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
 from ipc.listenpolicy import ListenSection
 from workers import nbdserve
-from workers.volume import AttachedSnapshot, VolumeSettings
+from workers.settings import AttachedSnapshot, VolumeSettings
 
 log = logging.getLogger("supervisor")
 
@@ -241,7 +241,7 @@ class Supervisor:
     async def start_broker(self) -> None:
         if not self.cfg.vss.enabled:
             return
-        from workers.broker import BrokerSettings  # the VSS half; imported only when enabled
+        from workers.settings import BrokerSettings
 
         vss = self.cfg.vss
 

@@ -37,7 +37,7 @@ import msgspec
 from daemon import volmounts
 from ipc import suspendmsg
 from workers import freeze
-from workers.suspend import SuspendSettings
+from workers.settings import SuspendSettings
 
 log = logging.getLogger("supervisor")
 

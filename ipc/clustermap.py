@@ -7,17 +7,41 @@ An aligned 4-byte store is atomic, so the entry is its own "copied" flag: the
 volume worker publishes it after the copy is complete and before it
 overwrites the volume; the snapshot worker reads without a lock.
 
-Only the volume worker writes entries and the allocation counter; the
-supervisor creates the segment and reads the header for status.
+Who writes what (everyone else only reads):
+
+  field               written by
+  ------------------  ----------------------------------------------------------
+  magic ... bs_limit  the supervisor, once, in create() (fixed from then on)
+  table entries       the volume worker (copy-on-write), each entry once
+  bs_next, copies     the volume worker (allocation; reconcile() after a restart)
+  created_ns, state   the volume worker at the barrier (activate(): ACTIVE);
+                      the supervisor sets DESTROYING when it unconfigures
+  flags ERROR, error  the volume worker (backing store full / write error) and
+                      the supervisor (worker failed, lost): first error only,
+                      across processes, through set_error()
+  (nothing)           the snapshot worker maps the segment read-only
+
+"First error only" is a check-then-set by two processes, so it runs under an
+open-file-description lock (fcntl F_OFD_SETLKW) on the segment's descriptor,
+plus a thread lock for the threads of one process (they share the descriptor,
+hence the lock). Why a lock and not a single writer: the supervisor sets the
+error precisely when the volume worker is dead or failing, so it cannot ask
+that worker to do it; why OFD and not a futex or flock: Python has neither an
+atomic compare-and-set on mmap nor futexes, and the kernel drops an OFD lock
+when its holder dies (SIGKILL included), so a killed writer never wedges it.
 """
 
 from __future__ import annotations
 
 import enum
+import fcntl
 import mmap
+import os
 import struct
 import sys
+import threading
 import time
+from typing import Iterator
 
 import posix_ipc
 
@@ -56,6 +80,14 @@ _OFF_CREATED = _OFF_BS_NEXT + 16
 _OFF_COPIES = _OFF_CREATED + 8
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+# struct flock (x86-64 / aarch64 layout): l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = struct.Struct("hhqqi4x")
+_F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
+
+
+def span(shift: int, offset: int, length: int) -> tuple[int, int]:
+    """First and last unit (of 2^shift bytes) touched by [offset, offset+length); length > 0."""
+    return offset >> shift, (offset + length - 1) >> shift
 
 
 def choose_cluster_size(requested: int, volume_size: int, bs_block: int = 512) -> int:
@@ -85,7 +117,13 @@ class ClusterMap:
     def __init__(self, name: str, shm: posix_ipc.SharedMemory, writable: bool):
         self.name = name
         self._mm = mmap.mmap(shm.fd, shm.size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+        # A writer keeps the descriptor: set_error() locks it against the other processes.
+        self._fd = -1
+        if writable:
+            self._fd = os.dup(shm.fd)
+            os.set_inheritable(self._fd, False)
         shm.close_fd()
+        self._error_lock = threading.Lock()
         (magic, version, _s, _f, _pad, csize, count, vsize, tclusters, _n, limit, _c, _cp) = _HDR.unpack_from(self._mm, 0)
         if magic != MAGIC or version != VERSION:
             self._mm.close()
@@ -118,7 +156,49 @@ class ClusterMap:
         shm = posix_ipc.SharedMemory(name, 0, read_only=not writable)
         return cls(name, shm, writable)
 
+    def span(self, offset: int, length: int) -> tuple[int, int]:
+        """First and last cluster of [offset, offset+length) (length > 0): every
+        cluster-range loop on the map starts here."""
+        shift = self.cluster_shift
+        return offset >> shift, (offset + length - 1) >> shift
+
+    # any_copied / all_copied run per request (read path, write path with a snapshot):
+    # they spell span() out, one Python call less, ~60 ns a request.
+
+    def any_copied(self, offset: int, length: int) -> bool:
+        """Is any cluster of the range published (its old content in the backing store)?"""
+        shift = self.cluster_shift
+        c0, c1 = offset >> shift, (offset + length - 1) >> shift
+        t = self.table
+        if c0 == c1:
+            return t[c0] != 0
+        return any(t[c0 : c1 + 1])
+
+    def all_copied(self, offset: int, length: int) -> bool:
+        """Is every cluster of the range published?"""
+        shift = self.cluster_shift
+        c0, c1 = offset >> shift, (offset + length - 1) >> shift
+        t = self.table
+        if c0 == c1:
+            return t[c0] != 0
+        return 0 not in t[c0 : c1 + 1]
+
+    def pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(cluster, start, stop) for each cluster of [offset, offset+length), clipped to it."""
+        shift = self.cluster_shift
+        end = offset + length
+        c0, c1 = self.span(offset, length)
+        for c in range(c0, c1 + 1):
+            yield c, max(c << shift, offset), min((c + 1) << shift, end)
+
+    def cluster_start(self, c: int) -> int:
+        """Volume offset of cluster c."""
+        return c << self.cluster_shift
+
     def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         try:
             self.table.release()
             self._mv.release()
@@ -162,13 +242,28 @@ class ClusterMap:
         return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
     def set_error(self, reason: str) -> bool:
-        """Mark invalid; only the first error acts (fss_error). True if this call did it."""
-        if self.flags & FLAG_ERROR:
+        """Mark invalid; only the first error acts (fss_error), whichever process or
+        thread sets it. True if this call did it. See the module doc for the lock."""
+        if self.flags & FLAG_ERROR:  # already invalid: no lock needed to say so
             return False
         raw = reason.encode()[: ERROR_MAX - 1]
-        self._mm[ERROR_OFFSET : ERROR_OFFSET + ERROR_MAX] = raw + bytes(ERROR_MAX - len(raw))
-        _U32.pack_into(self._mm, _OFF_FLAGS, self.flags | FLAG_ERROR)
-        return True
+        with self._error_lock:
+            self._ofd_lock(fcntl.F_WRLCK)
+            try:
+                if self.flags & FLAG_ERROR:
+                    return False
+                # The reason first, then the flag: whoever sees the flag finds the reason.
+                self._mm[ERROR_OFFSET : ERROR_OFFSET + ERROR_MAX] = raw + bytes(ERROR_MAX - len(raw))
+                _U32.pack_into(self._mm, _OFF_FLAGS, self.flags | FLAG_ERROR)
+                return True
+            finally:
+                self._ofd_lock(fcntl.F_UNLCK)
+
+    def _ofd_lock(self, kind: int) -> None:
+        """Lock (waiting) or unlock the error field's bytes for every process mapping this segment."""
+        if self._fd < 0:
+            raise ValueError(f"{self.name}: mapped read-only (or closed); cannot set an error")
+        fcntl.fcntl(self._fd, _F_OFD_SETLKW, _FLOCK.pack(kind, os.SEEK_SET, ERROR_OFFSET, ERROR_MAX, 0))
 
     @property
     def bs_next(self) -> int:

@@ -7,7 +7,7 @@ import pytest
 
 from ipc.clustermap import CLUSTER_MAX, ClusterMap, MapState, choose_cluster_size, table_clusters
 from workers import snapshot as snapmod
-from workers.cow import SnapshotTarget, WriteGate
+from workers.cow import CopyOnWrite, SnapshotTarget, WriteGate
 from workers.snapshot import SnapshotBackend
 
 CS = 4096
@@ -175,3 +175,30 @@ def test_write_gate_barrier_waits_for_writes_in_flight():
     th.join()
     gate.enter()  # open again
     gate.leave()
+
+
+def test_writing_copies_first_and_a_failed_copy_leaves_the_gate(world, monkeypatch):
+    """The one write path: `with cow.writing(...)` copies what the snapshot lacks before the
+    body runs; if copying raises, the write is not done and the gate is left (a barrier
+    afterwards does not wait forever)."""
+    cow = CopyOnWrite(world["vfd"], SIZE)
+    cow.add(world["target"])
+    with cow.writing(3 * CS + 5, 10):
+        assert world["map"].table[3], "copied before the body writes the volume"
+        os.pwrite(world["vfd"], b"\xee" * 10, 3 * CS + 5)
+    assert snap_read(world, 3 * CS, CS) == world["old"][3 * CS : 4 * CS]
+
+    def broken(offset, length):
+        raise OSError(5, "short read from the volume image")
+
+    monkeypatch.setattr(cow, "_protect", broken)
+    with pytest.raises(OSError):
+        with cow.writing(9 * CS, CS):
+            raise AssertionError("the body must not run when copying failed")
+    import threading
+
+    got = []
+    th = threading.Thread(target=lambda: got.append(cow.detach("fss0")), daemon=True)
+    th.start()
+    th.join(10)
+    assert got == [world["target"]], "the barrier must drain: the failed write left the gate"

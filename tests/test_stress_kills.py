@@ -204,6 +204,8 @@ def test_killed_volume_worker_leaks_no_backing_store(fssd_factory, shmdir):
         for w in writers:
             w.wait(60)  # a killed connection fails the writer: fine, those writes were never acknowledged
         wait_for(lambda: f.alive_pid("volume", "data") not in (None, pid), 30, "the volume worker to come back")
+        # Alive is not done: the new worker reconciles before it serves, and says so.
+        wait_for(lambda: f.log.read_text().count("fss0: re-attached") == round_ + 1, 30, "the restarted worker to re-attach fss0")
         # Reconciled with what is published: the count is exact, nothing reserved past the last copy.
         slots = [k for k in m.table if k]
         assert m.copies == len(slots), (m.copies, len(slots))

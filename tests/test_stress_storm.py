@@ -38,9 +38,9 @@ def _broken_copy(tmp_path: Path, patches: list[tuple[str, str, str]]) -> dict:
 
 def test_the_check_catches_a_volume_worker_without_copy_before_write(tmp_path):
     env = _broken_copy(tmp_path, [(
-        "workers/volume.py",
-        "            if self.targets:\n                self._protect(offset, len(data))\n",
-        "            pass  # broken on purpose: writes land without copying for the snapshots\n",
+        "workers/cow.py",
+        "                self._protect(offset, length)\n",
+        "                pass  # broken on purpose: writes land without copying for the snapshots\n",
     )])
     # A snapshot round: one snapshot is taken before the kill, so there is one to check.
     s = run_stress(seed=8, rounds=1, writers=4, vss=False, env=env, kinds=("snapshot",), log=print)

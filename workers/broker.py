@@ -27,7 +27,6 @@ Every request, whatever its source, enters through Broker.request().
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import grp
@@ -45,15 +44,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import msgspec
 import posix_ipc
 
-from ipc import hyperv, logfmt, mqueue, names, vssproto
+from ipc import hyperv, logfmt, mqueue, vssproto
 from ipc.channel import Channel, FrameError
 from ipc.names import app_queues, vss_socket
 from ipc.vssproto import Opened, Register, Registered, Request, VssReply, VssRequest
-from ipc.workermsg import Ready, Stop, ToWorker, VssState
-from workers import freeze, hooks
+from ipc.workermsg import Ready, Stop, VssState
+from workers import freeze, hooks, spawned
+from workers.settings import BrokerSettings
 from workers.vsscore import (JOBS, Action, AppAnswered, AppGone, BrokerCore, CheckMounts, CloseApp, Event, Freeze,
                              FreezeDone, HooksDone, MountsChecked, Reply, ReportState, Requested, RunHooks, SendsFailed,
                              SendToApps, Thaw, ThawDone, Tick)
@@ -70,21 +69,6 @@ ROOT_CONNECTIONS = 64  # root's own connections beyond its registrations, counte
 EXTRA_CONNECTIONS = 4  # per uid beyond its registrations (requests, a registration in progress)
 ACCEPT_BACKOFF = 1.0  # seconds without accepting after EMFILE / ENFILE
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
-
-
-class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    prefix: str
-    rundir: str
-    timeout: float = 15.0
-    freeze_max: float = 10.0
-    freeze_mounts: list[str] = []
-    hooks_dir: str | None = None
-    hyperv_device: str | None = None  # /dev/vmbus/hv_vss, or unix:/path for a stand-in
-    debug: bool = False
-    group: str | None = None  # [daemon] group: its members may request and register (root always)
-    max_apps: int = 64  # [vss] max_apps
-    max_apps_per_uid: int = 8  # [vss] max_apps_per_uid (root is not capped)
-    use_syslog: bool = False  # fssd -s: log to syslog like the other workers
 
 
 class HoldingHandler(logging.Handler):
@@ -844,23 +828,9 @@ def _setup_logging(debug: bool, use_syslog: bool = False) -> HoldingHandler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="workers.broker")
-    ap.add_argument("--channel-fd", type=int, default=None)
-    ap.add_argument("settings")
-    args = ap.parse_args(argv)
-    try:
-        settings = msgspec.json.decode(args.settings.encode(), type=BrokerSettings)
-    except msgspec.DecodeError as e:
-        print(f"vss broker: bad settings: {e}", file=sys.stderr)
-        return 2
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(names.proc_title("vss broker", settings.rundir))
-    except ImportError:
-        pass
+    settings, chan = spawned.bootstrap("workers.broker", BrokerSettings, argv, title=lambda s: "vss broker",
+                                       log_name=lambda s: "vss", channel_kind="optional")
     holder = _setup_logging(settings.debug, settings.use_syslog)
-    chan = Channel(socket.socket(fileno=args.channel_fd), ToWorker) if args.channel_fd is not None else None
     broker = Broker(settings, chan, holder)
 
     def on_term(signum, frame):

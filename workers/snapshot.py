@@ -16,29 +16,16 @@ import socket
 import sys
 import threading
 
-import msgspec
-import setproctitle
-
-from ipc import logfmt, names, nbd, workermsg
+from ipc import nbd, workermsg
+from ipc.channel import Channel
 from ipc.clustermap import ClusterMap
 from workers import fileio
 from workers import spawned
 from workers.nbdserve import Server
+from workers.settings import SnapshotSettings
 from workers.spawned import refuse_if_orphaned
 
 log = logging.getLogger("snapshot")
-
-
-class SnapshotSettings(msgspec.Struct, frozen=True):
-    device: str
-    volume: str
-    volume_path: str
-    map_name: str
-    bs_fd: int
-    listen_fd: int
-    taken: str  # UTC, for the process title
-    debug: bool = False
-    use_syslog: bool = False
 
 
 def _invalid(cmap: ClusterMap) -> OSError:
@@ -56,12 +43,6 @@ class SnapshotBackend:
         self.map = cmap
         self.size = cmap.volume_size
 
-    def _any_copied(self, c0: int, c1: int) -> bool:
-        t = self.map.table
-        if c0 == c1:
-            return t[c0] != 0
-        return any(t[c0 : c1 + 1])
-
     def read(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
         self.read_into(memoryview(buf), offset)
@@ -74,13 +55,10 @@ class SnapshotBackend:
         if not m.usable:
             raise _invalid(m)
         length = len(view)
-        shift = m.cluster_shift
-        c0 = offset >> shift
-        c1 = (offset + length - 1) >> shift
-        if not self._any_copied(c0, c1):
+        if not m.any_copied(offset, length):
             got = os.preadv(self.volume_fd, [view], offset)
             # Test after read: still clear means the volume was not yet overwritten when we read it.
-            if not self._any_copied(c0, c1):
+            if not m.any_copied(offset, length):
                 if not m.usable:  # invalidated meanwhile: the volume no longer waits for copies
                     raise _invalid(m)
                 if got != length:
@@ -114,11 +92,10 @@ class SnapshotBackend:
                     nc += 1
                     stop = min(nc << shift, end)
                 self._read_exact(self.volume_fd, view[pos - offset : stop - offset], pos)
-                for cc in range(c, nc):  # test after read, cluster by cluster
+                for cc, a, b in m.pieces(pos, stop - pos):  # test after read, cluster by cluster
                     kk = t[cc]
                     if kk:
-                        a, b = max(cc << shift, pos), min((cc + 1) << shift, stop)
-                        self._read_exact(self.bs_fd, view[a - offset : b - offset], kk * cs + (a - (cc << shift)))
+                        self._read_exact(self.bs_fd, view[a - offset : b - offset], kk * cs + (a - m.cluster_start(cc)))
             pos = stop
 
     @staticmethod
@@ -134,9 +111,7 @@ class SnapshotBackend:
         m = self.map
         if not m.usable:
             return None
-        shift = m.cluster_shift
-        c0 = offset >> shift
-        c1 = (offset + length - 1) >> shift
+        c0, c1 = m.span(offset, length)
         t = m.table
         k0 = t[c0]
         if not k0:
@@ -144,7 +119,7 @@ class SnapshotBackend:
         for c in range(c0 + 1, c1 + 1):
             if t[c] != k0 + (c - c0):
                 return None
-        return self.bs_fd, k0 * m.cluster_size + (offset - (c0 << shift))
+        return self.bs_fd, k0 * m.cluster_size + (offset - m.cluster_start(c0))
 
     # The protocol refuses writes to a read-only export first; these are the backstop.
     def write(self, offset: int, data: bytes, fua: bool) -> None:
@@ -169,7 +144,6 @@ class SnapshotBackend:
         if not m.usable:
             raise _invalid(m)
         hz = nbd.STATE_HOLE | nbd.STATE_ZERO
-        shift = m.cluster_shift
         t = m.table
         out: list[tuple[int, int]] = []
 
@@ -184,23 +158,17 @@ class SnapshotBackend:
             end = pos + n
             if not hole:
                 add(n, 0)
-            elif not any(t[pos >> shift : ((end - 1) >> shift) + 1]):
+            elif not m.any_copied(pos, n):
                 add(n, hz)  # nothing copied in this hole (the usual case): one extent
             else:
                 # A live write into a hole copies the (zero) cluster first: such clusters are data now.
-                while pos < end:
-                    c = pos >> shift
-                    stop = min((c + 1) << shift, end)
-                    add(stop - pos, 0 if t[c] else hz)
-                    pos = stop
+                for c, a, b in m.pieces(pos, n):
+                    add(b - a, 0 if t[c] else hz)
             pos = end
         return out
 
 
-def run(settings: SnapshotSettings, channel_fd: int) -> int:
-    setproctitle.setproctitle(names.proc_title(f"{settings.device} {settings.volume}@{settings.taken}"))
-    logfmt.setup(settings.device, settings.debug, settings.use_syslog)
-    chan = spawned.channel(channel_fd)
+def run(settings: SnapshotSettings, chan: Channel) -> int:
     vol_fd = os.open(settings.volume_path, os.O_RDONLY | os.O_CLOEXEC)
     cmap = ClusterMap.attach(settings.map_name, writable=False)
     backend = SnapshotBackend(vol_fd, settings.bs_fd, cmap)
@@ -226,7 +194,8 @@ def run(settings: SnapshotSettings, channel_fd: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(*spawned.command_line("workers.snapshot", SnapshotSettings, argv))
+    return run(*spawned.bootstrap("workers.snapshot", SnapshotSettings, argv,
+                                  title=lambda s: f"{s.device} {s.volume}@{s.taken}", log_name=lambda s: s.device))
 
 
 if __name__ == "__main__":

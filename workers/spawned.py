@@ -1,7 +1,10 @@
-"""What every worker process shares: its command line and its channel to the supervisor.
+"""What every worker process shares: its start (bootstrap) and its channel to the supervisor.
 
 Workers are spawned as `python -m workers.<kind> --channel-fd N SETTINGS_JSON`
-(through workers.launch, which ties their life to the supervisor's).
+through workers.launch, which ties their life to the supervisor's
+(PR_SET_PDEATHSIG) before the worker's module is even imported. Each worker's
+main() then calls bootstrap(): decode its settings (workers.settings), set the
+process title, set up logging (stderr or syslog), and open its channel.
 EOF on the channel means the supervisor is gone: the worker exits at once,
 without executing anything a client still has queued (a new instance may
 already be serving the volume, and a late write would land behind its
@@ -16,17 +19,18 @@ import errno
 import logging
 import os
 import socket
-from typing import Any, Iterator
+import sys
+from typing import Any, Callable, Iterator, Literal
 
 import msgspec
 
-from ipc import workermsg
+from ipc import logfmt, names, workermsg
 from ipc.channel import Channel
 
 log = logging.getLogger("worker")
 
 EXIT_SUPERVISOR_GONE = 75  # EX_TEMPFAIL
-_gone = False
+orphaned = False  # set once, by the main thread, when the supervisor is gone (read: refuse_if_orphaned)
 
 
 def refuse_if_orphaned() -> None:
@@ -36,28 +40,51 @@ def refuse_if_orphaned() -> None:
     main thread sets it the moment the channel reads end of file, the kernel's
     PR_SET_PDEATHSIG follows within microseconds, and a new instance waits until
     this process is gone, so nothing executed in between can reach it."""
-    if _gone:
+    if orphaned:
         raise OSError(errno.ESHUTDOWN, "the supervisor is gone; not executing")
 
 
 def _supervisor_gone(why: str) -> None:
-    global _gone
-    _gone = True  # first: request threads stop executing now, before the log line below
+    global orphaned
+    orphaned = True  # first: request threads stop executing now, before the log line below
     log.error("%s: exiting without executing anything still queued", why)
     logging.shutdown()
     os._exit(EXIT_SUPERVISOR_GONE)
 
 
-def command_line(prog: str, settings_type: Any, argv: list[str] | None) -> tuple[Any, int]:
+ChannelKind = Literal["messages", "optional", "socket"]
+
+
+def bootstrap(prog: str, settings_type: Any, argv: list[str] | None, *, title: Callable[[Any], str], log_name: Callable[[Any], str],
+              channel_kind: ChannelKind = "messages") -> tuple[Any, Any]:
+    """Every worker's start, in this order: settings, process title, logging, channel.
+
+    `title(settings)` is the body of the process title (names.proc_title adds the
+    instance), `log_name(settings)` the logger prefix. channel_kind: "messages"
+    (a Channel of workermsg, required), "optional" (the same, None without
+    --channel-fd: the broker run by hand), "socket" (the bare socket, for a worker
+    with its own datagram protocol). Bad settings: one line on stderr, exit 2.
+    Returns (settings, channel)."""
     ap = argparse.ArgumentParser(prog=prog)
-    ap.add_argument("--channel-fd", type=int, required=True)
+    ap.add_argument("--channel-fd", type=int, required=channel_kind != "optional", default=None)
     ap.add_argument("settings")
     args = ap.parse_args(argv)
-    return msgspec.json.decode(args.settings, type=settings_type), args.channel_fd
+    try:
+        settings = msgspec.json.decode(args.settings, type=settings_type)
+    except msgspec.DecodeError as e:
+        print(f"{prog}: bad settings: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        import setproctitle
 
-
-def channel(fd: int) -> Channel:
-    return Channel(socket.socket(fileno=fd), workermsg.ToWorker)
+        setproctitle.setproctitle(names.proc_title(title(settings), getattr(settings, "rundir", None)))
+    except ImportError:
+        pass
+    logfmt.setup(log_name(settings), settings.debug, settings.use_syslog)
+    if args.channel_fd is None:
+        return settings, None
+    sock = socket.socket(fileno=args.channel_fd)
+    return settings, sock if channel_kind == "socket" else Channel(sock, workermsg.ToWorker)
 
 
 def supervisor_messages(chan: Channel) -> Iterator[tuple[Any, list[int]]]:

@@ -30,19 +30,11 @@ import time
 
 import msgspec
 
-from ipc import logfmt, names, suspendmsg
+from ipc import suspendmsg
 from workers import freeze, spawned
+from workers.settings import SuspendSettings
 
 log = logging.getLogger("suspend")
-
-
-class SuspendSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    device: str
-    mounts: list[str]  # what each descriptor is, for messages
-    fds: list[int]  # open directories on the file systems to freeze, inherited
-    freeze_max: float
-    debug: bool = False
-    use_syslog: bool = False
 
 
 def _syncfs(fds: list[int]) -> None:
@@ -145,16 +137,8 @@ def _fail(send, frozen: list[tuple[int, str]], reason: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings, chan_fd = spawned.command_line("workers.suspend", SuspendSettings, argv)
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(names.proc_title(f"suspend {settings.device}"))
-    except ImportError:
-        pass
-    logfmt.setup(f"suspend {settings.device}", settings.debug, settings.use_syslog)
-    return run(settings, socket.socket(fileno=chan_fd))
-
+    return run(*spawned.bootstrap("workers.suspend", SuspendSettings, argv, title=lambda s: f"suspend {s.device}",
+                                  log_name=lambda s: f"suspend {s.device}", channel_kind="socket"))
 
 if __name__ == "__main__":
     sys.exit(main())
