@@ -22,6 +22,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -645,6 +646,15 @@ def test_front_is_a_titled_worker_restarted_after_a_kill_over_ipv6_too(srv, pki)
     new = wait_for(lambda: srv.alive_pid("listen", key), 20, "the front to restart")
     assert new != pid
     assert listed(f"nbds://[::1]:{srv.ports['v6']}/?tls-certificates={pki / 'backup1'}") == ["fss0"]
+
+
+def test_front_settings_follow_the_worker_contract():
+    from workers.tcpfront import FrontSettings
+
+    assert FrontSettings.__struct_fields__[-2:] == ("debug", "use_syslog")
+    r = subprocess.run([sys.executable, "-m", "workers.tcpfront", "--channel-fd", "0", '{"no_such_field": 1}'],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad settings" in r.stderr, r.stderr
 
 
 def test_bad_listen_config_is_one_line(tmp_path, fssd_factory, shmdir):

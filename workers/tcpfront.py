@@ -41,9 +41,9 @@ import threading
 import time
 
 import msgspec
-import setproctitle
 
-from ipc import listenpolicy, logfmt, names, nbd, workermsg
+from ipc import listenpolicy, names, nbd, workermsg
+from ipc.channel import Channel
 from ipc.listenpolicy import Client, ListenSection
 from ipc.nbdclient import ClientHandshake, HandshakeFailed
 from workers import relay, spawned
@@ -56,7 +56,9 @@ HS_CHUNK = 64 * 1024
 WARN_EVERY = 10.0
 
 
-class FrontSettings(msgspec.Struct, frozen=True):
+class FrontSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """workers.tcpfront: one [[listen]] table (the contract of workers.settings: debug, use_syslog last)."""
+
     listen: ListenSection
     listen_fd: int
     rundir: str
@@ -423,11 +425,7 @@ def _recv(stream: PlainStream | TLSStream, deadline: float) -> bytes:
         raise _Closed(f"client went away during the handshake: {e}") from None
 
 
-def run(settings: FrontSettings, channel_fd: int) -> int:
-    title = f"listen {settings.listen.address}"
-    setproctitle.setproctitle(names.proc_title(title))
-    logfmt.setup(title, settings.debug, settings.use_syslog)
-    chan = spawned.channel(channel_fd)
+def run(settings: FrontSettings, chan: Channel) -> int:
     listener = socket.socket(fileno=settings.listen_fd)
     try:
         front = Front(listener, settings)
@@ -453,7 +451,8 @@ def run(settings: FrontSettings, channel_fd: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(*spawned.command_line("workers.tcpfront", FrontSettings, argv))
+    return run(*spawned.bootstrap("workers.tcpfront", FrontSettings, argv,
+                                  title=lambda s: f"listen {s.listen.address}", log_name=lambda s: f"listen {s.listen.address}"))
 
 
 if __name__ == "__main__":
