@@ -22,13 +22,12 @@ import stat
 import struct
 from typing import NamedTuple
 
+from daemon.errors import ControlError
 from ipc.units import humanize
 
 
-class BackingError(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.errno = code
+class BackingError(ControlError):
+    """A store refused: answered to the client as it is."""
 
 
 class BackingStore(NamedTuple):

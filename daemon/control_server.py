@@ -13,6 +13,9 @@ must arrive whole within FRAME_TIMEOUT (the first one within FRAME_TIMEOUT
 of the connect); an idle connection is closed after IDLE_TIMEOUT. Out of
 descriptors (EMFILE/ENFILE), accepting pauses with back-off and one warning
 a minute.
+
+It carries bytes and vouches for the peer; what a request does is the one
+handler's business (daemon/service.py): `await handler(request, fds, peer)`.
 """
 
 from __future__ import annotations
@@ -26,19 +29,17 @@ import resource
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from daemon import rundir as rundirmod
-from daemon.snapshots import ControlError
-from ipc import control, names
+from daemon.service import Peer
+from ipc import control
 from ipc.framing import MAX_REQUEST, FrameCodec, FrameError
-
-if TYPE_CHECKING:
-    from daemon.supervisor import Supervisor
 
 log = logging.getLogger("control")
 
-_MUTATING = (control.Configure, control.Unconfigure)
+Handler = Callable[[control.Request, list[int], Peer], Awaitable[control.Reply]]
 
 MAX_CONNECTIONS = 64
 RESERVED = 16  # of MAX_CONNECTIONS, only for root
@@ -47,6 +48,15 @@ FRAME_TIMEOUT = 5.0
 IDLE_TIMEOUT = 60.0
 MAX_FDS = 2  # per request (a Configure: the store and its directory)
 _RECV = 65536
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int = MAX_CONNECTIONS
+    reserved: int = RESERVED  # of max_connections, only for root
+    max_per_uid: int = MAX_PER_UID
+    frame_timeout: float = FRAME_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -110,9 +120,11 @@ class _RateLimited:
 
 
 class ControlServer:
-    def __init__(self, sup: "Supervisor"):
-        self.sup = sup
-        self.path = names.control_socket(sup.rundir)
+    def __init__(self, path: str, group: str, handler: Handler, limits: Limits = Limits()):
+        self.path = path
+        self.group = group  # [daemon] group: may connect (socket mode) and configure
+        self.handler = handler
+        self.limits = limits
         self.codec = FrameCodec(control.Request)
         self.listener: socket.socket | None = None
         self.conns: dict[int, int] = {}  # id -> uid
@@ -128,7 +140,7 @@ class ControlServer:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        gid = rundirmod.group_gid(self.sup.cfg.daemon.group)
+        gid = rundirmod.group_gid(self.group)
         self.listener = rundirmod.bind_unix(self.path, group_access=True, gid=gid)
         self.listener.setblocking(False)
         self.listener.listen(128)
@@ -188,7 +200,7 @@ class ControlServer:
     def _privileged(self, uid: int, groups: set[int]) -> bool:
         if uid == 0:
             return True
-        group = self.sup.cfg.daemon.group
+        group = self.group
         if not group:
             return False
         try:
@@ -205,12 +217,13 @@ class ControlServer:
         n = len(self.conns)
         mine = sum(1 for u in self.conns.values() if u == uid)
         why = None
-        if n >= MAX_CONNECTIONS:
+        lim = self.limits
+        if n >= lim.max_connections:
             why = f"{n} connections open"
-        elif uid != 0 and n >= MAX_CONNECTIONS - RESERVED:
-            why = f"{n} connections open ({RESERVED} kept for root)"
-        elif uid != 0 and mine >= MAX_PER_UID:
-            why = f"uid {uid} has {mine} connections open (at most {MAX_PER_UID})"
+        elif uid != 0 and n >= lim.max_connections - lim.reserved:
+            why = f"{n} connections open ({lim.reserved} kept for root)"
+        elif uid != 0 and mine >= lim.max_per_uid:
+            why = f"uid {uid} has {mine} connections open (at most {lim.max_per_uid})"
         if why:
             self._refused.warn("control socket: refused a connection from uid %d (pid %d): %s", uid, pid, why)
             try:  # a word to a well-behaved client; never wait for a slow one
@@ -245,12 +258,13 @@ class ControlServer:
             self._loop.remove_reader(fd)
 
     async def _send(self, sock: socket.socket, data: bytes) -> None:
-        await asyncio.wait_for(self._loop.sock_sendall(sock, data), FRAME_TIMEOUT)
+        await asyncio.wait_for(self._loop.sock_sendall(sock, data), self.limits.frame_timeout)
 
     async def _serve(self, sock: socket.socket, pid: int, uid: int, groups: set[int]) -> None:
         codec = FrameCodec(control.Request, MAX_REQUEST)
         fds: list[int] = []
-        deadline = time.monotonic() + FRAME_TIMEOUT  # the first request, whole, within this
+        lim = self.limits
+        deadline = time.monotonic() + lim.frame_timeout  # the first request, whole, within this
         first = True
         try:
             while True:
@@ -281,7 +295,7 @@ class ControlServer:
                     await self._send(sock, self.codec.encode(control.Error(errno.EMSGSIZE if "exceeds" in str(e) else errno.EINVAL, f"malformed request: {e}")))
                     return
                 if was_idle and codec.buffered and not first:
-                    deadline = time.monotonic() + FRAME_TIMEOUT  # a request has begun: it must finish soon
+                    deadline = time.monotonic() + lim.frame_timeout  # a request has begun: it must finish soon
                 for req in msgs:
                     n = getattr(req, "nfds", 0) if isinstance(req, control.Configure) else 0
                     claimed, rest = fds[:n], fds[n:]
@@ -291,7 +305,7 @@ class ControlServer:
                     me = asyncio.current_task()
                     self.busy.add(me)
                     try:
-                        reply = await self._dispatch(req, claimed, pid, uid, groups)
+                        reply = await self.handler(req, claimed, Peer(pid, uid, self._privileged(uid, groups)))
                         await self._send(sock, self.codec.encode(reply))
                     finally:
                         self.busy.discard(me)
@@ -300,54 +314,9 @@ class ControlServer:
                 if msgs:
                     first = False
                 if not codec.buffered:
-                    deadline = time.monotonic() + IDLE_TIMEOUT
+                    deadline = time.monotonic() + lim.idle_timeout
         except (ConnectionError, asyncio.TimeoutError, OSError) as e:
             log.debug("control client pid %d went away: %s", pid, e)
         finally:
             for fd in fds:
                 os.close(fd)
-
-    async def _dispatch(self, req, fds: list[int], pid: int, uid: int, groups: set[int]):
-        sup = self.sup
-        try:
-            if isinstance(req, _MUTATING) and sup.shutting_down:
-                return control.Error(errno.ESHUTDOWN, "fssd is shutting down")
-            if isinstance(req, _MUTATING) and not self._privileged(uid, groups):
-                log.warning("refused %s from uid %d (pid %d): not root or in the fssd group", type(req).__name__, uid, pid)
-                return control.Error(errno.EPERM, "Operation not permitted")
-            if isinstance(req, control.ListSnapshots):
-                devs = sup.snaps.devices()
-                if req.device is not None:
-                    if req.device not in devs:
-                        return control.Error(errno.ENXIO, f"{req.device}: Device not configured")
-                    devs = [req.device]
-                return control.Snapshots([sup.snaps.info(d) for d in devs])
-            if isinstance(req, control.ListVolumes):
-                return control.Volumes([sup.volume_info(v) for v in sup.volumes.values()])
-            if isinstance(req, control.Configure):
-                claimed, fds = fds, []
-                return await sup.snaps.configure(req, claimed, uid)
-            if isinstance(req, control.Unconfigure):
-                await sup.snaps.unconfigure(req.device)
-                return control.Unconfigured(req.device)
-            if isinstance(req, control.Status):
-                return control.StatusReply(
-                    pid=os.getpid(),
-                    rundir=sup.rundir,
-                    config=sup.config_path,
-                    uptime=time.monotonic() - sup.started,
-                    volumes=[sup.volume_info(v) for v in sup.volumes.values()],
-                    snapshots=[sup.snaps.info(d) for d in sup.snaps.devices()],
-                    workers=sup.worker_infos(),
-                    vss=sup.vss_info(),
-                )
-        except ControlError as e:
-            log.warning("refused %s: %s", type(req).__name__, e)
-            return control.Error(e.errno, str(e))
-        except Exception as e:  # a bug answers with an error; it never drops the client silently
-            log.exception("internal error handling %s", type(req).__name__)
-            return control.Error(errno.EIO, f"internal error in fssd: {e}")
-        finally:
-            for fd in fds:
-                os.close(fd)
-        return control.Error(errno.EINVAL, f"unsupported request {type(req).__name__}")

@@ -7,6 +7,11 @@ one end of a socketpair (the channel) and whatever descriptors it serves
 directory's locked pid file, so a new instance can tell when every process of
 this one is gone. Exits are noticed through a pidfd in the event loop, so a
 SIGKILLed worker is seen at once.
+
+A Worker settles the replies to its own requests (`call`, matched by request
+id) and restarts itself with back-off under a RestartPolicy; its owner hears
+only of unsolicited messages (`on_message`), exits (`on_exit`), restarts and
+giving up.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ipc import names, workermsg
@@ -35,6 +41,17 @@ RESTART_WINDOW = 60.0
 
 class WorkerGone(Exception):
     pass
+
+
+@dataclass
+class RestartPolicy:
+    """When a worker that died unasked is started again."""
+
+    max_restarts: int  # within RESTART_WINDOW; more and it has failed for good...
+    keep_trying: float | None = None  # ...unless it matters too much: retry every this many seconds
+    allowed: Callable[[], bool] = lambda: True  # False while the service shuts down
+    on_restarted: Callable[["Worker"], None] = lambda w: None
+    on_gave_up: Callable[["Worker"], None] = lambda w: None
 
 
 # What a worker gets when the supervisor dies: the data workers die at once (nothing a
@@ -58,6 +75,7 @@ class Worker:
         on_message: Callable[["Worker", Any, list[int]], None],
         on_exit: Callable[["Worker", int], None],
         env: dict[str, str],
+        policy: RestartPolicy | None = None,
     ):
         self.kind = kind
         self.key = key
@@ -65,6 +83,7 @@ class Worker:
         self.on_message = on_message
         self.on_exit = on_exit
         self.env = env
+        self.policy = policy
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.pidfd: int | None = None
@@ -182,9 +201,30 @@ class Worker:
             self.kill()
             return
         for i, m in enumerate(msgs):
-            if isinstance(m, workermsg.Ready) and self.ready and not self.ready.done():
-                self.ready.set_result(m)
-            self.on_message(self, m, fds if i == 0 else [])
+            mine = fds if i == 0 else []
+            if isinstance(m, workermsg.Ready):
+                if self.ready and not self.ready.done():
+                    self.ready.set_result(m)
+                self._close(mine)
+            elif getattr(m, "req", 0):
+                self._settle(m)
+                self._close(mine)  # workers never hand descriptors up with a reply
+            else:
+                self.on_message(self, m, mine)
+
+    @staticmethod
+    def _close(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+
+    def _settle(self, msg: Any) -> None:
+        """A reply to one of our requests: to whoever awaits it, or dropped if no one does any more."""
+        fut = self.pending.get(msg.req)
+        if fut and not fut.done():
+            fut.set_result(msg)
+        else:
+            device = getattr(msg, "device", "")
+            log.warning("%s %s: late %s for %s dropped (request %d is no longer waited for)", self.kind, self.key, type(msg).__name__, device, msg.req)
 
     def _exited(self) -> None:
         loop = asyncio.get_running_loop()
@@ -212,6 +252,37 @@ class Worker:
                 fut.set_exception(gone)
         self.exited.set()
         self.on_exit(self, status)
+        self._schedule_restart()
+
+    def _schedule_restart(self) -> None:
+        p = self.policy
+        if p is None or self.stopping or not p.allowed():
+            return
+        log.error("%s %s (pid %d) %s", self.kind, self.key, self.pid, self.last_error or "exited")
+        delay = self.note_restart(p.max_restarts)
+        if delay is None:
+            if p.keep_trying is None:
+                p.on_gave_up(self)
+                return
+            delay = p.keep_trying
+            log.critical("%s %s keeps dying; retrying every %.0f s", self.kind, self.key, delay)
+        loop = asyncio.get_running_loop()
+        self.restart_handle = loop.call_later(delay, lambda: asyncio.ensure_future(self._restart()))
+        log.info("%s %s: restarting in %.1f s (restart %d)", self.kind, self.key, delay, self.restarts)
+
+    async def _restart(self) -> None:
+        if self.stopping or not self.policy.allowed():
+            return
+        try:
+            await self.start()
+            log.info("%s %s: restarted (pid %d)", self.kind, self.key, self.pid)
+            self.policy.on_restarted(self)
+        except (WorkerGone, OSError) as e:
+            log.error("%s %s: restart failed: %s", self.kind, self.key, e)
+            if not self.alive and self.pidfd is None:
+                # No process, so no exit event will come to try again: schedule it here.
+                self.on_exit(self, -1)
+                self._schedule_restart()
 
     def note_restart(self, max_restarts: int) -> float | None:
         """Record a restart; the back-off delay, or None when it died too often to go on."""

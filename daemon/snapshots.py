@@ -16,18 +16,15 @@ import os
 import socket
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
-
 import msgspec
 
 from daemon import backing, suspend
+from daemon.errors import ControlError
 from daemon.procs import Worker, WorkerGone
+from daemon.snaphost import SnapshotHost
 from ipc import control, names, workermsg
 from ipc.clustermap import FLAG_UNCONFIG_ON_CLOSE, ClusterMap, MapState, choose_cluster_size, table_clusters
 from workers.settings import SnapshotSettings
-
-if TYPE_CHECKING:
-    from daemon.supervisor import Supervisor
 
 log = logging.getLogger("supervisor")
 
@@ -46,10 +43,23 @@ def _devices(mounts: list[str]) -> frozenset[int]:
     return frozenset(devs)
 
 
-class ControlError(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.errno = code
+# Test hook: seconds to hold each table write, standing in for a slow device (tests only).
+SLOW_TABLE_ENV = "FSSD_TEST_SLOW_TABLE_WRITE"
+
+
+def write_table(store: backing.BackingStore, nbytes: int) -> None:
+    """The on-disk table (all clear) heads the store, copies are appended after it; writing it
+    also proves the store takes writes (a "file" on /proc truncates without error). Tens of MiB
+    and an fsync at 1 TiB: runs off the event loop."""
+    if not store.is_device:
+        os.ftruncate(store.fd, 0)
+    if os.pwrite(store.fd, bytes(nbytes), 0) != nbytes:
+        raise OSError(errno.EIO, "short write")
+    if not store.is_device:
+        os.fsync(store.fd)
+    delay = os.environ.get(SLOW_TABLE_ENV)
+    if delay:
+        time.sleep(float(delay))
 
 
 class Snapshot:
@@ -75,15 +85,15 @@ class Snapshot:
 
 
 class SnapshotManager:
-    def __init__(self, sup: "Supervisor"):
-        self.sup = sup
+    def __init__(self, host: SnapshotHost):
+        self.host = host
         self.snaps: dict[str, Snapshot] = {}
         self.lock = asyncio.Lock()
 
     # -- queries -------------------------------------------------------------------
 
     def devices(self) -> list[str]:
-        return [f"fss{i}" for i in range(self.sup.cfg.daemon.devices)]
+        return list(self.host.devices)
 
     def devices_of(self, volume: str) -> list[str]:
         return sorted(d for d, s in self.snaps.items() if s.volume == volume)
@@ -105,7 +115,7 @@ class SnapshotManager:
         if s is None:
             return control.SnapshotInfo(device=device, in_use=False)
         m = s.map
-        vol = self.sup.volumes.get(s.volume)
+        vol = self.host.volumes().get(s.volume)
         w = s.worker
         state = "invalid" if not m.valid else {MapState.CREATING: "creating", MapState.ACTIVE: "active"}.get(m.state, m.state.name.lower())
         return control.SnapshotInfo(
@@ -124,7 +134,7 @@ class SnapshotManager:
             bs_limit_clusters=m.bs_limit,
             copies=m.copies,
             backup=s.backup_shown,
-            uri=names.nbd_uri(self.sup.rundir, device),
+            uri=names.nbd_uri(self.host.rundir, device),
             pid=w.pid if w and w.alive else 0,
             uptime=time.monotonic() - w.started if w and w.alive else 0.0,
             restarts=w.restarts if w else 0,
@@ -145,36 +155,38 @@ class SnapshotManager:
             if len(fds) != req.nfds or req.nfds not in (1, 2) or (req.nfds == 2) != bool(req.name) or "/" in req.name:
                 raise ControlError(errno.EINVAL, "a configure request carries the backing store's descriptor (fssconfig opens it)")
             if req.device not in self.devices():
-                raise ControlError(errno.ENXIO, f"{req.device}: Device not configured (devices are fss0..fss{self.sup.cfg.daemon.devices - 1})")
+                raise ControlError(errno.ENXIO, f"{req.device}: Device not configured (devices are {self._device_range()})")
             async with self.lock:
                 if req.device in self.snaps:
                     raise ControlError(errno.EBUSY, f"{req.device}: Device busy")
-                vol = self.sup.find_volume(req.path)
+                vol = self.host.find_volume(req.path)
                 if vol is None:
                     raise ControlError(errno.ENOENT, f"{req.path}: no such volume (give a volume name, its mountpoint or its image path)")
                 if vol.worker is None or not vol.worker.alive:
                     raise ControlError(errno.EAGAIN, f"{vol.section.name}: volume worker is not running; try again")
-                try:
-                    store = backing.check_store(fds[0], req.backup, uid, vol.section.mountpoint, self.sup.cfg.freeze_mounts(), self._taken())
-                except backing.BackingError as e:
-                    raise ControlError(e.errno, str(e)) from None
+                store = backing.check_store(fds[0], req.backup, uid, vol.section.mountpoint, self.host.freeze_mounts(), self._taken())
                 store = store._replace(unlink_now=req.unlink, dirfd=fds[1] if req.nfds == 2 else -1, name=req.name)
                 fds = []  # the store's now
-                self.sup.record_made(store)  # from now on a kill must not leave the file behind
+                self.host.record_made(store)  # from now on a kill must not leave the file behind
                 try:
                     return await self._configure(req, vol, vol.section.name, store)
                 except BaseException:
-                    backing.discard(store, unlinked=True)  # fssconfig removes a file it made for a failed configure
-                    self.sup.record_made()
+                    # fssconfig removes a file it made for a failed configure
+                    await self.host.offload(backing.discard, store, True)
+                    self.host.record_made(None)
                     raise
         finally:
             for fd in fds:
                 os.close(fd)
 
+    def _device_range(self) -> str:
+        d = self.host.devices
+        return f"{d[0]}..{d[-1]}" if d else "none"
+
     def _taken(self) -> dict[tuple, str]:
         """Storage that must never become a backing store: every volume's data, every store in use."""
         taken: dict[tuple, str] = {}
-        for v in self.sup.volumes.values():
+        for v in self.host.volumes().values():
             try:
                 for ident in backing.volume_identities(os.stat(v.section.path)):
                     taken[ident] = f"the image of volume {v.section.name}"
@@ -191,27 +203,15 @@ class SnapshotManager:
             backing.check_cluster(req.cluster, csize, vol.size)
         except ValueError as e:
             raise ControlError(errno.EINVAL, f"cluster size: {e}") from None
-        except backing.BackingError as e:
-            raise ControlError(e.errno, str(e)) from None
         count = (vol.size + csize - 1) // csize
         tclusters = table_clusters(count, csize)
+        limit = backing.limit_clusters(store, req.size, csize, count, tclusters)
         try:
-            limit = backing.limit_clusters(store, req.size, csize, count, tclusters)
-        except backing.BackingError as e:
-            raise ControlError(e.errno, str(e)) from None
-        try:
-            # The on-disk table (all clear) heads the store, copies are appended after it; writing
-            # it now also proves the store takes writes (a "file" on /proc truncates without error).
-            if not store.is_device:
-                os.ftruncate(store.fd, 0)
-            table = bytes(tclusters * csize)
-            if os.pwrite(store.fd, table, 0) != len(table):
-                raise OSError(errno.EIO, "short write")
-            if not store.is_device:
-                os.fsync(store.fd)
+            log.debug("%s: writing the table (%d bytes) to the backing store", req.device, tclusters * csize)
+            await self.host.offload(write_table, store, tclusters * csize)
         except OSError as e:
             raise ControlError(e.errno or errno.EIO, f"{req.backup}: backing store not writable: {e.strerror or e}") from None
-        map_name = names.map_name(self.sup.prefix, req.device)
+        map_name = names.map_name(self.host.prefix, req.device)
         ClusterMap.unlink(map_name)
         flags = FLAG_UNCONFIG_ON_CLOSE if req.unconfig_on_close else 0
         try:
@@ -250,7 +250,7 @@ class SnapshotManager:
         )
         if snap.note:
             log.info("%s: %s", req.device, snap.note)
-        self.sup.update_status()
+        self.host.changed()
         return control.Configured(self.info(req.device), held, window_ms, snap.window_ms if snap.consistency == "file-system" and snap.suspended else None)
 
     async def _barrier(self, worker: Worker, snap: Snapshot) -> int:
@@ -276,13 +276,13 @@ class SnapshotManager:
         nothing is mounted from the volume. `exclude` (with -C): file systems the broker holds frozen
         already; then this runs inside the broker's window and logs nothing."""
         under_vss = exclude is not None
-        sup = self.sup
+        host = self.host
         name = vol.section.name
         stores = [snap.store.fd, *(s.store.fd for s in self.snaps.values())]
-        images = {v.section.path: f"the image of volume {v.section.name}" for v in sup.volumes.values()}
+        images = {v.section.path: f"the image of volume {v.section.name}" for v in host.volumes().values()}
         try:
             guarded = await asyncio.to_thread(suspend.guarded_devices, stores, images)
-            plan = await asyncio.to_thread(suspend.plan, name, vol.section.mountpoint, names.export_socket(sup.rundir, name), guarded,
+            plan = await asyncio.to_thread(suspend.plan, name, vol.section.mountpoint, names.export_socket(host.rundir, name), guarded,
                                      exclude or frozenset())
         except suspend.SuspendError as e:
             raise ControlError(e.errno, f"{snap.device}: {e}") from None
@@ -293,8 +293,8 @@ class SnapshotManager:
                     snap.consistency = "file-system"  # mounted read-only: nothing can change under it
             return await self._barrier(vol.worker, snap)
         try:
-            r = await suspend.around(snap.device, plan.targets, sup.cfg.vss.freeze_max, lambda: self._barrier(vol.worker, snap),
-                                     sup.env, sup.debug, sup.use_syslog)
+            r = await suspend.around(snap.device, plan.targets, host.freeze_max(), lambda: self._barrier(vol.worker, snap),
+                                     host.flags.env, host.flags.debug, host.flags.use_syslog)
         except suspend.SuspendError as e:
             raise ControlError(e.errno, str(e)) from None
         snap.suspended = [t.point for t in plan.targets if t.point not in r.already]
@@ -308,37 +308,28 @@ class SnapshotManager:
     async def _consistent_barrier(self, vol, snap: Snapshot, timeout: float | None = None) -> tuple[int, float]:
         """CHECK, FREEZE, barrier, THAW: the freeze window is the snapshot's instant. File systems on
         the volume that the broker does not freeze are suspended inside its window."""
-        if not self.sup.cfg.vss.enabled or self.sup.broker is None or not self.sup.broker.alive:
+        gate = self.host.vss()
+        if gate is None:
             raise ControlError(errno.EOPNOTSUPP, "application-consistent snapshot needs the VSS broker ([vss] enabled)")
-        from ipc.vss_client import Requestor, VssError, VssTimeout
+        timeout = timeout or gate.timeout
 
-        timeout = timeout or self.sup.cfg.vss.timeout
-        requestor = Requestor(self.sup.rundir)
+        def ask(op: str):
+            return gate.request(op, timeout)
 
-        def ask(op: str) -> tuple[bool, str, bool]:
-            """(ok, reason, unknown): unknown = no answer, the broker may have acted."""
-            try:
-                r = requestor.request(op, timeout)
-                return r.ok, r.reason, False
-            except VssTimeout as e:
-                return False, str(e), True
-            except VssError as e:
-                return False, str(e), False
-
-        ok, reason, _ = await asyncio.to_thread(ask, "check")
+        ok, reason, _ = await ask("check")
         if not ok:
             raise ControlError(errno.EAGAIN, f"VSS CHECK failed: {reason}")
         t0 = time.perf_counter()
-        ok, reason, unknown = await asyncio.to_thread(ask, "freeze")
+        ok, reason, unknown = await ask("freeze")
         if not ok:
             # A failed FREEZE was already rolled back by the broker; a lost answer may not have been.
             if unknown:
-                await asyncio.to_thread(ask, "thaw")
+                await ask("thaw")
             raise ControlError(errno.EAGAIN, f"VSS FREEZE failed: {reason}")
         try:
-            held = await self._suspended_barrier(vol, snap, exclude=_devices(self.sup.broker_mounts))
+            held = await self._suspended_barrier(vol, snap, exclude=_devices(gate.mounts))
         finally:
-            ok, reason, _ = await asyncio.to_thread(ask, "thaw")
+            ok, reason, _ = await ask("thaw")
             window = (time.perf_counter() - t0) * 1000
             if not ok:
                 log.error("%s: VSS THAW reported failure: %s", snap.device, reason)
@@ -360,13 +351,13 @@ class SnapshotManager:
             snap.listener.close()
             snap.listener = None
             try:
-                os.unlink(names.export_socket(self.sup.rundir, snap.device))
+                os.unlink(names.export_socket(self.host.rundir, snap.device))
             except FileNotFoundError:
                 pass
 
     async def _start_worker(self, snap: Snapshot) -> None:
-        snap.listener = self.sup._listen(snap.device, group_access=True)
-        vol = self.sup.volumes[snap.volume]
+        snap.listener = self.host.listen(snap.device)
+        vol = self.host.volumes()[snap.volume]
 
         def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
             settings = SnapshotSettings(
@@ -377,12 +368,12 @@ class SnapshotManager:
                 bs_fd=snap.store.fd,
                 listen_fd=snap.listener.fileno(),
                 taken=snap.taken_utc,
-                debug=self.sup.debug,
-                use_syslog=self.sup.use_syslog,
+                debug=self.host.flags.debug,
+                use_syslog=self.host.flags.use_syslog,
             )
             return "workers.snapshot", msgspec.json.encode(settings).decode(), [snap.store.fd, snap.listener.fileno()]
 
-        snap.worker = Worker("snapshot", snap.device, spawn_args, self.sup.on_worker_message, self.sup.on_worker_exit, self.sup.env)
+        snap.worker = self.host.spawn("snapshot", snap.device, spawn_args)
         try:
             await snap.worker.start()
         except WorkerGone as e:
@@ -403,16 +394,16 @@ class SnapshotManager:
         snap.map.state = MapState.DESTROYING
         if snap.worker:
             await snap.worker.stop()
-        vol = self.sup.volumes.get(snap.volume)
+        vol = self.host.volumes().get(snap.volume)
         await self._detach(vol.worker if vol else None, snap.device)
         self._close_listener(snap)
         self.snaps.pop(snap.device, None)
         name = snap.map.name
         snap.map.close()
         ClusterMap.unlink(name)
-        backing.discard(snap.store, unlinked=snap.store.unlink_now)
+        await self.host.offload(backing.discard, snap.store, snap.store.unlink_now)  # may free a large file
         log.info("%s: snapshot of %s removed", snap.device, snap.volume)
-        self.sup.update_status()
+        self.host.changed()
 
     async def unconfigure_all(self) -> None:
         async with self.lock:
@@ -428,7 +419,7 @@ class SnapshotManager:
         snap.clients = count
         if count:
             snap.had_clients = True
-        elif snap.unconfig_on_close and snap.had_clients and not self.sup.shutting_down:
+        elif snap.unconfig_on_close and snap.had_clients and not self.host.stopping():
             log.info("%s: last client closed; unconfiguring (unconfig on close)", device)
             asyncio.ensure_future(self._unconfig_on_close(snap))
 
@@ -443,7 +434,7 @@ class SnapshotManager:
         snap = self.snaps.get(device)
         if snap is not None and snap.map.set_error(reason):
             log.error("%s: snapshot invalid: %s", device, reason)
-            self.sup.update_status()
+            self.host.changed()
 
     def worker_gave_up(self, worker: Worker) -> None:
         snap = self.snaps.get(worker.key)
@@ -451,4 +442,4 @@ class SnapshotManager:
             return
         if snap.map.set_error(f"worker failed repeatedly ({worker.last_error})"):
             log.error("%s: snapshot invalid: worker failed repeatedly (%s)", snap.device, worker.last_error)
-        self.sup.update_status()
+        self.host.changed()

@@ -29,10 +29,13 @@ from daemon import portability
 from daemon import rundir as rundirmod
 from daemon.control_server import ControlServer
 from daemon.notify import Notifier, child_env
-from daemon.procs import Worker, WorkerGone
+from daemon.procs import RestartPolicy, Worker, WorkerGone
+from daemon.service import Service
+from daemon.snaphost import SnapshotHost, WorkerFlags
 from daemon.version import version
 from daemon.snapshots import SnapshotManager
-from ipc import logfmt, names, workermsg
+from daemon.vssgate import ChannelVssGate
+from ipc import control, logfmt, names, workermsg
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
 from ipc.listenpolicy import ListenSection
 from workers import nbdserve
@@ -93,12 +96,52 @@ class Supervisor:
         self.env = child_env(dict(os.environ))
         self.env[names.INSTANCE_ENV] = os.path.abspath(self.rundir)
         self.env[nbdserve.LIMITS_ENV] = msgspec.json.encode(nbd_limits(cfg.daemon)).decode()
-        self.snaps = SnapshotManager(self)
-        self.control = ControlServer(self)
+        self.snaps = SnapshotManager(self._snapshot_host())
+        self.service = Service.of(self)
+        self.control = ControlServer(names.control_socket(self.rundir), cfg.daemon.group, self.service.handle)
         self.stop_event = asyncio.Event()
         self.shutting_down = False
         self._watchdog: asyncio.Task | None = None
         self._sockets: set[str] = set()
+
+    def _snapshot_host(self) -> SnapshotHost:
+        """The snapshot manager's whole view of the supervisor."""
+        return SnapshotHost(
+            rundir=self.rundir,
+            prefix=self.prefix,
+            devices=[f"fss{i}" for i in range(self.cfg.daemon.devices)],  # [daemon]: fixed until a restart
+            volumes=lambda: self.volumes,
+            find_volume=self.find_volume,
+            freeze_mounts=lambda: self.cfg.freeze_mounts(),
+            freeze_max=lambda: self.cfg.vss.freeze_max,
+            vss=self._vss_gate,
+            listen=lambda device: self._listen(device, group_access=True),
+            spawn=lambda kind, key, args: self._worker(kind, key, args, RestartPolicy(self.cfg.daemon.max_restarts, None, self._may_restart, self._restarted, self.snaps.worker_gave_up)),
+            record_made=self.record_made,
+            changed=self.update_status,
+            stopping=lambda: self.shutting_down,
+            flags=WorkerFlags(self.env, self.debug, self.use_syslog),
+        )
+
+    def _vss_gate(self) -> ChannelVssGate | None:
+        if not self.cfg.vss.enabled or self.broker is None or not self.broker.alive:
+            return None
+        return ChannelVssGate(self.broker, self.broker_mounts, self.cfg.vss.timeout)
+
+    # -- workers -------------------------------------------------------------------
+
+    def _worker(self, kind: str, key: str, spawn_args, policy: RestartPolicy | None = None) -> Worker:
+        if policy is None:  # the live volume and the broker matter too much to give up on
+            policy = RestartPolicy(self.cfg.daemon.max_restarts, 30.0, self._may_restart, self._restarted)
+        return Worker(kind, key, spawn_args, self.on_worker_message, self.on_worker_exit, self.env, policy)
+
+    def _may_restart(self) -> bool:
+        return not self.shutting_down
+
+    def _restarted(self, worker: Worker) -> None:
+        if worker.kind == "broker":
+            self.vss_state = workermsg.VssState("idle")
+        self.update_status()
 
     # -- volumes --------------------------------------------------------------------
 
@@ -146,7 +189,7 @@ class Supervisor:
             )
             return "workers.volume", msgspec.json.encode(settings).decode(), [st.listener.fileno(), *(a[2] for a in attached)]
 
-        st.worker = Worker("volume", section.name, spawn_args, self.on_worker_message, self.on_worker_exit, self.env)
+        st.worker = self._worker("volume", section.name, spawn_args)
         await st.worker.start()
         log.info("volume %s: serving %s (%d bytes) at %s (pid %d)", section.name, section.path, size, names.nbd_uri(self.rundir, section.name), st.worker.pid)
 
@@ -263,7 +306,7 @@ class Supervisor:
         # What this broker may freeze, kept apart from the config: a reload that can't restart a
         # busy broker must not change what the supervisor thaws if the broker dies.
         self.broker_mounts = self.cfg.freeze_mounts()
-        self.broker = Worker("broker", "vss", spawn_args, self.on_worker_message, self.on_worker_exit, self.env)
+        self.broker = self._worker("broker", "vss", spawn_args)
         await self.broker.start()
         self.vss_state = workermsg.VssState("idle")
         log.info("vss broker: ready (pid %d), freezes %s", self.broker.pid, ", ".join(self.cfg.freeze_mounts()) or "nothing")
@@ -282,17 +325,11 @@ class Supervisor:
     # -- worker events ----------------------------------------------------------------
 
     def on_worker_message(self, worker: Worker, msg, fds: list[int]) -> None:
+        """What a worker says unasked (replies to requests are settled by the Worker)."""
         for fd in fds:  # workers never hand descriptors up
             os.close(fd)
-        if isinstance(msg, (workermsg.Attached, workermsg.Detached, workermsg.Refused)):
-            if isinstance(msg, workermsg.Refused) and msg.req == 0:
-                self.snaps.lost(msg.device, msg.reason)
-                return
-            fut = worker.pending.get(msg.req)
-            if fut and not fut.done():
-                fut.set_result(msg)
-            else:
-                log.warning("%s %s: late %s for %s dropped (request %d is no longer waited for)", worker.kind, worker.key, type(msg).__name__, msg.device, msg.req)
+        if isinstance(msg, workermsg.Refused):
+            self.snaps.lost(msg.device, msg.reason)
         elif isinstance(msg, workermsg.ClientsChanged):
             self.snaps.clients_changed(msg.device, msg.count)
         elif isinstance(msg, workermsg.VssState):
@@ -300,40 +337,15 @@ class Supervisor:
             self.vss_state = msg
             if changed:
                 self.update_status()
+        else:
+            log.warning("%s %s: unexpected %s dropped", worker.kind, worker.key, type(msg).__name__)
 
     def on_worker_exit(self, worker: Worker, status: int) -> None:
         if worker.kind == "broker":
             # Before anything else: a broker that died holding a freeze must not leave it.
             self.thaw_everything(f"vss broker (pid {worker.pid}) {worker.last_error or 'exited'}")
             self.vss_state = workermsg.VssState("restarting" if not worker.stopping else "stopped")
-        if worker.stopping or self.shutting_down:
-            return
-        log.error("%s %s (pid %d) %s", worker.kind, worker.key, worker.pid, worker.last_error or "exited")
-        delay = worker.note_restart(self.cfg.daemon.max_restarts)
-        if delay is None:
-            if worker.kind == "snapshot":
-                self.snaps.worker_gave_up(worker)
-                return
-            delay = 30.0  # the live volume and the broker matter too much to give up on
-            log.critical("%s %s keeps dying; retrying every %.0f s", worker.kind, worker.key, delay)
-        loop = asyncio.get_running_loop()
-        worker.restart_handle = loop.call_later(delay, lambda: asyncio.ensure_future(self._restart(worker)))
-        log.info("%s %s: restarting in %.1f s (restart %d)", worker.kind, worker.key, delay, worker.restarts)
-
-    async def _restart(self, worker: Worker) -> None:
-        if worker.stopping or self.shutting_down:
-            return
-        try:
-            await worker.start()
-            log.info("%s %s: restarted (pid %d)", worker.kind, worker.key, worker.pid)
-            if worker.kind == "broker":
-                self.vss_state = workermsg.VssState("idle")
-            self.update_status()
-        except (WorkerGone, OSError) as e:
-            log.error("%s %s: restart failed: %s", worker.kind, worker.key, e)
-            if not worker.alive and worker.pidfd is None:
-                # No process, so no exit event will come to try again: schedule it here.
-                self.on_worker_exit(worker, -1)
+        # The Worker restarts itself (its RestartPolicy); snapshots that give up are made invalid.
 
     # -- status --------------------------------------------------------------------------
 
@@ -363,6 +375,18 @@ class Supervisor:
 
     def vss_info(self) -> VssInfo:
         return VssInfo(self.cfg.vss.enabled, self.vss_state.state, self.vss_state.detail, list(self.vss_state.frozen), self.cfg.freeze_mounts())
+
+    def status_reply(self) -> control.StatusReply:
+        return control.StatusReply(
+            pid=os.getpid(),
+            rundir=self.rundir,
+            config=self.config_path,
+            uptime=time.monotonic() - self.started,
+            volumes=[self.volume_info(v) for v in self.volumes.values()],
+            snapshots=[self.snaps.info(d) for d in self.snaps.devices()],
+            workers=self.worker_infos(),
+            vss=self.vss_info(),
+        )
 
     def update_status(self) -> None:
         self.record_made()  # called after every configure and unconfigure
@@ -436,7 +460,7 @@ class Supervisor:
     async def _reload(self) -> None:
         try:
             new = configmod.load(self.config_path, rundir_override=self.rundir)
-            configmod.create_missing_images(new)
+            await asyncio.to_thread(configmod.create_missing_images, new)  # may size a new image: off the loop
         except (configmod.ConfigError, OSError) as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             return

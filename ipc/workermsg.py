@@ -7,7 +7,7 @@ more (Stop is the orderly way: in-flight requests finish first).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import msgspec
 
@@ -46,6 +46,15 @@ class ListenUpdate(_Msg, tag="listen-update"):
 
 class Stop(_Msg, tag="stop"):
     pass
+
+
+class VssAsk(_Msg, tag="vss-ask"):
+    """Broker: CHECK, FREEZE or THAW for `fssconfig -C`, answered with VssAnswer on this channel
+    (the same answer a requestor on the VSS socket gets)."""
+
+    op: Literal["check", "freeze", "thaw"]
+    timeout: float | None = None  # per phase; None = [vss] timeout
+    req: int = 0
 
 
 # worker -> supervisor
@@ -89,5 +98,11 @@ class VssState(_Msg, tag="vss"):
     frozen: list[str] = []
 
 
-ToWorker = AttachSnapshot | DetachSnapshot | ListenUpdate | Stop
-FromWorker = Ready | Attached | Detached | Refused | ClientsChanged | VssState
+class VssAnswer(_Msg, tag="vss-answer"):
+    ok: bool
+    reason: str = ""
+    req: int = 0
+
+
+ToWorker = AttachSnapshot | DetachSnapshot | ListenUpdate | Stop | VssAsk
+FromWorker = Ready | Attached | Detached | Refused | ClientsChanged | VssState | VssAnswer

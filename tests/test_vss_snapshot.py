@@ -82,3 +82,43 @@ def test_requestor_that_never_thaws_is_thawed_by_the_broker(fssd_factory, shmdir
     run(BIN / "vssadm", "-r", f.rundir, "freeze")
     assert frozen(mnt)
     wait_for(lambda: not frozen(mnt), 5, "the broker's own thaw after freeze_max", interval=0.1)
+
+
+def test_thaw_after_broker_death_is_not_held_up_by_a_table_write(fssd_factory, shmdir, mounts, tmp_path):
+    """A configure writing a slow table (the hook holds each table write 3 s, as a large table on a
+    slow disk does) while the broker dies frozen: the supervisor thaws at once all the same."""
+    from daemon.snapshots import SLOW_TABLE_ENV
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    f = fssd_factory(
+        [
+            {"name": "data", "path": str(shmdir / "data.img"), "size": "128M", "mountpoint": str(mnt)},
+            {"name": "other", "path": str(shmdir / "other.img"), "size": "64M"},
+        ],
+        vss={"enabled": True, "timeout": 3, "freeze_max": 60},
+        env={SLOW_TABLE_ENV: "3"},
+    )
+    dev = mounts.nbdfuse(f.uri("data"), tmp_path / "fuse")
+    run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev)
+    mounts.loop_mount(dev, mnt)
+    broker = f.worker_pid("broker", "vss")
+    run(BIN / "vssadm", "-r", f.rundir, "freeze")
+    assert frozen(mnt)
+    conf = subprocess.Popen([str(BIN / "fssconfig"), "-r", str(f.rundir), "fss0", "other", str(shmdir / "bs0")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "fss0: writing the table" in f.log.read_text(), 20, "the table write to begin", interval=0.02)
+        t0 = time.monotonic()
+        os.kill(broker, signal.SIGKILL)
+        wait_for(lambda: not frozen(mnt), 10, "the supervisor to thaw", interval=0.05)
+        thawed = time.monotonic() - t0
+        out, err = conf.communicate(timeout=60)
+    finally:
+        if conf.poll() is None:
+            conf.kill()
+            conf.wait()
+    print(f"thawed {thawed * 1000:.0f} ms after the broker's SIGKILL, table write still held")
+    assert thawed < 1.5, f"thawed {thawed:.2f} s after the kill: the table write held the event loop"
+    assert conf.returncode == 0, err
+    snap = {s["device"]: s for s in f.status()["snapshots"]}["fss0"]
+    assert snap["in_use"] and snap["volume"] == "other" and snap["state"] == "active"

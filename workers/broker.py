@@ -50,7 +50,7 @@ from ipc import hyperv, logfmt, mqueue, vssproto
 from ipc.channel import Channel, FrameError
 from ipc.names import app_queues, vss_socket
 from ipc.vssproto import Opened, Register, Registered, Request, VssReply, VssRequest
-from ipc.workermsg import Ready, Stop, VssState
+from ipc.workermsg import Ready, Stop, VssAnswer, VssAsk, VssState
 from workers import freeze, hooks, spawned
 from workers.settings import BrokerSettings
 from workers.vsscore import (JOBS, Action, AppAnswered, AppGone, BrokerCore, CheckMounts, CloseApp, Event, Freeze,
@@ -283,6 +283,18 @@ class ProcessPlatform:
                 self.chan = None
             except OSError:
                 pass  # the supervisor is gone; EOF handling stops us
+
+
+def _answer_on(chan: Channel, req: int):
+    """reply_to for a VssAsk: the VssReply's verdict, back on the supervisor channel."""
+
+    def send(reply: VssReply) -> None:
+        try:
+            chan.send(VssAnswer(reply.ok, reply.reason, req))
+        except OSError as e:
+            log.error("supervisor channel: cannot answer %s: %s", reply.op, e)
+
+    return send
 
 
 def send_and_close(conn: Conn, msg) -> None:
@@ -767,6 +779,8 @@ class Broker:
             os.close(fd)
         if isinstance(msg, Stop):
             self.stopping = True
+        elif isinstance(msg, VssAsk):  # the supervisor's own -C: answered on this channel
+            self.request(msg.op, msg.req, _answer_on(self.chan, msg.req), msg.timeout)
 
     def _open_hyperv(self) -> None:
         hv = self.platform.hv

@@ -1,0 +1,277 @@
+"""The snapshot manager on its own: a SnapshotHost of fakes, no fssd, no worker processes.
+
+Real pieces: the backing-store checks on a real file, the cluster map in shared
+memory, the table write. Fake: the volume worker (answers the barrier as told),
+the snapshot worker, the VSS gate.
+"""
+
+import asyncio
+import errno
+import os
+import secrets
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from daemon import snapshots
+from daemon.errors import ControlError
+from daemon.snaphost import SnapshotHost, WorkerFlags
+from daemon.snapshots import SnapshotManager
+from ipc import control, names, workermsg
+from ipc.clustermap import ClusterMap, table_clusters
+
+MiB = 1 << 20
+
+
+class FakeVolumeWorker:
+    """Answers AttachSnapshot with `answer` (Attached unless told otherwise); records what it got."""
+
+    def __init__(self, answer="attached"):
+        self.alive = True
+        self.answer = answer
+        self.got: list = []
+        self._req = 0
+        self.key = "vol"
+        self.killed = False
+
+    def next_req(self):
+        self._req += 1
+        return self._req
+
+    async def call(self, msg, fds=(), timeout=30.0):
+        self.got.append(msg)
+        if isinstance(msg, workermsg.AttachSnapshot):
+            if self.answer == "refused":
+                return workermsg.Refused(msg.device, errno.ENOSPC, "no room for the barrier", msg.req)
+            return workermsg.Attached(msg.device, 7, msg.req)
+        return workermsg.Detached(msg.device, msg.req)
+
+    def kill(self):
+        self.killed = True
+
+
+class FakeSnapshotWorker:
+    def __init__(self, kind, key, args):
+        self.kind, self.key, self.args = kind, key, args
+        self.alive = False
+        self.pid = 0
+        self.started = 0.0
+        self.restarts = 0
+        self.last_error = ""
+        self.stopped = False
+
+    async def start(self):
+        self.alive, self.pid = True, 4242
+
+    async def stop(self, timeout=10.0):
+        self.stopped, self.alive = True, False
+
+
+class FakeGate:
+    def __init__(self, fail=None):
+        self.mounts: list[str] = []
+        self.timeout = 3.0
+        self.fail = fail
+        self.ops: list[str] = []
+
+    async def request(self, op, timeout):
+        self.ops.append(op)
+        if op == self.fail:
+            return False, f"{op} said no", False
+        return True, "", False
+
+
+class Env:
+    """A host of fakes around one volume `data` and what the manager did to it."""
+
+    def __init__(self, tmp_path, answer="attached", gate=None):
+        self.tmp = tmp_path
+        self.prefix = f"fsst{secrets.token_hex(4)}"
+        img = tmp_path / "data.img"
+        img.write_bytes(b"")
+        os.truncate(img, 64 * MiB)
+        self.volume = SimpleNamespace(section=SimpleNamespace(name="data", path=str(img), mountpoint=None), size=64 * MiB, worker=FakeVolumeWorker(answer))
+        self.gate = gate
+        self.changed = 0
+        self.recorded: list = []
+        self.spawned: list[FakeSnapshotWorker] = []
+        self.offloaded: list[str] = []
+        self.listeners: list[socket.socket] = []
+        self.host = SnapshotHost(
+            rundir=str(tmp_path),
+            prefix=self.prefix,
+            devices=["fss0", "fss1"],
+            volumes=lambda: {"data": self.volume},
+            find_volume=lambda p: self.volume if p in ("data", str(img)) else None,
+            freeze_mounts=lambda: [],
+            freeze_max=lambda: 3.0,
+            vss=lambda: self.gate,
+            listen=self._listen,
+            spawn=self._spawn,
+            record_made=self.recorded.append,
+            changed=self._changed,
+            stopping=lambda: False,
+            flags=WorkerFlags({}),
+            offload=self._offload,
+        )
+        self.mgr = SnapshotManager(self.host)
+
+    def _listen(self, device):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listeners.append(s)
+        return s
+
+    def _spawn(self, kind, key, args):
+        w = FakeSnapshotWorker(kind, key, args)
+        self.spawned.append(w)
+        return w
+
+    def _changed(self):
+        self.changed += 1
+
+    async def _offload(self, fn, *args):
+        self.offloaded.append(fn.__name__)
+        return await asyncio.to_thread(fn, *args)
+
+    def store(self, name="bs0"):
+        return os.open(self.tmp / name, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def configure(self, device="fss0", path="data", fds=None, **kw):
+        fds = [self.store()] if fds is None else fds
+        req = control.Configure(device, path, str(self.tmp / "bs0"), no_suspend=True, **kw)
+        return asyncio.run(self.mgr.configure(req, fds, 0)), fds
+
+    def cleanup(self):
+        async def drop():
+            await self.mgr.unconfigure_all()
+
+        asyncio.run(drop())
+        for d in self.host.devices:
+            ClusterMap.unlink(names.map_name(self.prefix, d))
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = Env(tmp_path)
+    yield e
+    e.cleanup()
+
+
+def closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return False
+    except OSError as e:
+        return e.errno == errno.EBADF
+
+
+def test_configure_list_unconfigure(env):
+    reply, fds = env.configure()
+    assert isinstance(reply, control.Configured) and reply.barrier_us == 7
+    info = env.mgr.info("fss0")
+    assert info.in_use and info.volume == "data" and info.pid == 4242 and info.backup == str(env.tmp / "bs0")
+    assert not env.mgr.info("fss1").in_use
+    assert env.mgr.devices_of("data") == ["fss0"]
+    # The all-clear table heads the store, written off the event loop.
+    csize = info.cluster_size
+    table = table_clusters(info.cluster_count, csize) * csize
+    assert os.fstat(fds[0]).st_size == table
+    assert "write_table" in env.offloaded
+    attach = env.volume.worker.got[0]
+    assert isinstance(attach, workermsg.AttachSnapshot) and attach.device == "fss0"
+    assert env.spawned[0].kind == "snapshot" and env.spawned[0].key == "fss0"
+    assert env.recorded and env.recorded[0].fd == fds[0] and env.changed == 1
+
+    asyncio.run(env.mgr.unconfigure("fss0"))
+    assert not env.mgr.info("fss0").in_use
+    assert isinstance(env.volume.worker.got[-1], workermsg.DetachSnapshot)
+    assert env.spawned[0].stopped and closed(fds[0]) and env.changed == 2
+    assert "discard" in env.offloaded
+
+
+@pytest.mark.parametrize(
+    "kw, code",
+    [
+        (dict(device="fss9"), errno.ENXIO),
+        (dict(path="nosuch"), errno.ENOENT),
+        (dict(fds=[]), errno.EINVAL),
+        (dict(cluster=128 * MiB), errno.EINVAL),
+        (dict(size=4096), errno.ENOSPC),
+    ],
+)
+def test_configure_refusals_close_the_descriptor_and_change_nothing(env, kw, code):
+    fd = env.store()
+    fds = kw.pop("fds", [fd])
+    with pytest.raises(ControlError) as e:
+        env.configure(fds=fds, **kw)
+    assert e.value.errno == code
+    assert closed(fd) or fds == []
+    if fds == []:
+        os.close(fd)
+    assert all(not env.mgr.info(d).in_use for d in env.host.devices) and env.changed == 0
+
+
+def test_busy_device_and_stopped_volume_worker(env):
+    env.configure()
+    with pytest.raises(ControlError) as e:
+        env.configure(fds=[env.store("bs1")])
+    assert e.value.errno == errno.EBUSY
+    env.volume.worker.alive = False
+    with pytest.raises(ControlError) as e:
+        env.configure(device="fss1", fds=[env.store("bs2")])
+    assert e.value.errno == errno.EAGAIN
+
+
+def test_refused_barrier_leaves_nothing_behind(tmp_path):
+    env = Env(tmp_path, answer="refused")
+    try:
+        fd = env.store()
+        with pytest.raises(ControlError) as e:
+            env.configure(fds=[fd])
+        assert e.value.errno == errno.ENOSPC and "no room for the barrier" in str(e.value)
+        assert not env.mgr.info("fss0").in_use and closed(fd) and env.spawned == []
+        with pytest.raises(Exception):
+            ClusterMap.attach(names.map_name(env.prefix, "fss0"))
+    finally:
+        env.cleanup()
+
+
+def test_unconfigure_unknown_device(env):
+    with pytest.raises(ControlError) as e:
+        asyncio.run(env.mgr.unconfigure("fss1"))
+    assert e.value.errno == errno.ENXIO
+    with pytest.raises(ControlError) as e:
+        asyncio.run(env.mgr.unconfigure("fss7"))
+    assert e.value.errno == errno.ENXIO
+
+
+def test_consistent_without_broker_is_refused(env):
+    with pytest.raises(ControlError) as e:
+        env.configure(consistent=True)
+    assert e.value.errno == errno.EOPNOTSUPP and "VSS broker" in str(e.value)
+
+
+def test_consistent_asks_check_freeze_then_thaw_after_the_barrier(env):
+    env.gate = FakeGate()
+    reply, _ = env.configure(consistent=True)
+    assert env.gate.ops == ["check", "freeze", "thaw"]
+    assert reply.freeze_window_ms is not None and env.mgr.info("fss0").consistency == "application"
+
+
+def test_consistent_check_failure_freezes_nothing(env):
+    env.gate = FakeGate(fail="check")
+    with pytest.raises(ControlError) as e:
+        env.configure(consistent=True)
+    assert e.value.errno == errno.EAGAIN and "CHECK failed: check said no" in str(e.value)
+    assert env.gate.ops == ["check"]
+    assert not any(isinstance(m, workermsg.AttachSnapshot) for m in env.volume.worker.got)
+
+
+def test_lost_and_gave_up_make_the_snapshot_invalid(env):
+    env.configure()
+    env.mgr.lost("fss0", "backing store full")
+    info = env.mgr.info("fss0")
+    assert info.state == "invalid" and info.error == "backing store full" and env.changed == 2
+    env.mgr.lost("fss1", "not configured: ignored")
+    assert env.changed == 2
