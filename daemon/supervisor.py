@@ -248,7 +248,7 @@ class Supervisor:
             settings = FrontSettings(st.section, st.listener.fileno(), self.rundir, self._volume_names(), self.debug, self.use_syslog)
             return "workers.tcpfront", msgspec.json.encode(settings).decode(), [st.listener.fileno()]
 
-        st.worker = Worker("listen", section.address, spawn_args, self.on_worker_message, self.on_worker_exit, self.env)
+        st.worker = self._worker("listen", section.address, spawn_args)  # restarted as the volumes are
         await st.worker.start()
         log.info("listen %s: NBD over TCP, tls %s (pid %d)", section.address, section.tls, st.worker.pid)
 
