@@ -40,7 +40,7 @@ test: deps venv
 	$(VPY) -m pytest -q
 
 demo: deps venv
-	$(VPY) -m daemon.demo
+	$(VPY) -m examples.demo
 
 bench: deps venv
 	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -56,7 +56,7 @@ def start_broker(rundir: str, mounts: list[str]):
 def start_apps(rundir: str, n: int) -> list[subprocess.Popen]:
     procs = []
     for i in range(n):
-        p = subprocess.Popen([sys.executable, "-m", "daemon.appvss", "-n", "-w", "0", "--name", f"bench{i}",
+        p = subprocess.Popen([sys.executable, "-m", "daemon.cli.appvss", "-n", "-w", "0", "--name", f"bench{i}",
                               "-r", rundir], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert p.stdout.readline().startswith("appvss: registered")
         procs.append(p)

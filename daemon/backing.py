@@ -1,7 +1,7 @@
 """fssd's half of a backing store: check the descriptor fssconfig opened, never a path.
 
 fssconfig opens or creates the store with the caller's own rights
-(daemon/storeopen.py) and passes the descriptor over the control socket. Here
+(daemon/cli/storeopen.py) and passes the descriptor over the control socket. Here
 the supervisor checks what it got: a regular file (the caller's own, unless
 the caller is root) or a block device, open read-write and not O_APPEND, not
 on the snapshotted volume, on a file system the VSS broker freezes, or on a
@@ -23,7 +23,7 @@ import struct
 from typing import NamedTuple
 
 from daemon.errors import ControlError
-from ipc.units import humanize
+from daemon.units import humanize
 
 
 class BackingError(ControlError):

@@ -11,8 +11,8 @@ from typing import Annotated
 
 import msgspec
 
+from daemon.units import parse_size
 from ipc.listenpolicy import ListenSection, parse_address
-from ipc.units import parse_size
 
 DEFAULT_CONFIG = "/etc/fssd/fssd.toml"
 MAX_DEVICES = 64

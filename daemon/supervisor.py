@@ -22,7 +22,7 @@ import time
 import msgspec
 import setproctitle
 
-from daemon import clitool
+from daemon.cli import clitool
 from daemon import config as configmod
 from daemon import leftovers
 from daemon import portability
@@ -35,7 +35,8 @@ from daemon.snaphost import SnapshotHost, WorkerFlags
 from daemon.version import version
 from daemon.snapshots import SnapshotManager
 from daemon.vssgate import ChannelVssGate
-from ipc import control, logfmt, names, workermsg
+from ipc import control, names, workermsg
+from workers import logfmt
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
 from ipc.listenpolicy import ListenSection
 from workers import nbdserve
@@ -600,7 +601,7 @@ def _lock_rundir(rundir: str, wait: float = LOCK_WAIT) -> int:
 
 
 def _print_status(rundir: str) -> int:
-    from daemon.client import ControlClient, NotRunning
+    from daemon.cli.client import ControlClient, NotRunning
     from ipc.control import Status
 
     try:

@@ -13,9 +13,7 @@ import os
 
 import posix_ipc
 
-from ipc.names import owned_by
 
-MQUEUE_DIR = "/dev/mqueue"
 
 Queue = posix_ipc.MessageQueue
 
@@ -132,16 +130,3 @@ def exists(name: str) -> bool:
     except posix_ipc.PermissionsError:
         return True
 
-
-def list_names(prefix: str, mqueue_dir: str = MQUEUE_DIR) -> list[str]:
-    """Queue names of this instance, if the mqueue file system is mounted (else [])."""
-    try:
-        entries = os.listdir(mqueue_dir)
-    except OSError:
-        return []
-    return sorted("/" + e for e in entries if owned_by(prefix, e))
-
-
-def cleanup(prefix: str, keep: tuple[str, ...] = (), mqueue_dir: str = MQUEUE_DIR) -> list[str]:
-    """Unlink every queue of this instance a killed run left behind; returns the names removed."""
-    return [n for n in list_names(prefix, mqueue_dir) if n not in keep and unlink(n)]

@@ -92,18 +92,18 @@ class Users:
         return p
 
     def py(self, name: str, *args, code: str | None = None, **kw):
-        """Our Python code as `name`: `py(user, "-m", "daemon.vssadm", ...)` or `py(user, code=...)`."""
+        """Our Python code as `name`: `py(user, "-m", "daemon.cli.vssadm", ...)` or `py(user, code=...)`."""
         return self.run(name, self.python, "-s", *(["-c", code] if code is not None else []), *args, **kw)
 
     def fssconfig(self, name: str, *args, timeout: float = 60) -> subprocess.CompletedProcess:
-        return self.py(name, "-m", "daemon.fssconfig", *args, timeout=timeout)
+        return self.py(name, "-m", "daemon.cli.fssconfig", *args, timeout=timeout)
 
     def _find_python(self) -> str:
         """A Python of this version that the member can run with the copied packages."""
         ver = f"{sys.version_info.major}.{sys.version_info.minor}"
         tried = []
         for py in (f"/usr/bin/python{ver}", os.path.realpath(sys.executable), f"/usr/local/bin/python{ver}"):
-            r = self.run(self.member, py, "-s", "-c", "import msgspec, posix_ipc, ipc.vss_client, daemon.fssconfig", timeout=30)
+            r = self.run(self.member, py, "-s", "-c", "import msgspec, posix_ipc, ipc.vss_client, daemon.cli.fssconfig", timeout=30)
             if r.returncode == 0:
                 return py
             tried.append(f"{py}: {r.stderr.strip().splitlines()[-1:] or r.returncode}")

@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fsshelp import Fssd, run, wait_for  # noqa: E402
 
-from daemon.client import ControlClient, NotRunning  # noqa: E402
-from daemon import storeopen  # noqa: E402
+from daemon.cli.client import ControlClient, NotRunning  # noqa: E402
+from daemon.cli import storeopen  # noqa: E402
 from ipc import control, nbd  # noqa: E402
 
 BLOCK = 4096

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from daemon.client import ControlClient
+from daemon.cli.client import ControlClient
 from daemon.control_server import ControlServer
 from daemon.errors import ControlError
 from daemon.service import Peer, Service

@@ -279,11 +279,14 @@ socks = []
 for _ in range(n):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
-    s.sendall(struct.pack(">I", 4000) + b"\x81" * 100)  # 100 of 4000 bytes
+    try:
+        s.sendall(struct.pack(">I", 4000) + b"\x81" * 100)  # 100 of 4000 bytes
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused (and closed) before we got to write: its reason is still there to read
     socks.append(s)
 t0 = time.monotonic()
 refused, held = 0, []
-deadline = time.monotonic() + 1.0
+deadline = time.monotonic() + 3.0
 pending = list(socks)
 while pending and time.monotonic() < deadline:
     r, _, _ = select.select(pending, [], [], 0.1)
@@ -322,6 +325,7 @@ def test_connection_caps_and_half_sent_requests(grouped, users):
 
     f = grouped
     env = {"PATH": "/usr/bin:/bin"}
+    idle = timed_list(f)  # what a Python tool's start costs on this machine right now
     flood = subprocess.Popen(
         users.argv(users.member, "/usr/bin/python3", "-c", FLOOD, f.rundir / "control.sock", 40),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd="/",
@@ -330,8 +334,8 @@ def test_connection_caps_and_half_sent_requests(grouped, users):
         got = json.loads(flood.stdout.readline())
         assert got == {"refused": 40 - MAX_PER_UID, "held": MAX_PER_UID}, got
         took = timed_list(f)
-        print(f"member holding its cap: root fssconfig -l {took * 1000:.0f} ms")
-        assert took < 1.0, "root's fssconfig -l answers at once while a member holds its cap"
+        print(f"member holding its cap: root fssconfig -l {took * 1000:.0f} ms (idle {idle * 1000:.0f} ms)")
+        assert took < idle + 1.0, "root's fssconfig -l answers within a second while a member holds its cap"
         r = users.fssconfig(users.member, "-r", f.rundir, "-l")
         assert r.returncode == 1 and f"too many connections to fssd: uid {users.uid(users.member)} has {MAX_PER_UID} connections open" in r.stderr, r.stderr
         flood.stdin.write("\n")
@@ -363,6 +367,7 @@ def test_big_frames_cost_no_memory(grouped):
 
     f = grouped
     pid = f.proc.pid
+    idle = timed_list(f)
     before = rss_kib(pid)
     socks = []
     try:
@@ -376,7 +381,7 @@ def test_big_frames_cost_no_memory(grouped):
                 pass  # refused on the length, before the body was wanted
             socks.append(s)
         took = timed_list(f)
-        assert took < 1.0
+        assert took < idle + 1.0, "root's fssconfig -l answers within a second of its usual time"
         grown = rss_kib(pid) - before
         print(f"600 x 1 MiB frames: supervisor RSS {before} KiB -> +{grown} KiB; root fssconfig -l {took * 1000:.0f} ms")
     finally:

@@ -496,7 +496,7 @@ def test_broker_settings_carry_syslog_to_its_logging(monkeypatch):
 
     import msgspec
 
-    from ipc import logfmt
+    from workers import logfmt
     from workers import broker
 
     s = msgspec.json.decode(msgspec.json.encode(broker.BrokerSettings("p", "/run/x", use_syslog=True)),

@@ -53,7 +53,7 @@ def apps():
     procs = []
 
     def start(broker, name, *opts, w="0.1"):
-        p = subprocess.Popen([PY, "-m", "daemon.appvss", "-n", "-w", w, "--name", name, "-r", broker.rundir, *opts],
+        p = subprocess.Popen([PY, "-m", "daemon.cli.appvss", "-n", "-w", w, "--name", name, "-r", broker.rundir, *opts],
                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
         procs.append(p)
         line = p.stdout.readline()  # appvss prints this once the broker acknowledged it
@@ -279,21 +279,21 @@ def test_malformed_messages_dead_apps_busy_and_stop(brokers, apps):
 
 
 def test_vssadm_cli(brokers, apps, tmp_path):
-    out = subprocess.run([PY, "-m", "daemon.vssadm", "-r", str(tmp_path / "nowhere"), "status"],
+    out = subprocess.run([PY, "-m", "daemon.cli.vssadm", "-r", str(tmp_path / "nowhere"), "status"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip() == f"vssadm: fssd is not running (no broker at {tmp_path / 'nowhere'})"
     for opts in (["-n"], []):  # the same words from appvss, in the foreground or daemonizing
-        out = subprocess.run([PY, "-m", "daemon.appvss", *opts, "-r", str(tmp_path / "nowhere")], cwd=ROOT, env=ENV,
+        out = subprocess.run([PY, "-m", "daemon.cli.appvss", *opts, "-r", str(tmp_path / "nowhere")], cwd=ROOT, env=ENV,
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 1
         assert out.stderr.strip() == f"appvss: fssd is not running (no broker at {tmp_path / 'nowhere'})", out
     b = brokers(timeout=1.0)
     apps(b, "db")
-    out = subprocess.run([PY, "-m", "daemon.vssadm", "-r", b.rundir, "check"], cwd=ROOT, env=ENV,
+    out = subprocess.run([PY, "-m", "daemon.cli.vssadm", "-r", b.rundir, "check"], cwd=ROOT, env=ENV,
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("check: OK")
-    out = subprocess.run([PY, "-m", "daemon.vssadm", "-r", b.rundir, "list", "--json"], cwd=ROOT, env=ENV,
+    out = subprocess.run([PY, "-m", "daemon.cli.vssadm", "-r", b.rundir, "list", "--json"], cwd=ROOT, env=ENV,
                          capture_output=True, text=True)
     doc = msgspec.json.decode(out.stdout)
     assert out.returncode == 0 and doc["apps"][0]["name"] == "db" and doc["apps"][0]["last_answer"] == "OK"
@@ -332,7 +332,7 @@ def test_appvss_stops_at_once_on_sigterm_mid_work_and_prints_its_daemon_pid(brok
     assert res["r"].ok, "an application that unregistered is not waited for"
     assert b.req("list").apps == []
     # Without -n: the pid is printed (the daemon's, after the double fork) before the prompt returns.
-    out = subprocess.run([PY, "-m", "daemon.appvss", "-w", "0", "--name", "bg", "-r", b.rundir], cwd=ROOT, env=ENV,
+    out = subprocess.run([PY, "-m", "daemon.cli.appvss", "-w", "0", "--name", "bg", "-r", b.rundir], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=10)
     assert out.returncode == 0 and out.stdout.startswith("appvss: registered bg pid "), out
     pid = int(out.stdout.split()[-1])
@@ -348,7 +348,7 @@ def test_vssadm_status_says_what_a_freeze_holds(brokers, apps):
     db = apps(b, "db")
 
     def vssadm(*args):
-        return subprocess.run([PY, "-m", "daemon.vssadm", "-r", b.rundir, *args], cwd=ROOT, env=ENV,
+        return subprocess.run([PY, "-m", "daemon.cli.vssadm", "-r", b.rundir, *args], cwd=ROOT, env=ENV,
                               capture_output=True, text=True, timeout=30)
 
     assert "frozen: (nothing)" in vssadm("status").stdout

@@ -86,7 +86,7 @@ def broker_log(b) -> str:
 
 
 def vssadm(run_as, user, rundir, *args):
-    return run_as(user, "-m", "daemon.vssadm", "-r", rundir, *args)
+    return run_as(user, "-m", "daemon.cli.vssadm", "-r", rundir, *args)
 
 
 # A raw application: register, open the queues (optionally without saying so), then obey stdin.
@@ -140,7 +140,7 @@ def test_stranger_cannot_freeze_member_can(brokers, run_as, people, ext4):
         r = vssadm(run_as, stranger, b.rundir, op)
         assert r.returncode == 1 and "Permission denied" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not is_frozen(ext4)
-    r = run_as(stranger, "-m", "daemon.appvss", "-n", "-r", b.rundir)
+    r = run_as(stranger, "-m", "daemon.cli.appvss", "-n", "-r", b.rundir)
     assert r.returncode == 1 and "Permission denied" in r.stderr, r.stderr
     # Even through a socket made world-writable, the broker checks the peer itself.
     os.chmod(vss_socket(b.rundir), 0o666)
@@ -292,7 +292,7 @@ def test_per_uid_cap_stops_253_registrations_root_still_works(brokers, run_as, p
     assert r.ok and len(r.apps) == 8
     with Application(b.rundir, "rootapp"):
         assert len(Requestor(b.rundir).request("list").apps) == 9
-    r = subprocess.run([sys.executable, "-m", "daemon.vssadm", "-r", b.rundir, "status"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "daemon.cli.vssadm", "-r", b.rundir, "status"], cwd=ROOT,
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "applications: 8" in r.stdout, r
     hoarder.stdin.write("\n")
@@ -310,14 +310,14 @@ def test_queue_exhaustion_is_a_clear_error_and_root_keeps_working(brokers, run_a
     group, member, stranger = people
     # A broker that cannot make a single queue (RLIMIT_MSGQUEUE 0): the limit every queue counts against.
     b = brokers(timeout=1.0, freeze_mounts=[ext4], preexec_fn=_no_queue_budget)
-    r = run_as(member, "-m", "daemon.appvss", "-n", "-r", b.rundir)
+    r = run_as(member, "-m", "daemon.cli.appvss", "-n", "-r", b.rundir)
     assert r.returncode == 1 and "cannot create its queues: the system's message queue limit is reached" in r.stderr
     assert "Traceback" not in r.stderr
     with pytest.raises(VssError, match="message queue limit"):
         Application(b.rundir, "rootapp").register()
     # Requestors need no queue: root's vssadm freeze/thaw work.
     for op in ("check", "freeze", "thaw"):
-        r = subprocess.run([sys.executable, "-m", "daemon.vssadm", "-r", b.rundir, op], cwd=ROOT,
+        r = subprocess.run([sys.executable, "-m", "daemon.cli.vssadm", "-r", b.rundir, op], cwd=ROOT,
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and r.stdout.startswith(f"{op}: OK"), r
     assert b.proc.poll() is None and "Traceback" not in broker_log(b)
@@ -394,16 +394,16 @@ def test_system_queue_limit_exhausted_by_a_member(brokers, run_as, people):
         "except OSError as e:\n"
         "    print(n, e)\n"))
     assert fill.stdout.startswith("6 "), fill
-    r = run_as(member, "-m", "daemon.appvss", "-n", "-r", b.rundir, ipc_of=b.pid)
+    r = run_as(member, "-m", "daemon.cli.appvss", "-n", "-r", b.rundir, ipc_of=b.pid)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r
     assert "cannot create its queues: the system's message queue limit is reached" in r.stderr, r.stderr
     for op in ("status", "check", "freeze", "thaw"):
-        r = subprocess.run([sys.executable, "-m", "daemon.vssadm", "-r", b.rundir, op], cwd=ROOT,
+        r = subprocess.run([sys.executable, "-m", "daemon.cli.vssadm", "-r", b.rundir, op], cwd=ROOT,
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r
     # Two queues freed: the same registration goes through (it was the limit, nothing else).
     run_as(member, ipc_of=b.pid, code="import posix_ipc\nfor n in ('/hog0', '/hog1'): posix_ipc.unlink_message_queue(n)\n")
-    app = run_as(member, "-m", "daemon.appvss", "-n", "-w", "0", "-r", b.rundir, ipc_of=b.pid, wait=False)
+    app = run_as(member, "-m", "daemon.cli.appvss", "-n", "-w", "0", "-r", b.rundir, ipc_of=b.pid, wait=False)
     assert app.stdout.readline().startswith("appvss: registered"), app.stderr.read() if app.poll() is not None else ""
     assert [a.name for a in Requestor(b.rundir).request("list").apps] == ["appvss"]
     assert b.proc.poll() is None and "Traceback" not in broker_log(b)

@@ -8,7 +8,7 @@ import time
 
 from fsshelp import BIN, run, wait_for
 
-from daemon.recordwriter import verify
+from examples.recordwriter import verify
 
 
 def frozen(mnt) -> bool:
@@ -37,7 +37,7 @@ def setup_ext4(fssd_factory, shmdir, mounts, tmp_path, **vss):
 def test_consistent_snapshot_ends_on_a_whole_record(fssd_factory, shmdir, mounts, tmp_path):
     f, mnt = setup_ext4(fssd_factory, shmdir, mounts, tmp_path)
     records = mnt / "records.bin"
-    writer = subprocess.Popen([sys.executable, "-m", "daemon.recordwriter", "-r", str(f.rundir), str(records)], stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([sys.executable, "-m", "examples.recordwriter", "-r", str(f.rundir), str(records)], stdout=subprocess.PIPE, text=True)
     try:
         assert "registered" in writer.stdout.readline()
         wait_for(lambda: records.exists() and records.stat().st_size > 256 * 1024, 30, "the writer to write")

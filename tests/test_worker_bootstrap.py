@@ -9,7 +9,7 @@ import msgspec
 import pytest
 import setproctitle
 
-from ipc import logfmt
+from workers import logfmt
 from workers import settings as ws
 from workers import spawned
 

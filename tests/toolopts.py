@@ -15,8 +15,8 @@ from unittest import mock
 
 ARGPARSE_TOOLS = {
     "fssd": "daemon.supervisor",
-    "vssadm": "daemon.vssadm",
-    "appvss": "daemon.appvss",
+    "vssadm": "daemon.cli.vssadm",
+    "appvss": "daemon.cli.appvss",
 }
 TOOLS = ["fssd", "fssconfig", "vssadm", "appvss"]
 
@@ -44,7 +44,7 @@ def argparse_parser(tool: str) -> argparse.ArgumentParser:
 
 def fssconfig_getopt() -> tuple[str, list[str]]:
     """(shortopts, longopts) exactly as fssconfig passes them to getopt."""
-    from daemon import fssconfig
+    from daemon.cli import fssconfig
 
     def grab(argv, short, long=()):
         raise _Stop((short, list(long)))

@@ -46,7 +46,8 @@ from typing import Any, Callable
 
 import posix_ipc
 
-from ipc import hyperv, logfmt, mqueue, vssproto
+from ipc import hyperv, mqueue, vssproto
+from workers import logfmt
 from ipc.channel import Channel, FrameError
 from ipc.names import app_queues, vss_socket
 from ipc.vssproto import Opened, Register, Registered, Request, VssReply, VssRequest

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator, Literal
 
 import msgspec
 
-from ipc import logfmt, names, workermsg
+from ipc import names, workermsg
+from workers import logfmt
 from ipc.channel import Channel
 
 log = logging.getLogger("worker")

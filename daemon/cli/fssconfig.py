@@ -17,12 +17,12 @@ import time
 
 import msgspec
 
-from daemon import clitool
-from daemon import storeopen
-from daemon.client import ControlClient, NotRunning
+from daemon.cli import clitool
+from daemon.cli import storeopen
+from daemon.cli.client import ControlClient, NotRunning
 from daemon.version import version
 from ipc import control, names
-from ipc.units import humanize, strsuftoll
+from daemon.units import humanize, strsuftoll
 
 PROG = "fssconfig"
 USAGE = """usage: fssconfig [-Ccxv] [-t timeout] [--no-suspend] [-r rundir] device path backup [cluster [size]]

@@ -17,9 +17,9 @@ import signal
 import sys
 import time
 
-from daemon import clitool
+from daemon.cli import clitool
 from daemon.version import version
-from ipc import logfmt
+from workers import logfmt
 from ipc.names import resolve_rundir
 from ipc.vss_client import Application, VssError
 

@@ -13,7 +13,7 @@ import time
 
 import msgspec
 
-from daemon import clitool
+from daemon.cli import clitool
 from daemon.version import version
 from ipc.names import resolve_rundir
 from ipc.vss_client import BrokerNotRunning, Requestor, VssError
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _broker_worker(rundir: str):
     """The supervisor's view of the broker process (pid, uptime, restarts, last error)."""
-    from daemon.client import ControlClient, NotRunning
+    from daemon.cli.client import ControlClient, NotRunning
     from ipc.control import Status, StatusReply
 
     try:

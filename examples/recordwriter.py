@@ -6,8 +6,8 @@ in the middle of a record. On FREEZE it flushes, fsyncs and holds; on THAW it
 goes on. A snapshot taken inside the freeze window therefore ends on a whole
 record. Used by the end-to-end tests and `make demo`.
 
-    python -m daemon.recordwriter -r RUNDIR FILE [--name NAME] [--seconds N]
-    python -m daemon.recordwriter --verify FILE
+    python -m examples.recordwriter -r RUNDIR FILE [--name NAME] [--seconds N]
+    python -m examples.recordwriter --verify FILE
 """
 
 from __future__ import annotations

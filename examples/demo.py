@@ -132,7 +132,7 @@ def main() -> int:
 
         step("start a writer application registered with the VSS broker (it flushes and holds on FREEZE)")
         records = mnt / "records.bin"
-        writer = subprocess.Popen([sys.executable, "-m", "daemon.recordwriter", "-r", str(run), str(records)], stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen([sys.executable, "-m", "examples.recordwriter", "-r", str(run), str(records)], stdout=subprocess.PIPE, text=True)
 
         def stop_writer():
             if writer.poll() is None:
@@ -169,7 +169,7 @@ def main() -> int:
         if bad or (smnt / "added.bin").exists():
             raise SystemExit(f"demo: snapshot differs from the barrier image: {bad}")
         print(f"    all {len(files)} files have their old checksums; added.bin is not there; file1/file3 still are")
-        sh(sys.executable, "-m", "daemon.recordwriter", "--verify", smnt / "records.bin", show=True)
+        sh(sys.executable, "-m", "examples.recordwriter", "--verify", smnt / "records.bin", show=True)
 
         step("each snapshot is its own process")
         children = subprocess.run(["pgrep", "-P", str(fssd.pid)], capture_output=True, text=True).stdout.split()

@@ -1,0 +1,1 @@
+"""Examples apart from the service: a VSS-aware application and the end-to-end demo."""
