@@ -2,7 +2,8 @@
 #   make test    system packages + .venv, then the whole suite
 #   make demo    the main job end to end
 #   make bench   benchmarks against nbdkit and qemu-storage-daemon
-#   make stress  fault injection: SIGKILLs of every process kind under a write storm (SEED=, ROUNDS=)
+#   make stress  fault injection: SIGKILLs of every process kind under a write storm, then
+#                resource floods on every socket (SEED=, ROUNDS=: both loops)
 
 PYTHON ?= python3
 VENV := .venv
@@ -49,6 +50,7 @@ bench: deps venv
 
 stress: deps venv
 	$(VPY) tests/stress.py --seed $(SEED) --rounds $(ROUNDS)
+	$(VPY) tests/stress_limits.py --seed $(SEED) --rounds $(ROUNDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -36,6 +36,7 @@ from daemon import rundir as rundirmod
 from daemon.service import Peer
 from ipc import control
 from ipc.framing import MAX_REQUEST, FrameCodec, FrameError
+from workers.logfmt import RateLimited
 
 log = logging.getLogger("control")
 
@@ -101,24 +102,6 @@ def raise_fd_limit() -> int:
     return soft
 
 
-class _RateLimited:
-    """One warning per `every` seconds, with how many were held back."""
-
-    def __init__(self, every: float = 60.0):
-        self.every = every
-        self.last = -1e9
-        self.held = 0
-
-    def warn(self, fmt: str, *args) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            more = f" ({self.held} more since the last warning)" if self.held else ""
-            log.warning(fmt + more, *args)
-            self.last, self.held = now, 0
-        else:
-            self.held += 1
-
-
 class ControlServer:
     def __init__(self, path: str, group: str, handler: Handler, limits: Limits = Limits()):
         self.path = path
@@ -132,8 +115,9 @@ class ControlServer:
         self.busy: set[asyncio.Task] = set()  # carrying out a request
         self._paused = False
         self._backoff = 0.05
-        self._emfile = _RateLimited()
-        self._refused = _RateLimited()
+        self._emfile = RateLimited(log)
+        self._refused = RateLimited(log)
+        self._faults = RateLimited(log, 10.0)  # what one client's bad requests cause
         self._loop: asyncio.AbstractEventLoop | None = None
         # Before any worker is spawned, so they inherit it too.
         log.debug("descriptor limit %d", raise_fd_limit())
@@ -185,7 +169,7 @@ class ControlServer:
 
     def _pause(self, e: OSError) -> None:
         """Out of descriptors: stop accepting for a while instead of spinning on the error."""
-        self._emfile.warn("control socket: %s; not accepting for %.2f s (%d connections open)", e.strerror, self._backoff, len(self.conns))
+        self._emfile.warning("control socket: %s; not accepting for %.2f s (%d connections open)", e.strerror, self._backoff, len(self.conns))
         self._loop.remove_reader(self.listener.fileno())
         self._paused = True
 
@@ -225,7 +209,7 @@ class ControlServer:
         elif uid != 0 and mine >= lim.max_per_uid:
             why = f"uid {uid} has {mine} connections open (at most {lim.max_per_uid})"
         if why:
-            self._refused.warn("control socket: refused a connection from uid %d (pid %d): %s", uid, pid, why)
+            self._refused.warning("control socket: refused a connection from uid %d (pid %d): %s", uid, pid, why)
             try:  # a word to a well-behaved client; never wait for a slow one
                 sock.setblocking(False)
                 sock.send(self.codec.encode(control.Error(errno.EUSERS, f"too many connections to fssd: {why}")))
@@ -271,7 +255,7 @@ class ControlServer:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     what = "a request arrived only in part" if codec.buffered else "no request came"
-                    log.info("control client uid %d (pid %d) dropped: %s in time", uid, pid, what)
+                    self._faults.info("control client uid %d (pid %d) dropped: %s in time", uid, pid, what)
                     return
                 try:
                     await self._readable(sock, timeout)
@@ -283,7 +267,7 @@ class ControlServer:
                     continue
                 fds.extend(newfds)
                 if flags & socket.MSG_CTRUNC:
-                    log.warning("control client uid %d (pid %d) sent more than %d descriptors; dropped", uid, pid, MAX_FDS)
+                    self._faults.warning("control client uid %d (pid %d) sent more than %d descriptors; dropped", uid, pid, MAX_FDS)
                     return
                 if not data:
                     return
@@ -291,7 +275,7 @@ class ControlServer:
                 try:
                     msgs = codec.feed(data)
                 except FrameError as e:
-                    log.warning("refused a malformed control request from uid %d (pid %d): %s", uid, pid, e)
+                    self._faults.warning("refused a malformed control request from uid %d (pid %d): %s", uid, pid, e)
                     await self._send(sock, self.codec.encode(control.Error(errno.EMSGSIZE if "exceeds" in str(e) else errno.EINVAL, f"malformed request: {e}")))
                     return
                 if was_idle and codec.buffered and not first:

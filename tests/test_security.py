@@ -391,6 +391,33 @@ def test_big_frames_cost_no_memory(grouped):
     assert "frame of 1048576 bytes exceeds the limit 65536" in f.log.read_text()
 
 
+LOGFLOOD = r"""
+import socket, struct, sys
+n = 0
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    try:
+        s.sendall(struct.pack(">I", 1 << 20))  # refused on its length, closed at once
+        n += 1
+    except OSError:
+        pass
+    s.close()
+print(n)
+"""
+
+
+def test_bad_requests_from_one_member_cannot_fill_the_log(grouped, users):
+    f = grouped
+    r = subprocess.run(users.argv(users.member, "/usr/bin/python3", "-c", LOGFLOOD, f.rundir / "control.sock", 1500),
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, cwd="/", timeout=120)
+    assert int(r.stdout) > 1000, r.stderr
+    wait_for(lambda: "malformed control request" in f.log.read_text(), 10, "the first refusal logged")
+    assert f.fssconfig("-l", check=False).returncode == 0
+    lines = f.log.read_text().count("malformed control request")
+    assert lines <= 2, f"{lines} log lines for 1500 bad requests: one member can fill the log"
+
+
 def test_out_of_descriptors_backs_off_with_one_warning(grouped):
     """EMFILE in accept: no log line per attempt, no busy loop, service again once descriptors free up."""
     import socket

@@ -429,3 +429,28 @@ def test_descriptor_exhaustion_pauses_accepting_with_one_line(brokers):
     assert Requestor(b.rundir).request("status", wait=10).ok
     log = broker_log(b)
     assert log.count("VSS socket: accept:") == 1 and "Too many open files" in log and "Traceback" not in log, log
+
+
+def test_bad_frames_from_one_member_cannot_fill_the_log(brokers, run_as, people):
+    """Each bad connection is closed at once (so no cap slows a loop of them): its log line
+    must be rate-limited, or a member fills the log and the disk under it."""
+    group, member, stranger = people
+    b = brokers()
+    before = broker_log(b).count("exceeds the")
+    r = run_as(member, code=(
+        "import socket\n"
+        "n = 0\n"
+        "for _ in range(1500):\n"
+        "    s = socket.socket(socket.AF_UNIX)\n"
+        f"    s.connect({vss_socket(b.rundir)!r})\n"
+        "    try:\n"
+        "        s.sendall((1 << 20).to_bytes(4, 'big'))\n"
+        "        n += 1\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    s.close()\n"
+        "print(n)\n"))
+    assert int(r.stdout) > 1000, r.stderr
+    assert b.proc.poll() is None and Requestor(b.rundir).request("status").ok
+    lines = broker_log(b).count("exceeds the") - before
+    assert 1 <= lines <= 2, f"{lines} log lines for 1500 bad connections"

@@ -354,8 +354,10 @@ class Broker:
         self.conns: set[Conn] = set()
         self._accept_paused_until = 0.0
         self._accept_failures = 0
-        self._last_accept_log = -1e9
-        self._last_refusal_log = -1e9
+        # Lines a peer can cause: at most one per 10 s each, with a count (the log stays bounded).
+        self._warn_accept = logfmt.RateLimited(log, 10.0)
+        self._warn_refused = logfmt.RateLimited(log, 10.0)
+        self._faults = logfmt.RateLimited(log, 10.0)
         self._refused = 0
 
     def start(self) -> None:
@@ -600,17 +602,15 @@ class Broker:
                 # EMFILE / ENFILE: stop accepting for a while rather than spin; one line per 10 s.
                 self._accept_failures += 1
                 now = time.monotonic()
-                if now - self._last_accept_log >= 10.0:
-                    log.warning("VSS socket: accept: %s; pausing %g s at a time (%d time(s) so far)",
-                                e.strerror or e, ACCEPT_BACKOFF, self._accept_failures)
-                    self._last_accept_log = now
+                self._warn_accept.warning("VSS socket: accept: %s; pausing %g s at a time (%d time(s) so far)",
+                                          e.strerror or e, ACCEPT_BACKOFF, self._accept_failures)
                 self._unregister(self.listener)
                 self._accept_paused_until = now + ACCEPT_BACKOFF
                 return
             try:
                 pid, uid, gid, groups = peer_credentials(sock)
             except OSError as e:
-                log.warning("VSS socket: no peer credentials: %s", e)
+                self._faults.warning("VSS socket: no peer credentials: %s", e)
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -639,11 +639,8 @@ class Broker:
     def _refuse(self, conn: Conn, why: str) -> None:
         """A one-line refusal to the client; the log says it once per 10 s, with a count."""
         self._refused += 1
-        now = time.monotonic()
-        if now - self._last_refusal_log >= 10.0:
-            log.warning("VSS socket: refused pid %d uid %d: %s (%d refusal(s) in all)", conn.pid, conn.uid, why,
-                        self._refused)
-            self._last_refusal_log = now
+        self._warn_refused.warning("VSS socket: refused pid %d uid %d: %s (%d refusal(s) in all)", conn.pid, conn.uid, why,
+                                   self._refused)
         send_and_close(conn, VssReply(msgid=0, op="status", ok=False, reason=why))
 
     def _close_conn(self, conn: Conn) -> None:
@@ -659,7 +656,7 @@ class Broker:
             self._accept_paused_until = 0.0
             self.sel.register(self.listener, selectors.EVENT_READ, "listen")
         for conn in [c for c in self.conns if not c.kind and now >= c.deadline]:
-            log.info("VSS socket: pid %d uid %d sent nothing within %g s: closed", conn.pid, conn.uid,
+            self._faults.info("VSS socket: pid %d uid %d sent nothing within %g s: closed", conn.pid, conn.uid,
                      FIRST_FRAME_TIMEOUT)
             self._close_conn(conn)
 
@@ -677,7 +674,7 @@ class Broker:
         except vssproto.ProtocolError as e:
             if conn.queue:
                 return self._conn_ended(conn, str(e), failed=True)
-            log.warning("VSS socket: pid %d uid %d: %s: closed", conn.pid, conn.uid, e)
+            self._faults.warning("VSS socket: pid %d uid %d: %s: closed", conn.pid, conn.uid, e)
             return self._close_conn(conn)
         for msg in msgs:
             if not conn.kind:
@@ -701,7 +698,7 @@ class Broker:
     def _first_message(self, conn: Conn, msg) -> None:
         if not self._authorized(conn):
             who = f"root and members of group {self.s.group}" if self.gid is not None else "root"
-            log.warning("VSS socket: pid %d uid %d refused: not root or in the group", conn.pid, conn.uid)
+            self._faults.warning("VSS socket: pid %d uid %d refused: not root or in the group", conn.pid, conn.uid)
             reason = f"Permission denied: only {who} may use the VSS broker"
             self.conns.discard(conn)
             self._unregister(conn.sock)
@@ -716,7 +713,7 @@ class Broker:
             self.request(msg.op, msg.msgid, conn, msg.timeout)
             return
         if not isinstance(msg, Register):
-            log.warning("VSS socket: pid %d uid %d began with %s: closed", conn.pid, conn.uid, type(msg).__name__)
+            self._faults.warning("VSS socket: pid %d uid %d began with %s: closed", conn.pid, conn.uid, type(msg).__name__)
             return self._close_conn(conn)
         conn.kind = "app"
         app, why = self.core.register(msg.name, conn.pid, conn.uid)

@@ -11,6 +11,8 @@ import logging
 import logging.handlers
 import os
 import sys
+import threading
+import time
 
 # sd-daemon(3) priorities: <3> err, <4> warning, <5> notice, <6> info, <7> debug.
 _PRIORITY = {
@@ -48,3 +50,33 @@ def setup(name: str, debug: bool = False, use_syslog: bool = False) -> logging.L
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     return logging.getLogger(name)
+
+
+class RateLimited:
+    """A line a peer can cause, logged at most once per `every` seconds, with how many
+    were held back: whoever may connect can't fill the log (or the disk under it)."""
+
+    def __init__(self, logger: logging.Logger, every: float = 60.0):
+        self.logger = logger
+        self.every = every
+        self._next = 0.0
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, level: int, msg: str, *args) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._held += 1
+                return
+            held, self._held = self._held, 0
+            self._next = now + self.every
+        if held:
+            msg += f" ({held} more since the last such message)"
+        self.logger.log(level, msg, *args)
+
+    def warning(self, msg: str, *args) -> None:
+        self(logging.WARNING, msg, *args)
+
+    def info(self, msg: str, *args) -> None:
+        self(logging.INFO, msg, *args)

@@ -39,6 +39,7 @@ from typing import Callable, Protocol
 import msgspec
 
 from ipc import nbd
+from workers.logfmt import RateLimited
 
 log = logging.getLogger("nbd")
 
@@ -165,10 +166,10 @@ class Server:
         self._refusing = 0
         self.requests = 0
         self.errors = 0
-        self._warn_accept = _RateLimited()
-        self._warn_refuse = _RateLimited()
-        self._warn_drop = _RateLimited(10.0)
-        self._warn_budget = _RateLimited()
+        self._warn_accept = RateLimited(log, WARN_EVERY)
+        self._warn_refuse = RateLimited(log, WARN_EVERY)
+        self._warn_drop = RateLimited(log, 10.0)
+        self._warn_budget = RateLimited(log, WARN_EVERY)
         self._rcvtimeo = _timeval(LINGER)
         self._sndtimeo = _timeval(self.limits.request_timeout)
 
@@ -821,28 +822,6 @@ class _Budget:
         with self._cond:
             self.closed = True
             self._cond.notify_all()
-
-
-class _RateLimited:
-    """A recurring condition logged at most once per `every` seconds, with the count between."""
-
-    def __init__(self, every: float = WARN_EVERY):
-        self.every = every
-        self._next = 0.0
-        self._suppressed = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, level: int, msg: str, *args) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next:
-                self._suppressed += 1
-                return
-            n, self._suppressed = self._suppressed, 0
-            self._next = now + self.every
-        if n:
-            msg += f" ({n} more since the last such message)"
-        log.log(level, msg, *args)
 
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
