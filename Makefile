@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-APT_PACKAGES := libnbd-bin nbdfuse qemu-utils fuse3 e2fsprogs xfsprogs util-linux kmod procps systemd udev nbd-client fio mandoc python3-venv
+APT_PACKAGES := libnbd-bin nbdfuse qemu-utils fuse3 e2fsprogs xfsprogs util-linux kmod procps systemd udev nbd-client fio mandoc python3-venv openssl
 BENCH_PACKAGES := nbdkit fio qemu-system-common
 STAMP_APT := $(VENV)/.apt-stamp
 STAMP_VENV := $(VENV)/.venv-stamp

@@ -7,6 +7,8 @@
 #   bench_snap.py  issue 3: writes with 0/1/4 snapshots vs qemu-storage-daemon
 #                  (copy-before-write + snapshot-access), snapshot reads, barrier
 #   bench_vss.py   VSS freeze window and queue round trip (its own output)
+#   bench_tls.py   issue 13: TLS reads vs qemu-nbd --tls-creds; plain TCP vs Unix socket
+#   bench_suspend.py  issue 14: the suspend window of a plain fssconfig (its own output)
 #
 # Every process the bench scripts start is recorded (pid, /dev/shm names) in a
 # registry; the trap below stops what is still alive by pid and removes the
@@ -79,6 +81,11 @@ if [ -f bench/bench_vss.py ]; then
     mkdir -p "$WORK/vss"
     step "VSS (bench_vss.py)" env TMPDIR="$WORK/vss" "$PY" bench/bench_vss.py
 fi
+
+step "issue 13: NBD over TLS vs qemu-nbd --tls-creds, plain TCP vs the Unix socket (median of $RUNS)" \
+    "$PY" bench/bench_tls.py --runs "$RUNS"
+step "issue 14: suspend window around the barrier, ext4 through nbdfuse + loop" \
+    "$PY" bench/bench_suspend.py --rounds $((RUNS * 5))
 
 echo
 echo "== summary ($(( $(date +%s) - t0 )) s)"

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from daemon.units import parse_size
+from ipc.listenpolicy import ListenSection, parse_address
 
 DEFAULT_CONFIG = "/etc/fssd/fssd.toml"
 MAX_DEVICES = 64
@@ -136,6 +137,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     daemon: DaemonSection = DaemonSection()
     volume: list[VolumeSection] = []
     vss: VssSection = VssSection()
+    # NBD over TCP (ipc.listenpolicy documents the keys); none by default.
+    listen: list[ListenSection] = []
 
     def freeze_mounts(self) -> list[str]:
         """What the broker may freeze: [vss] freeze, else every volume's mountpoint (never /)."""
@@ -169,6 +172,44 @@ def _check_freeze(cfg: Config) -> None:
                 raise ConfigError(f"[vss] freeze {m} holds the image of volume {vol.name!r}: freezing it would stall the volume - at `$.vss.freeze`")
 
 
+def _check_tls_files(sec: ListenSection, where: str) -> None:
+    """Load them as the front will, so a bad file is a config error, not a front that won't start."""
+    import ssl
+
+    d = sec.tls_dir
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(os.path.join(d, "server-cert.pem"), os.path.join(d, "server-key.pem"))
+        if sec.verify_peer:
+            ctx.load_verify_locations(os.path.join(d, "ca-cert.pem"))
+        if os.path.exists(os.path.join(d, "ca-crl.pem")):
+            ctx.load_verify_locations(os.path.join(d, "ca-crl.pem"))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the TLS files in {d}: {getattr(e, 'reason', None) or e} - at `{where}.tls_dir`") from None
+
+
+def _check_listen(cfg: Config) -> None:
+    """[[listen]]: one table per address; the TLS files it names must be there."""
+    seen: set[tuple[str, int]] = set()
+    for i, sec in enumerate(cfg.listen):
+        where = f"$.listen[{i}]"
+        hp = parse_address(sec.address)
+        if hp in seen:
+            raise ConfigError(f"address {sec.address} is listed twice - at `{where}.address`")
+        seen.add(hp)
+        if sec.tls == "off" or not sec.verify_peer:
+            for j, rule in enumerate(sec.allow):
+                if "=" in rule.client:
+                    raise ConfigError(f"client {rule.client!r} can never match: without verified client certificates (tls = \"off\" or verify_peer = false) clients are known by address only - at `{where}.allow[{j}]`")
+        if sec.tls == "off":
+            continue
+        wanted = ["server-cert.pem", "server-key.pem"] + (["ca-cert.pem"] if sec.verify_peer else [])
+        for f in wanted:
+            if not os.path.isfile(os.path.join(sec.tls_dir, f)):
+                raise ConfigError(f"{os.path.join(sec.tls_dir, f)} is missing (tls = \"require\" needs {', '.join(wanted)}) - at `{where}.tls_dir`")
+        _check_tls_files(sec, where)
+
+
 def load(path: str, rundir_override: str | None = None) -> Config:
     """Read and validate; raises ConfigError with the file name and the key."""
     try:
@@ -185,6 +226,7 @@ def load(path: str, rundir_override: str | None = None) -> Config:
     try:
         _check_volumes(cfg)
         _check_freeze(cfg)
+        _check_listen(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     if rundir_override:

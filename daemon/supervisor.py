@@ -39,6 +39,7 @@ from daemon.vssgate import ChannelVssGate
 from ipc import control, names, workermsg
 from workers import logfmt
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
+from ipc.listenpolicy import ListenSection
 from workers import nbdserve
 from workers.settings import AttachedSnapshot, VolumeSettings
 
@@ -58,6 +59,15 @@ class VolumeState:
         self.listener = listener
         self.worker: Worker | None = None
         self.failed = False  # gave up restarting
+
+
+class FrontState:
+    """A [[listen]] table: the TCP listening socket (kept here across restarts) and its front worker."""
+
+    def __init__(self, section: ListenSection, listener: socket.socket):
+        self.section = section
+        self.listener = listener
+        self.worker: Worker | None = None
 
 
 def nbd_limits(d: configmod.DaemonSection) -> nbdserve.Limits:
@@ -87,6 +97,7 @@ class Supervisor:
         self.started = time.monotonic()
         self.volumes: dict[str, VolumeState] = {}
         self.broker: Worker | None = None
+        self.fronts: dict[str, FrontState] = {}  # [[listen]] by address
         self.broker_mounts: list[str] = []
         self.vss_state = workermsg.VssState("stopped")
         self.notifier = Notifier.from_env()
@@ -217,6 +228,69 @@ class Supervisor:
                 return st
         return None
 
+    # -- NBD over TCP: one front worker per [[listen]] table ----------------------------
+
+    @staticmethod
+    def _tcp_listener(section: ListenSection) -> socket.socket:
+        host, port = section.host_port()
+        family, stype, proto, _c, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        s = socket.socket(family, stype, proto)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(addr)
+            s.listen(128)
+        except OSError:
+            s.close()
+            raise
+        s.set_inheritable(False)
+        return s
+
+    def _volume_names(self) -> list[str]:
+        return [v.name for v in self.cfg.volume]
+
+    async def start_front(self, section: ListenSection) -> None:
+        from workers.tcpfront import FrontSettings
+
+        st = FrontState(section, self._tcp_listener(section))
+        self.fronts[section.address] = st
+
+        def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
+            settings = FrontSettings(st.section, st.listener.fileno(), self.rundir, self._volume_names(), self.debug, self.use_syslog)
+            return "workers.tcpfront", msgspec.json.encode(settings).decode(), [st.listener.fileno()]
+
+        st.worker = self._worker("listen", section.address, spawn_args)  # restarted as the volumes are
+        await st.worker.start()
+        log.info("listen %s: NBD over TCP, tls %s (pid %d)", section.address, section.tls, st.worker.pid)
+
+    async def stop_front(self, address: str) -> None:
+        st = self.fronts.pop(address)
+        if st.worker:
+            await st.worker.stop(STOP_TIMEOUT)
+        st.listener.close()
+
+    async def reload_fronts(self) -> None:
+        """SIGHUP: new addresses start, removed ones stop, the others reload their
+        certificates and rules (for new connections; open ones are kept)."""
+        wanted = {sec.address: sec for sec in self.cfg.listen}
+        for address in [a for a in self.fronts if a not in wanted]:
+            await self.stop_front(address)
+        for address, sec in wanted.items():
+            st = self.fronts.get(address)
+            try:
+                if st is None:
+                    await self.start_front(sec)
+                    continue
+                st.section = sec
+                if st.worker and st.worker.alive:
+                    st.worker.send(workermsg.ListenUpdate(sec, self._volume_names()))
+            except (WorkerGone, OSError) as e:
+                log.error("reload: listen %s: %s", address, e)
+
+    def front_workers(self) -> list[Worker]:
+        return [st.worker for st in self.fronts.values() if st.worker]
+
     # -- the broker -----------------------------------------------------------------
 
     async def start_broker(self) -> None:
@@ -305,6 +379,7 @@ class Supervisor:
     def worker_infos(self) -> list[WorkerInfo]:
         ws = [st.worker for st in self.volumes.values() if st.worker]
         ws += self.snaps.workers()
+        ws += self.front_workers()
         if self.broker:
             ws.append(self.broker)
         now = time.monotonic()
@@ -356,6 +431,8 @@ class Supervisor:
                 await self.start_volume(section)
             await self.snaps.start_recovered()
             await self.start_broker()
+            for section in self.cfg.listen:
+                await self.start_front(section)
             await self.control.start()
         except (WorkerGone, OSError, ImportError) as e:
             log.critical("start-up failed: %s", e)
@@ -381,6 +458,8 @@ class Supervisor:
         if self._usage:
             self._usage.cancel()
         await self.control.stop()
+        for address in list(self.fronts):
+            await self.stop_front(address)
         # Snapshots in the state directory stay configured; the volume workers stop after
         # them (syncing every store), then the records say the stop was clean.
         await self.snaps.stop_for_restart()
@@ -451,6 +530,7 @@ class Supervisor:
                 except (WorkerGone, OSError) as e:
                     log.error("reload: vss broker failed to start: %s", e)
                 log.info("reload: VSS settings applied")
+        await self.reload_fronts()
         log.info("reloaded %s: %d volume(s)", self.config_path, len(self.volumes))
 
 

@@ -18,6 +18,12 @@ reason. Anything that leaves the stream unparseable (wrong magic, an option
 too long to hold) puts the connection in the ERROR state: a `ProtocolError`
 event, and the caller closes the socket.
 
+Two more modes serve the TCP front (workers/tcpfront.py): `tls=True` answers
+every option before NBD_OPT_STARTTLS with NBD_REP_ERR_TLS_REQD and hands the
+caller a StartTLS event; `allowed=` (proxy mode) refuses names the policy
+denies with NBD_REP_ERR_POLICY and turns INFO/GO into ExportWanted events the
+caller answers with the export worker's own replies.
+
 Spec: NetworkBlockDevice/nbd doc/proto.md.
 """
 
@@ -61,7 +67,9 @@ REP_META_CONTEXT = 4
 REP_ERR_UNSUP = 0x80000001
 REP_ERR_POLICY = 0x80000002
 REP_ERR_INVALID = 0x80000003
+REP_ERR_TLS_REQD = 0x80000005
 REP_ERR_UNKNOWN = 0x80000006
+REP_ERR_SHUTDOWN = 0x80000007
 REP_ERR_TOO_BIG = 0x80000009
 
 # info types
@@ -211,6 +219,27 @@ class ProtocolError(NamedTuple):
     reason: str
 
 
+class StartTLS(NamedTuple):
+    """NBD_OPT_STARTTLS accepted (its ACK is queued): send data_to_send(), run the TLS
+    handshake, then call tls_started(). Nothing is parsed until then."""
+
+
+class ExportWanted(NamedTuple):
+    """Proxy mode: INFO or GO for an export this client may open. Parsing waits until
+    the caller answers with export_answered()."""
+
+    opt: int
+    name: str
+    info: tuple[int, ...]  # the NBD_INFO_* the client asked for
+
+
+class PolicyRefused(NamedTuple):
+    """Proxy mode: an option named an export this client may not open (answered NBD_REP_ERR_POLICY)."""
+
+    opt: int
+    name: str
+
+
 class State(enum.Enum):
     CLIENT_FLAGS = 1
     OPTIONS = 2
@@ -225,17 +254,36 @@ Lookup = Callable[[str], "Export | None"]
 class ServerConnection:
     """One client connection's protocol state."""
 
-    def __init__(self, exports: list[Export], zero_copy: bool = False, refusal: str | None = None):
+    def __init__(
+        self,
+        exports: list[Export],
+        zero_copy: bool = False,
+        refusal: str | None = None,
+        tls: bool = False,
+        allowed: Callable[[str], bool] | None = None,
+    ):
         """zero_copy: WRITE payloads are memoryviews into the receive buffer, valid
         until the next receive_buffer()/receive_data() call (the serving loop's
         contract); otherwise they are bytes.
 
         refusal: the server will not serve this client (e.g. too many connections):
         every option that would reach an export is answered NBD_REP_ERR_POLICY with
-        this message (EXPORT_NAME, which cannot be refused, hangs up)."""
+        this message (EXPORT_NAME, which cannot be refused, hangs up).
+
+        tls: TLS is required (a TCP front): until STARTTLS has succeeded every option
+        but STARTTLS and ABORT is answered NBD_REP_ERR_TLS_REQD (spec, "TLS support").
+
+        allowed: proxy mode (a front that relays to the export's own worker): a name
+        this predicate refuses is answered NBD_REP_ERR_POLICY wherever an option names
+        it; `exports` (set_exports()) are those the client may open that exist, so LIST
+        shows only those; INFO and GO come out as ExportWanted for the caller to answer."""
         self._exports = {e.name: e for e in exports}
         self.zero_copy = zero_copy
         self.refusal = refusal
+        self.tls = tls
+        self.tls_active = False
+        self.allowed = allowed
+        self._waiting = False  # an ExportWanted or StartTLS is being answered by the caller
         self.state = State.CLIENT_FLAGS
         self.export: Export | None = None
         self.structured = False
@@ -366,7 +414,7 @@ class ServerConnection:
                     if self.state is not State.TRANSMISSION:
                         break
                 return out
-            while self.state not in (State.CLOSED, State.ERROR):
+            while self.state not in (State.CLOSED, State.ERROR) and not self._waiting:
                 if self.state is State.TRANSMISSION:
                     ev = self._next_request()
                 elif self.state is State.OPTIONS:
@@ -379,6 +427,11 @@ class ServerConnection:
                     out.append(ev)
                     if until_ready and type(ev) is Ready:
                         break
+                    if type(ev) is StartTLS and self._end > self._pos:
+                        # Bytes sent after STARTTLS but before the TLS handshake would be
+                        # taken as if they came over TLS: a plaintext injection. Refuse.
+                        out.pop()
+                        raise _Fatal("data sent after NBD_OPT_STARTTLS before the TLS handshake")
         except _Fatal as e:
             self.state = State.ERROR
             out.append(ProtocolError(str(e)))
@@ -423,7 +476,14 @@ class ServerConnection:
         self.options_seen += 1
         if self.options_seen > MAX_OPTIONS:
             raise _Fatal(f"more than {MAX_OPTIONS} options; giving up on this client")
-        if self.refusal is not None and opt not in (OPT_ABORT, OPT_STRUCTURED_REPLY):
+        if self.tls and not self.tls_active and opt not in (OPT_STARTTLS, OPT_ABORT):
+            if opt == OPT_EXPORT_NAME:
+                raise _Fatal("NBD_OPT_EXPORT_NAME before TLS (TLS is required)")
+            if opt == OPT_SET_META_CONTEXT:
+                self.meta_base_allocation = False
+            self._opt_reply(opt, REP_ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS first")
+            return True
+        if self.refusal is not None and opt not in (OPT_ABORT, OPT_STRUCTURED_REPLY, OPT_STARTTLS):
             if opt == OPT_EXPORT_NAME:
                 raise _Fatal(self.refusal)  # EXPORT_NAME has no way to say no
             if opt == OPT_SET_META_CONTEXT:
@@ -441,6 +501,8 @@ class ServerConnection:
 
     def _lookup(self, name: str) -> Export | None:
         exp = self._exports.get(name)
+        if self.allowed is not None:
+            return exp  # a front has no default export
         # The default export "" is the only export of this socket (nbdkit and qemu-nbd do the same).
         if exp is None and name == "" and len(self._exports) == 1:
             exp = next(iter(self._exports.values()))
@@ -457,6 +519,9 @@ class ServerConnection:
         return flags
 
     def _opt_export_name(self, opt: int, data: bytes):
+        if self.allowed is not None:
+            # It cannot be refused politely, and the reply would have to come from the worker.
+            raise _Fatal("NBD_OPT_EXPORT_NAME is not served over TCP; use NBD_OPT_GO")
         name = _decode_string(data)
         exp = self._lookup(name) if name is not None else None
         if exp is None:
@@ -491,8 +556,52 @@ class ServerConnection:
         return True
 
     def _opt_starttls(self, opt: int, data: bytes):
-        self._opt_reply(opt, REP_ERR_UNSUP, b"TLS is not supported; use the Unix socket's permissions")
-        return True
+        if not self.tls:
+            self._opt_reply(opt, REP_ERR_UNSUP, b"TLS is not offered here")
+            return True
+        if data:
+            self._opt_reply(opt, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+            return True
+        if self.tls_active:
+            self._opt_reply(opt, REP_ERR_INVALID, b"TLS is already active")
+            return True
+        self._opt_reply(opt, REP_ACK)
+        self._waiting = True
+        return StartTLS()
+
+    def tls_started(self) -> None:
+        """The TLS handshake after StartTLS succeeded: negotiation goes on over TLS."""
+        self.tls_active = True
+        self._waiting = False
+
+    def set_exports(self, exports: list[Export]) -> None:
+        """Proxy mode: the exports this client may open that exist now (LIST, meta contexts)."""
+        self._exports = {e.name: e for e in exports}
+
+    def _refused_by_policy(self, opt: int, name: str | None):
+        """Proxy mode: POLICY for a name the client may not open; None if it may."""
+        if self.allowed is None or name is None or self.allowed(name):
+            return None
+        if opt == OPT_SET_META_CONTEXT:
+            self.meta_base_allocation = False
+        self._opt_reply(opt, REP_ERR_POLICY, f"export {name!r} is not available to this client".encode()[:MAX_STRING])
+        return PolicyRefused(opt, name)
+
+    def export_answered(self, opt: int, replies: bytes, export: Export | None) -> Ready | None:
+        """Proxy mode: the answer to an ExportWanted, `replies` as the export's worker gave
+        them (INFO replies and ACK, or an error). A GO with an export: transmission starts
+        (the caller relays from here; take_buffered() has what the client sent after GO)."""
+        self._waiting = False
+        self._out.append(replies)
+        if opt == OPT_GO and export is not None:
+            return self._start(export)
+        return None
+
+    def take_buffered(self) -> bytes:
+        """Received bytes not parsed yet (a proxy forwards them after GO)."""
+        data = bytes(self._mv[self._pos : self._end])
+        self._pos = self._end = 0
+        return data
 
     def _opt_info_go(self, opt: int, data: bytes):
         if len(data) < 6:
@@ -508,10 +617,16 @@ class ServerConnection:
             self._opt_reply(opt, REP_ERR_INVALID, b"number of info requests does not match the option length")
             return True
         wanted = set(struct.unpack_from(f">{n}H", data, 4 + namelen + 2))
+        refused = self._refused_by_policy(opt, name)
+        if refused is not None:
+            return refused
         exp = self._lookup(name) if name is not None else None
         if exp is None:
             self._opt_reply(opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
             return True
+        if self.allowed is not None:
+            self._waiting = True
+            return ExportWanted(opt, name, tuple(sorted(wanted)))
         self._opt_reply(opt, REP_INFO, _U16.pack(INFO_EXPORT) + _U64.pack(exp.size) + _U16.pack(self.transmission_flags(exp)))
         if INFO_NAME in wanted:
             self._opt_reply(opt, REP_INFO, _U16.pack(INFO_NAME) + exp.name.encode())
@@ -547,6 +662,9 @@ class ServerConnection:
             self._opt_reply(opt, REP_ERR_INVALID, b"malformed meta context request")
             return True
         name, queries = parsed
+        refused = self._refused_by_policy(opt, name)
+        if refused is not None:
+            return refused
         if self._lookup(name) is None:
             self._opt_reply(opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
             return True
@@ -695,6 +813,12 @@ class ServerConnection:
 
 class _Fatal(Exception):
     pass
+
+
+def option_reply(opt: int, rep: int, message: str = "") -> bytes:
+    """One option reply (an error's message as its payload), for a proxy's own answers."""
+    payload = message.encode()[:MAX_STRING]
+    return _OPT_REPLY.pack(OPT_REPLY_MAGIC, opt, rep, len(payload)) + payload
 
 
 # Builds the per-request NamedTuples without the generated __new__ (twice as fast on the hot path).

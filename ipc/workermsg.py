@@ -11,6 +11,8 @@ from typing import ClassVar, Literal
 
 import msgspec
 
+from ipc.listenpolicy import ListenSection
+
 
 class _Msg(msgspec.Struct, tag_field="t", frozen=True):
     pass
@@ -33,6 +35,15 @@ class DetachSnapshot(_Msg, tag="detach"):
     req: int = 0
 
 
+class ListenUpdate(_Msg, tag="listen-update"):
+    """TCP front (SIGHUP): reload the TLS credentials from tls_dir and apply these rules
+    and limits to new connections (those open stay as they are); `volumes` are the
+    live volumes now configured (the exports that are not snapshots)."""
+
+    listen: ListenSection
+    volumes: list[str]
+
+
 class Stop(_Msg, tag="stop"):
     pass
 
@@ -50,7 +61,7 @@ class VssAsk(_Msg, tag="vss-ask"):
 
 
 class Ready(_Msg, tag="ready"):
-    kind: str  # "volume" | "snapshot" | "broker"
+    kind: str  # "volume" | "snapshot" | "broker" | "listen"
     pid: int
 
 
@@ -93,5 +104,5 @@ class VssAnswer(_Msg, tag="vss-answer"):
     req: int = 0
 
 
-ToWorker = AttachSnapshot | DetachSnapshot | Stop | VssAsk
+ToWorker = AttachSnapshot | DetachSnapshot | ListenUpdate | Stop | VssAsk
 FromWorker = Ready | Attached | Detached | Refused | ClientsChanged | VssState | VssAnswer
