@@ -617,6 +617,26 @@ class SnapshotManager:
             log.error("%s: snapshot invalid: %s", device, reason)
             self.host.changed()
 
+    async def record_lost(self, device: str, reason: str) -> bool:
+        """The volume worker's failure path when it could not flag the store's header: the
+        reason goes into the state directory before that worker writes the volume uncopied.
+        True once it is on disk (or there is nothing to record it in)."""
+        self.lost(device, reason)
+        snap = self.snaps.get(device)
+        state = self.host.state
+        if snap is None or snap.record is None or state is None:
+            return True
+        if not snap.record.invalid:
+            snap.record = msgspec.structs.replace(snap.record, invalid=snap.map.error or reason)
+        try:
+            # Saved again even if another save is under way: atomic and idempotent, and this
+            # answer must not come before the record is on disk.
+            await self.host.offload(state.save, snap.record)
+            return True
+        except OSError as e:
+            log.error("%s: could not record that it is invalid: %s", device, e)
+            return False
+
     def worker_gave_up(self, worker: Worker) -> None:
         snap = self.snaps.get(worker.key)
         if snap is None:

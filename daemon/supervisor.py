@@ -342,6 +342,8 @@ class Supervisor:
             os.close(fd)
         if isinstance(msg, workermsg.Refused):
             self.snaps.lost(msg.device, msg.reason)
+        elif isinstance(msg, workermsg.Invalidated):
+            asyncio.ensure_future(self._record_invalid(worker, msg))
         elif isinstance(msg, workermsg.ClientsChanged):
             self.snaps.clients_changed(msg.device, msg.count)
         elif isinstance(msg, workermsg.VssState):
@@ -351,6 +353,17 @@ class Supervisor:
                 self.update_status()
         else:
             log.warning("%s %s: unexpected %s dropped", worker.kind, worker.key, type(msg).__name__)
+
+    async def _record_invalid(self, worker: Worker, msg: workermsg.Invalidated) -> None:
+        """A live write waits on this answer: given whatever happens, as soon as possible."""
+        ok = False
+        try:
+            ok = await self.snaps.record_lost(msg.device, msg.reason)
+        finally:
+            try:
+                worker.send(workermsg.InvalidRecorded(msg.ticket, ok))
+            except WorkerGone:
+                pass
 
     def on_worker_exit(self, worker: Worker, status: int) -> None:
         if worker.kind == "broker":

@@ -57,6 +57,13 @@ class VssAsk(_Msg, tag="vss-ask"):
     req: int = 0
 
 
+class InvalidRecorded(_Msg, tag="invalid-recorded"):
+    """Answer to Invalidated: the reason is on disk in the state directory (ok), or could not be."""
+
+    ticket: int
+    ok: bool = True
+
+
 # worker -> supervisor
 
 
@@ -83,6 +90,16 @@ class Refused(_Msg, tag="refused"):
     req: int = 0
 
 
+class Invalidated(_Msg, tag="invalidated"):
+    """Volume worker: snapshot `device` turned invalid and its store's header could not be
+    flagged; the write that found it waits for InvalidRecorded(ticket) before it goes on
+    without copying. (`ticket`, not `req`: this is a request of the worker's, not a reply.)"""
+
+    device: str
+    reason: str
+    ticket: int
+
+
 class ClientsChanged(_Msg, tag="clients"):
     """A snapshot worker's NBD client count changed (unconfig-on-close)."""
 
@@ -104,5 +121,5 @@ class VssAnswer(_Msg, tag="vss-answer"):
     req: int = 0
 
 
-ToWorker = AttachSnapshot | DetachSnapshot | ListenUpdate | Stop | VssAsk
-FromWorker = Ready | Attached | Detached | Refused | ClientsChanged | VssState | VssAnswer
+ToWorker = AttachSnapshot | DetachSnapshot | ListenUpdate | Stop | VssAsk | InvalidRecorded
+FromWorker = Ready | Attached | Detached | Refused | Invalidated | ClientsChanged | VssState | VssAnswer

@@ -203,3 +203,44 @@ def test_writing_copies_first_and_a_failed_copy_leaves_the_gate(world, monkeypat
     th.start()
     th.join(10)
     assert got == [world["target"]], "the barrier must drain: the failed write left the gate"
+
+
+def test_a_store_that_takes_no_write_is_recorded_invalid_before_the_volume_is_written(tmp_path):
+    """The copy fails and so does the invalid flag in the store's own header: the write
+    that found it must wait until the supervisor has the reason on disk (record_invalid),
+    or a crash right then could bring the snapshot back as if intact."""
+    vol = tmp_path / "vol.img"
+    old = bytes(range(256)) * (SIZE // 256)
+    vol.write_bytes(old)
+    bs = tmp_path / "bs"
+    bs.write_bytes(bytes(CS))
+    name = f"/fssd-test-{uuid.uuid4().hex[:12]}"
+    cmap = ClusterMap.create(name, CS, SIZE, bs_limit_clusters=0)
+    vfd = os.open(vol, os.O_RDWR)
+    bfd = os.open(bs, os.O_RDONLY)  # every write to the store fails (EBADF)
+    try:
+        cmap.activate()
+        from ipc.storeformat import Durability
+        from workers.storejournal import StoreJournal
+
+        # A durable snapshot's store (its header can't be read back either: the flag can't be set).
+        target = SnapshotTarget("fss0", cmap, bfd, vfd, StoreJournal(bfd, Durability.PROCESS, cmap.table_clusters))
+        seen = []
+
+        def record(device, reason):
+            seen.append((device, reason, os.pread(vfd, CS, 0) == old[:CS]))
+            return True
+
+        target.record_invalid = record
+        w = {"target": target, "vfd": vfd}
+        live_write(w, 0, b"\xee" * CS)
+        assert seen == [("fss0", "write error on backing store", True)], "recorded, and before the volume was written"
+        assert not cmap.valid and cmap.error == "write error on backing store"
+        assert os.pread(vfd, CS, 0) == b"\xee" * CS, "the live write went on"
+        live_write(w, CS, b"\xdd" * CS)
+        assert len(seen) == 1, "the first error acts once"
+    finally:
+        os.close(vfd)
+        os.close(bfd)
+        cmap.close()
+        ClusterMap.unlink(name)

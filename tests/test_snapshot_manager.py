@@ -275,3 +275,25 @@ def test_lost_and_gave_up_make_the_snapshot_invalid(env):
     assert info.state == "invalid" and info.error == "backing store full" and env.changed == 2
     env.mgr.lost("fss1", "not configured: ignored")
     assert env.changed == 2
+
+
+def test_a_worker_that_could_not_flag_its_store_is_answered_only_once_the_record_is_on_disk(env, tmp_path):
+    """record_lost: the volume worker's failure path waits on this answer before it writes
+    the volume uncopied, so the reason must be in the state directory when it returns."""
+    from test_recovery import _rec
+
+    from daemon.statedir import StateDir
+
+    state = StateDir(str(tmp_path / "state"))
+    state.open()
+    env.host.state = state
+    rec = _rec()
+    state.save(rec)
+    errors = []
+    fake_map = SimpleNamespace(error="", set_error=lambda why: (errors.append(why), setattr(fake_map, "error", why))[0] is None)
+    env.mgr.snaps["fss0"] = SimpleNamespace(device="fss0", map=fake_map, record=rec)
+    assert asyncio.run(env.mgr.record_lost("fss0", "write error on backing store")) is True
+    recs, bad = state.load()
+    assert not bad and [r.invalid for r in recs] == ["write error on backing store"]
+    assert errors == ["write error on backing store"] and env.changed == 1
+    del env.mgr.snaps["fss0"]

@@ -40,6 +40,7 @@ import os
 import threading
 import time
 import weakref
+from typing import Callable
 
 from ipc import storeformat
 from ipc.clustermap import ClusterMap, span
@@ -77,6 +78,9 @@ class SnapshotTarget:
         self._alloc = threading.Lock()
         # Free runs [start, count) below bs_next, left by a killed worker (see reconcile()).
         self._holes: list[list[int]] = []
+        # (device, reason) -> True once the supervisor has the reason on disk; set by the
+        # volume worker. Used only when the store's own header can't be flagged.
+        self.record_invalid: Callable[[str, str], bool] | None = None
 
     def reconcile(self) -> tuple[int, float]:
         """A restarted volume worker, before serving: make the allocation what is published.
@@ -228,7 +232,11 @@ class SnapshotTarget:
             # Before the caller writes the volume without copying: on disk too, so a restart
             # after any crash finds it invalid rather than missing the copies from here on.
             if not self.journal.invalid():
-                log.error("%s: could not mark the backing store invalid; the state directory will", self.device)
+                # The store won't say so: the state directory must, before the caller writes
+                # the volume uncopied, or a crash right now could bring it back "intact".
+                log.error("%s: could not mark the backing store invalid; waiting for the state directory to record it", self.device)
+                if self.record_invalid is None or not self.record_invalid(self.device, reason):
+                    log.critical("%s: the invalid state is recorded nowhere on disk; the volume is written on regardless", self.device)
 
     def sync(self) -> None:
         """At a clean stop: every copy and table entry on disk, before the state directory

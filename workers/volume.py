@@ -122,9 +122,70 @@ class VolumeBackend:
         return [(n, hz if hole else 0) for n, hole in fileio.extents(self.fd, offset, length)]
 
 
-def _attach_target(backend: VolumeBackend, device: str, map_name: str, bs_fd: int) -> SnapshotTarget:
+class InvalidRecorder:
+    """The failure path only: a snapshot turned invalid and its store's header could not be
+    flagged, so the supervisor writes the reason into the state directory before the write
+    that found it goes on without copying. Called from serving threads; the main thread's
+    message loop hands the answers back (answered())."""
+
+    TIMEOUT = 10.0
+
+    def __init__(self, chan: Channel):
+        self.chan = chan
+        self._lock = threading.Lock()
+        self._ticket = 0
+        self._waiting: dict[int, list] = {}
+
+    def __call__(self, device: str, reason: str) -> bool:
+        done = threading.Event()
+        with self._lock:
+            self._ticket += 1
+            ticket = self._ticket
+            self._waiting[ticket] = [done, False]
+        try:
+            self.chan.send(workermsg.Invalidated(device, reason, ticket))
+            if not done.wait(self.TIMEOUT):
+                log.error("%s: the supervisor did not confirm the invalid state within %.0f s", device, self.TIMEOUT)
+                return False
+            return self._waiting[ticket][1]
+        except OSError as e:
+            log.error("%s: cannot tell the supervisor it is invalid: %s", device, e)
+            return False
+        finally:
+            with self._lock:
+                self._waiting.pop(ticket, None)
+
+    def answered(self, msg: workermsg.InvalidRecorded) -> None:
+        with self._lock:
+            w = self._waiting.get(msg.ticket)
+            if w is not None:
+                w[1] = msg.ok
+                w[0].set()
+
+
+def _attach_target(backend: VolumeBackend, device: str, map_name: str, bs_fd: int, recorder: InvalidRecorder) -> SnapshotTarget:
     cmap = ClusterMap.attach(map_name, writable=True)
-    return SnapshotTarget(device, cmap, bs_fd, backend.fd)
+    t = SnapshotTarget(device, cmap, bs_fd, backend.fd)
+    t.record_invalid = recorder
+    return t
+
+
+def _recorded_before_serving(chan: Channel, device: str, reason: str) -> bool:
+    """A snapshot that can't be re-attached, and whose store won't take the invalid flag:
+    the supervisor records it before this worker serves (and so writes) anything."""
+    chan.send(workermsg.Invalidated(device, reason, 0))
+    try:
+        while True:
+            got = chan.recv(InvalidRecorder.TIMEOUT)
+            if got is None:
+                return False
+            msg, fds = got
+            for extra in fds:
+                os.close(extra)
+            if isinstance(msg, workermsg.InvalidRecorded) and msg.ticket == 0:
+                return msg.ok
+    except (OSError, ValueError):
+        return False
 
 
 def run(settings: VolumeSettings, chan: Channel) -> int:
@@ -132,14 +193,18 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
     backend = VolumeBackend(fd, settings.size)
     # A restart: the snapshots that were active stay active, with their maps as they are.
     lost: list[workermsg.Refused] = []
+    recorder = InvalidRecorder(chan)
     for s in settings.snapshots:
         try:
-            t = _attach_target(backend, s.device, s.map_name, s.bs_fd)
+            t = _attach_target(backend, s.device, s.map_name, s.bs_fd, recorder)
         except (OSError, ValueError, posix_ipc.Error) as e:
             # One snapshot's trouble never keeps the live volume down; the supervisor marks it invalid.
             log.error("%s: cannot re-attach (%s)", s.device, e)
-            mark_invalid(s.bs_fd, True)  # this worker will write the volume without copying for it
-            lost.append(workermsg.Refused(s.device, getattr(e, "errno", None) or errno.EIO, f"volume worker could not re-attach: {e}"))
+            why = f"volume worker could not re-attach: {e}"
+            # This worker will write the volume without copying for it: on disk first.
+            if not mark_invalid(s.bs_fd, True) and not _recorded_before_serving(chan, s.device, why):
+                log.critical("%s: the invalid state is recorded nowhere on disk; the volume is served regardless", s.device)
+            lost.append(workermsg.Refused(s.device, getattr(e, "errno", None) or errno.EIO, why))
             continue
         reclaimed, took = t.reconcile()  # what a killed predecessor reserved but never published
         backend.cow.add(t)
@@ -159,7 +224,7 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
                 chan.send(workermsg.Refused(msg.device, errno.EBADF, "no backing-store descriptor came with the request", msg.req))
                 continue
             try:
-                target = _attach_target(backend, msg.device, msg.map_name, fds[0])
+                target = _attach_target(backend, msg.device, msg.map_name, fds[0], recorder)
             except (OSError, ValueError, posix_ipc.Error) as e:
                 os.close(fds[0])
                 chan.send(workermsg.Refused(msg.device, getattr(e, "errno", None) or errno.EINVAL, str(e), msg.req))
@@ -173,6 +238,8 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
                 continue
             log.info("%s: snapshot barrier held writes for %d us", msg.device, held)
             chan.send(workermsg.Attached(msg.device, held, msg.req))
+        elif isinstance(msg, workermsg.InvalidRecorded):
+            recorder.answered(msg)
         elif isinstance(msg, workermsg.DetachSnapshot):
             target = backend.detach(msg.device)
             if target is not None:
