@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,3 +248,19 @@ class Mounts:
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
+
+
+@contextlib.contextmanager
+def running(f: "Fssd", scratch: Path | None = None):
+    """A module's own fssd: started here; stopped, then killed by pid, and its scratch
+    directory removed when the block ends, also when a test or the setup fails."""
+    try:
+        f.start()
+        yield f
+    finally:
+        try:
+            f.stop()
+        finally:
+            f.kill_everything()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
-from fsshelp import Fssd, run, sha256_file
+from fsshelp import Fssd, run, sha256_file, running
 
 MiB = 1 << 20
 DATA = 64 * MiB
@@ -39,17 +38,10 @@ def srv(tmp_path_factory):
         ],
     )
     f.shm = shm
-    try:
-        f.start()
+    with running(f, shm):
         qemu_io(f.uri("data"), f"write -P {PATTERN:#x} 0 8M")
         f.fssconfig("fss0", "data", str(shm / "bs0"))
         yield f
-    finally:
-        try:
-            f.stop()
-        finally:
-            f.kill_everything()
-            shutil.rmtree(shm, ignore_errors=True)
 
 
 def qemu_io(uri: str, *cmds: str, read_only: bool = False, check: bool = True) -> subprocess.CompletedProcess:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from fsshelp import BIN, Fssd, run, wait_for
+from fsshelp import BIN, Fssd, run, wait_for, running
 from secusers import Users
 from nbdwire import Closed, Raw, connect, info_data, req
 
@@ -79,31 +78,17 @@ def tight(tmp_path_factory, users):
             ]
         ),
     )
-    try:
-        f.start()
+    with running(f, shm):
         f.fssconfig("fss0", "data", str(shm / "bs0"))
         yield f
-    finally:
-        try:
-            f.stop()
-        finally:
-            f.kill_everything()
-            shutil.rmtree(shm, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """Room for a thousand connections (root's: not capped per uid), the default deadlines."""
     f, shm = make_fssd(tmp_path_factory, "nbdwide", "nbd_max_connections = 1100")
-    try:
-        f.start()
+    with running(f, shm):
         yield f
-    finally:
-        try:
-            f.stop()
-        finally:
-            f.kill_everything()
-            shutil.rmtree(shm, ignore_errors=True)
 
 
 def close_all(conns) -> None:

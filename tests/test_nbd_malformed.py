@@ -7,7 +7,6 @@ and the export must still serve a well-behaved client with the right data.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
 import tempfile
@@ -15,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from fsshelp import Fssd
+from fsshelp import Fssd, running
 from nbdwire import Closed, Raw, connect, info_data, opt, req, write
 
 from ipc import nbd
@@ -58,19 +57,12 @@ ZEROES_AT = 40 * MiB
 def module_fssd(tmp_path_factory):
     shm = Path(tempfile.mkdtemp(prefix="fssd-test-nbdmal-", dir="/dev/shm"))
     f = Fssd(tmp_path_factory.mktemp("nbdmal") / "i0", [{"name": "data", "path": str(shm / "data.img"), "size": "64M"}])
-    try:
-        f.start()
+    with running(f, shm):
         c = connect(f)
         assert c.pwrite(1, 0, SNAP) == 0
         c.close()
         f.fssconfig("fss0", "data", str(shm / "bs0"))
         yield f
-    finally:
-        try:
-            f.stop()
-        finally:
-            f.kill_everything()
-            shutil.rmtree(shm, ignore_errors=True)
 
 
 @pytest.fixture

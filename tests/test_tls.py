@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fsshelp import BIN, Fssd, run, sha256_file, wait_for
+from fsshelp import BIN, Fssd, run, sha256_file, wait_for, running
 
 from ipc import listenpolicy, nbd
 from ipc.listenpolicy import AllowRule, Client
@@ -137,18 +137,11 @@ tls = "off"
 allow = [{{ client = "127.0.0.1", exports = ["fss*"] }}]
 """
     )
-    try:
-        f.start()
+    with running(f, shm):
         f.fssconfig("fss0", "data", str(shm / "bs0"))
         # The live volume moves on after the snapshot: 1 MiB of new bytes at 4 MiB.
         run("qemu-io", "-f", "raw", "-c", "write -P 0x77 4M 1M", f.uri("data"))
         yield f
-    finally:
-        try:
-            f.stop()
-        finally:
-            f.kill_everything()
-            shutil.rmtree(shm, ignore_errors=True)
 
 
 def nbds(srv, pki, who: str, export: str = "", port: str = "main") -> str:
