@@ -80,12 +80,13 @@ class Writer:
 
 def frozen(mnt) -> bool:
     """FIFREEZE on a frozen file system is EBUSY at once; on a thawed one it freezes (so undo at
-    once), or fails in its sync with EIO when the volume's export is gone (fssd killed)."""
+    once), or fails with EIO when the volume's export is gone (fssd killed), or with EROFS once
+    the kernel has remounted it read-only after that EIO: a frozen one answers EBUSY before either."""
     r = subprocess.run(["fsfreeze", "-f", str(mnt)], capture_output=True, text=True, timeout=10)
     if r.returncode == 0:
         subprocess.run(["fsfreeze", "-u", str(mnt)], check=True, timeout=10)
         return False
-    if "input/output error" in r.stderr.lower():
+    if "input/output error" in r.stderr.lower() or "read-only file system" in r.stderr.lower():
         return False
     assert "busy" in r.stderr.lower(), r.stderr
     return True
