@@ -44,7 +44,29 @@ class _Poller:
         return self.poll.poll(left * 1000)
 
 
+class _Ended(Exception):
+    """The relay is over; the argument says why."""
+
+
+def _push(sock: socket.socket, view: memoryview, who: str) -> tuple[memoryview | None, bool]:
+    """Send what the socket takes now: (what is left, or None; whether anything moved)."""
+    try:
+        k = sock.send(view)
+    except _WANT:
+        return view, False
+    except OSError as e:
+        raise _Ended(f"{who} connection failed: {e}") from None
+    return (view[k:] if k < len(view) else None), True
+
+
 def relay_plain(client: socket.socket, unix: socket.socket, first: bytes, idle: float, stopping: threading.Event) -> str:
+    try:
+        return _relay_plain(client, unix, first, idle, stopping)
+    except _Ended as e:
+        return str(e)
+
+
+def _relay_plain(client: socket.socket, unix: socket.socket, first: bytes, idle: float, stopping: threading.Event) -> str:
     client.setblocking(False)
     unix.setblocking(False)
     ubuf, dbuf = memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK))
@@ -67,14 +89,8 @@ def relay_plain(client: socket.socket, unix: socket.socket, first: bytes, idle: 
             except OSError as e:
                 return f"client connection failed: {e}"
         if up is not None:
-            try:
-                k = unix.send(up)
-                up = up[k:] if k < len(up) else None
-                moved = True
-            except _WANT:
-                pass
-            except OSError as e:
-                return f"worker connection failed: {e}"
+            up, sent = _push(unix, up, "worker")
+            moved |= sent
         if down is None and u_r:
             try:
                 k = unix.recv_into(dbuf)
@@ -88,14 +104,8 @@ def relay_plain(client: socket.socket, unix: socket.socket, first: bytes, idle: 
             except OSError as e:
                 return f"worker connection failed: {e}"
         if down is not None:
-            try:
-                k = client.send(down)
-                down = down[k:] if k < len(down) else None
-                moved = True
-            except _WANT:
-                pass
-            except OSError as e:
-                return f"client connection failed: {e}"
+            down, sent = _push(client, down, "client")
+            moved |= sent
         if moved:
             p.last = time.monotonic()
             continue
@@ -113,6 +123,13 @@ def relay_plain(client: socket.socket, unix: socket.socket, first: bytes, idle: 
 
 def relay_tls(t: TLSStream, unix: socket.socket, first: bytes, idle: float, stopping: threading.Event) -> str:
     """As relay_plain, with the client's bytes decrypted and encrypted in memory (TLSStream's BIOs)."""
+    try:
+        return _relay_tls(t, unix, first, idle, stopping)
+    except _Ended as e:
+        return str(e)
+
+
+def _relay_tls(t: TLSStream, unix: socket.socket, first: bytes, idle: float, stopping: threading.Event) -> str:
     sock, obj, inc, out = t.sock, t.obj, t.inc, t.out
     sock.setblocking(False)
     unix.setblocking(False)
@@ -171,14 +188,8 @@ def relay_tls(t: TLSStream, unix: socket.socket, first: bytes, idle: float, stop
                 up = ubuf[:n]
                 moved = True
         if up is not None:
-            try:
-                k = unix.send(up)
-                up = up[k:] if k < len(up) else None
-                moved = True
-            except _WANT:
-                pass
-            except OSError as e:
-                return f"worker connection failed: {e}"
+            up, sent = _push(unix, up, "worker")
+            moved |= sent
         if ct is None:
             if u_r:
                 try:
@@ -197,14 +208,8 @@ def relay_tls(t: TLSStream, unix: socket.socket, first: bytes, idle: float, stop
             if out.pending:  # replies, and whatever TLS itself has to say (key updates)
                 ct = memoryview(out.read())
         if ct is not None:
-            try:
-                k = sock.send(ct)
-                ct = ct[k:] if k < len(ct) else None
-                moved = True
-            except _WANT:
-                pass
-            except OSError as e:
-                return f"client connection failed: {e}"
+            ct, sent = _push(sock, ct, "client")
+            moved |= sent
         if moved:
             p.last = time.monotonic()
             continue
