@@ -1,0 +1,428 @@
+"""Changed-block tracking (issue 12): what `fssconfig --changes` reports against full reads.
+
+A real fssd; writes, trims and write-zeroes by qemu-io (NBD_CMD_WRITE, NBD_CMD_TRIM with
+`discard`, NBD_CMD_WRITE_ZEROES with `write -z`), several connections at once and racing
+the barrier; full reads by nbdcopy; incremental backups read through nbdfuse. Then restarts,
+SIGKILLs and a simulated host crash between snapshots: an incremental is still exact, or its
+base is refused with the reason. Never a wrong incremental.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from daemon import tracking
+from daemon.statedir import FileIdentity, VolumeStamp
+from fsshelp import Fssd, Mounts, run, running, sha256_file, wait_for
+from ipc import trackmap
+
+G = trackmap.GRANULE
+SIZE = 32 << 20
+BOOT0 = "00000000-0000-0000-0000-000000000000"
+
+
+# -- ipc/trackmap.py and the restart rules: pure ----------------------------------------------
+
+
+def test_trackmap_union_and_extents():
+    a = bytes([1, 0, 0, 1, 0])
+    b = bytes([0, 0, 1, 1, 0])
+    u = trackmap.union([a, b])
+    assert u == bytes([1, 0, 1, 1, 0])
+    size = 4 * G + 100  # the last granule partial
+    assert trackmap.changed_ranges(u, size) == [(0, G), (2 * G, 2 * G)]
+    assert trackmap.changed_ranges(bytes([0, 0, 0, 0, 1]), size) == [(4 * G, 100)]
+    assert trackmap.extents(u, G // 2, 2 * G, size) == [(G // 2, True), (G, False), (G // 2, True)]
+    with pytest.raises(ValueError):
+        trackmap.union([a, b[:-1]])
+    with pytest.raises(ValueError):
+        trackmap.union([])
+    assert trackmap.map_len(0) == 1 and trackmap.map_len(G) == 1 and trackmap.map_len(G + 1) == 2
+
+
+def test_trackmap_ids():
+    lin = "0123456789abcdef0123456789abcdef"
+    assert trackmap.parse_id(trackmap.format_id(lin, 7)) == (lin, 7)
+    for bad in ["", "x", lin, lin + "-0", lin + "-01", lin.upper() + "-1", lin + "-1 ", lin[:-1] + "-1", lin + "-12345678901"]:
+        assert trackmap.parse_id(bad) is None, bad
+    assert " " not in trackmap.format_id(lin, 1)
+
+
+def _lineage(**kw) -> tracking.Lineage:
+    base = dict(uuid="a" * 32, granule=G, volume_size=SIZE, volume_id=FileIdentity(1, 2, "file"), durability="power", boot_id="b1")
+    return tracking.Lineage(**{**base, **kw})
+
+
+def test_restart_rules():
+    ident = FileIdentity(1, 2, "file")
+    stamp = VolumeStamp(SIZE, 5, 6)
+    r = tracking.restart_reason
+    assert r(_lineage(), SIZE, ident, stamp, "b2") == ""  # power: any crash
+    assert r(_lineage(durability="process"), SIZE, ident, stamp, "b1") == ""  # process crash, same boot
+    assert "host restarted without a clean stop" in r(_lineage(durability="process"), SIZE, ident, stamp, "b2")
+    assert r(_lineage(durability="process", clean=True, volume_at_stop=stamp), SIZE, ident, stamp, "b2") == ""
+    assert "did not stop cleanly" in r(_lineage(durability="none"), SIZE, ident, stamp, "b1")
+    assert r(_lineage(durability="none", clean=True, volume_at_stop=stamp), SIZE, ident, stamp, "b1") == ""
+    assert r(_lineage(clean=True, volume_at_stop=VolumeStamp(SIZE, 5, 7)), SIZE, ident, stamp, "b1") == \
+        "the volume was modified while fssd was not running"
+    assert "replaced" in r(_lineage(), SIZE, FileIdentity(1, 3, "file"), stamp, "b1")
+    assert "changed size" in r(_lineage(), SIZE * 2, ident, stamp, "b1")
+
+
+def test_volume_track_generations_retention_and_refusals(tmp_path):
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(b"")
+    os.truncate(vol, SIZE)
+    (tmp_path / "state").mkdir(mode=0o700)
+    tr = tracking.open_track(str(tmp_path / "state"), "v", str(vol), SIZE, "power", "b1", keep=3)
+    try:
+        lin = tr.state.uuid
+        assert tr.state.current == 1 and tr.cur_fd >= 0
+        ids = []
+        for _ in range(5):  # five snapshots: generations 1..5 handed out, current 6
+            gen, fd = tr.prepare()
+            ids.append(tr.advanced(gen, fd, 0))
+            tr.persist()
+        assert ids == [trackmap.format_id(lin, g) for g in range(1, 6)]
+        assert sorted(os.listdir(tr.path)) == ["gen-4.map", "gen-5.map", "gen-6.map", "lineage.json"]
+        assert tr.bases(lin, 5) == [3, 4]
+        assert tr.check_base(ids[3], lin, 5, lambda _l: "") == (4, 5)
+        with pytest.raises(tracking.TrackError, match="older than the change history kept"):
+            tr.check_base(ids[1], lin, 5, lambda _l: "")
+        with pytest.raises(tracking.TrackError, match="not earlier"):
+            tr.check_base(ids[4], lin, 5, lambda _l: "")
+        with pytest.raises(tracking.TrackError, match="not a snapshot id"):
+            tr.check_base("fss0", lin, 5, lambda _l: "")
+        with pytest.raises(tracking.TrackError, match="of volume w, not of v"):
+            tr.check_base("b" * 32 + "-1", lin, 5, lambda _l: "w")
+        # A refused barrier leaves nothing behind; an unknown one moves on past its generation.
+        gen, fd = tr.prepare()
+        tr.abandoned(gen, fd)
+        assert not os.path.exists(os.path.join(tr.path, trackmap.map_name(gen)))
+        gen, fd = tr.prepare()
+        tr.unknown(gen, fd)
+        tr.persist()
+        assert tr.state.current == 7
+        # A mark that could not be made durable: every base from before is refused, saying why.
+        tr.retire_now("could not record a change")
+        with pytest.raises(tracking.TrackError, match="discarded on .*could not record a change; the next backup must be full"):
+            tr.check_base(ids[3], tr.state.uuid, 8, lambda _l: "")
+        tr.persist()
+    finally:
+        tr.close()
+    # A restart after an unclean stop under "power" keeps the history; a changed size does not.
+    tr = tracking.open_track(str(tmp_path / "state"), "v", str(vol), SIZE, "power", "b2", keep=3)
+    uuid_kept = tr.state.uuid
+    tr.close()
+    tr = tracking.open_track(str(tmp_path / "state"), "v", str(vol), SIZE + G, "power", "b2", keep=3)
+    try:
+        assert tr.state.uuid != uuid_kept
+        assert "changed size" in tr.state.retired[-1].reason
+    finally:
+        tr.close()
+
+
+# -- against a real fssd ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def shm():
+    d = Path(tempfile.mkdtemp(prefix="fssd-track-", dir="/dev/shm"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _fssd(d: Path, extra: str = "", volumes: list[dict] | None = None) -> Fssd:
+    vols = volumes or [{"name": "data", "path": str(d / "data.img"), "size": SIZE}]
+    return Fssd(d, vols, devices=8, extra=extra)
+
+
+def _snap(f: Fssd, dev: str, volume: str = "data") -> str:
+    f.fssconfig("--no-suspend", dev, volume, str(f.tmp / f"{dev}.store"))
+    return _id(f, dev)
+
+
+def _id(f: Fssd, dev: str) -> str:
+    return json.loads(f.fssconfig("-l", "--json", dev).stdout)[0]["id"]
+
+
+def _changes(f: Fssd, dev: str, since: str) -> list[tuple[int, int]]:
+    got = json.loads(f.fssconfig("--changes", dev, "--since", since, "--json").stdout)
+    return [(e["offset"], e["length"]) for e in got]
+
+
+def _granules(extents) -> set[int]:
+    out: set[int] = set()
+    for off, n in extents:
+        out.update(range(off // G, (off + n - 1) // G + 1))
+    return out
+
+
+def _read(f: Fssd, dev: str) -> bytes:
+    out = f.tmp / f"{dev}.full"
+    run("nbdcopy", f.uri(dev), out)
+    try:
+        return out.read_bytes()
+    finally:
+        out.unlink()
+
+
+def _differ(a: bytes, b: bytes) -> set[int]:
+    return {g for g in range(-(-len(a) // G)) if a[g * G : (g + 1) * G] != b[g * G : (g + 1) * G]}
+
+
+def _ops(rng: random.Random, n: int, size: int = SIZE) -> list[tuple[str, int, int]]:
+    """Random writes, trims and write-zeroes, 4 KiB aligned (the unit qemu's block layer
+    sends trims in), from 4 KiB to 3 granules long, some crossing granule boundaries."""
+    out = []
+    for _ in range(n):
+        kind = rng.choice(["write", "write", "write", "trim", "zero"])
+        length = rng.randrange(1, 48) * 4096
+        off = rng.randrange(0, (size - length) // 4096) * 4096
+        out.append((kind, off, length))
+    return out
+
+
+def _qemu_io_args(ops, seed: int) -> list[str]:
+    args = []
+    for i, (kind, off, n) in enumerate(ops):
+        if kind == "write":
+            args += ["-c", f"write -P {(seed * 31 + i) % 250 + 1} {off} {n}"]
+        elif kind == "trim":
+            args += ["-c", f"discard {off} {n}"]
+        else:
+            args += ["-c", f"write -z {off} {n}"]
+    return args
+
+
+def _written(ops) -> set[int]:
+    return _granules([(off, n) for _k, off, n in ops])
+
+
+def _qemu_io(f: Fssd, ops, seed: int, volume: str = "data") -> subprocess.Popen:
+    return subprocess.Popen(["qemu-io", "-f", "raw", *_qemu_io_args(ops, seed), f.uri(volume)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(procs) -> None:
+    for p in procs:
+        _out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "error" not in err.lower(), err
+
+
+def _fill(f: Fssd, seed: int) -> None:
+    src = f.tmp / "fill"
+    rng = random.Random(seed)
+    src.write_bytes(rng.randbytes(SIZE))
+    run("nbdcopy", src, f.uri("data"))
+    src.unlink()
+
+
+def test_reported_set_is_every_write_trim_and_zero_over_several_connections(shm):
+    rng = random.Random(12)
+    f = _fssd(shm)
+    with running(f):
+        _fill(f, 1)
+        m = _snap(f, "fss0")
+        batches = [_ops(rng, 60) for _ in range(3)]
+        _finish([_qemu_io(f, ops, i) for i, ops in enumerate(batches)])  # three connections at once
+        n = _snap(f, "fss1")
+        reported = _granules(_changes(f, "fss1", m))
+        written = set().union(*(_written(ops) for ops in batches))
+        diff = _differ(_read(f, "fss0"), _read(f, "fss1"))
+        assert diff, "the writes changed nothing?"
+        assert diff <= reported, f"granules changed but not reported: {sorted(diff - reported)[:10]}"
+        assert reported == written, f"missing {sorted(written - reported)[:10]}, extra {sorted(reported - written)[:10]}"
+        # Text output: the same extents, one "offset length" per line; a summary on stderr.
+        p = f.fssconfig("--changes", "fss1", "--since", m)
+        assert [tuple(map(int, line.split())) for line in p.stdout.splitlines()] == _changes(f, "fss1", m)
+        assert f"changed between {m} and {n}" in p.stderr
+        assert n == trackmap.format_id(trackmap.parse_id(m)[0], trackmap.parse_id(m)[1] + 1)
+
+
+def test_writes_racing_the_barrier_land_on_one_side(shm):
+    rng = random.Random(7)
+    f = _fssd(shm)
+    with running(f):
+        a = _snap(f, "fss0")
+        batches = [_ops(rng, 150) for _ in range(3)]
+        # Each writer's first write is a marker: the snapshot is taken once one of them is writing.
+        for i, ops in enumerate(batches):
+            ops.insert(0, ("write", i * 4 * G, 4096))
+        procs = [_qemu_io(f, ops, i) for i, ops in enumerate(batches)]
+        img = shm / "data.img"
+
+        def writing():
+            with open(img, "rb") as fh:
+                return any(os.pread(fh.fileno(), 1, i * 4 * G) not in (b"\0", b"") for i in range(3))
+
+        wait_for(writing, 30, "a writer to start")
+        b = _snap(f, "fss1")
+        _finish(procs)
+        c = _snap(f, "fss2")
+        written = set().union(*(_written(ops) for ops in batches))
+        ab, bc, ac = (_granules(_changes(f, dev, base)) for dev, base in (("fss1", a), ("fss2", b), ("fss2", a)))
+        ra, rb, rc = _read(f, "fss0"), _read(f, "fss1"), _read(f, "fss2")
+        assert _differ(ra, rb) <= ab and _differ(rb, rc) <= bc and _differ(ra, rc) <= ac
+        assert ab | bc == ac == written
+        assert ab <= written and bc <= written
+
+
+def _apply(backup: Path, src: Path, extents) -> int:
+    """The incremental: each extent read from the snapshot (through nbdfuse) onto the backup."""
+    moved = 0
+    with open(src, "rb") as s, open(backup, "r+b") as b:
+        for off, n in extents:
+            data = os.pread(s.fileno(), n, off)
+            assert len(data) == n
+            os.pwrite(b.fileno(), data, off)
+            moved += n
+    return moved
+
+
+def _incremental(f: Fssd, mounts: Mounts, backup: Path, dev: str, base: str) -> list[tuple[int, int]]:
+    src = mounts.nbdfuse(f.uri(dev), f.tmp / f"fuse-{dev}", readonly=True)
+    extents = _changes(f, dev, base)
+    _apply(backup, src, extents)
+    mounts.cleanup()
+    return extents
+
+
+def test_incremental_chain_survives_restarts_and_kills(shm):
+    """One full nbdcopy, then four incrementals from the reported extents alone; between the
+    snapshots: a clean restart, a SIGKILL of the volume worker under writes, a SIGKILL of the
+    supervisor under writes. Each backup is bit-identical to its snapshot; bases are
+    unconfigured on the way (and answered long after)."""
+    rng = random.Random(5)
+    f = _fssd(shm)
+    mounts = Mounts()
+    backup = shm / "backup.img"
+    try:
+        f.start()
+        _fill(f, 2)
+        ids = [_snap(f, "fss0")]
+        run("nbdcopy", f.uri("fss0"), backup)
+        steps: set[int] = set()
+        moved = 0
+        for k, event in enumerate(["none", "restart", "kill volume", "kill supervisor"], start=1):
+            procs = [_qemu_io(f, _ops(rng, 40), 10 * k + i) for i in range(2)]
+            if event.startswith("kill"):
+                pid = f.worker_pid("volume", "data") if event == "kill volume" else f.proc.pid
+                os.kill(pid, signal.SIGKILL)  # under the writes: some of them fail, that's the point
+                for p in procs:
+                    p.communicate(timeout=120)
+                if event == "kill volume":
+                    wait_for(lambda: f.alive_pid("volume", "data") not in (None, pid), 30, "the volume worker's restart")
+                else:
+                    f.proc.wait(30)
+                    f.stop()
+                    f.start()  # waits for the killed one's workers to be gone
+            else:
+                _finish(procs)
+                if event == "restart":
+                    assert f.stop() == 0
+                    f.start()
+            assert _id(f, f"fss{k - 1}") == ids[-1], "a snapshot's id changed across a restart"
+            ids.append(_snap(f, f"fss{k}"))
+            extents = _incremental(f, mounts, backup, f"fss{k}", ids[-2])
+            moved += sum(n for _o, n in extents)
+            steps |= _granules(extents)
+            assert sha256_file(backup) == _sha(f, f"fss{k}"), f"incremental {k} ({event}) differs from its snapshot"
+            f.fssconfig("-u", f"fss{k - 1}")  # the base goes; its id stays answerable
+        assert 0 < moved < 4 * SIZE
+        # A base unconfigured long ago, across all of it: the union of the steps.
+        assert _granules(_changes(f, "fss4", ids[0])) == steps
+    finally:
+        mounts.cleanup()
+        try:
+            f.stop()
+        finally:
+            f.kill_everything()
+
+
+def _sha(f: Fssd, dev: str) -> str:
+    out = f.tmp / f"{dev}.sha"
+    run("nbdcopy", f.uri(dev), out)
+    try:
+        return sha256_file(out)
+    finally:
+        out.unlink()
+
+
+def _edit_lineage(f: Fssd, volume: str, **changes) -> None:
+    p = f.tmp / "state" / "track" / volume / "lineage.json"
+    d = json.loads(p.read_bytes())
+    d.update(changes)
+    p.write_text(json.dumps(d))
+
+
+def test_process_host_crash_and_offline_write_retire_the_history(shm):
+    f = _fssd(shm, extra='durability = "process"')
+    with running(f):
+        m = _snap(f, "fss0")
+        _finish([_qemu_io(f, _ops(random.Random(3), 20), 1)])
+        assert f.stop() == 0
+        # A host crash: the run was in another boot and never stopped cleanly.
+        _edit_lineage(f, "data", clean=False, boot_id=BOOT0)
+        f.start()
+        n = _snap(f, "fss1")
+        assert trackmap.parse_id(n)[0] != trackmap.parse_id(m)[0], "a new history after the crash"
+        p = f.fssconfig("--changes", "fss1", "--since", m, check=False)
+        assert p.returncode == 1
+        assert 'host restarted without a clean stop under durability = "process"' in p.stderr
+        assert "the next backup must be full" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        # A clean stop, then the volume image written while fssd is not running.
+        assert f.stop() == 0
+        with open(shm / "data.img", "r+b") as fh:
+            os.pwrite(fh.fileno(), b"offline", 4096)
+        f.start()
+        _snap(f, "fss2")
+        p = f.fssconfig("--changes", "fss2", "--since", n, check=False)
+        assert p.returncode == 1 and "the volume was modified while fssd was not running" in p.stderr
+        # A clean stop and nothing else: the history goes on.
+        o = _snap(f, "fss3")
+        assert f.stop() == 0
+        f.start()
+        q = _snap(f, "fss4")
+        assert _changes(f, "fss4", o) == []
+
+
+def test_untracked_volume_and_bad_since(shm):
+    vols = [{"name": "data", "path": str(shm / "data.img"), "size": SIZE},
+            {"name": "other", "path": str(shm / "other.img"), "size": 1 << 20},
+            {"name": "plain", "path": str(shm / "plain.img"), "size": 1 << 20, "track": False}]
+    f = _fssd(shm, extra="track_generations = 3", volumes=vols)
+    with running(f):
+        ids = [_snap(f, f"fss{i}") for i in range(4)]  # data: generations 1..4
+        other = _snap(f, "fss4", "other")
+        plain = _snap(f, "fss5", "plain")
+        assert len(plain) == 32 and trackmap.parse_id(plain) is None  # the store's uuid
+        assert "id " + ids[0] in f.fssconfig("-l", "-v", "fss0").stdout
+
+        def refused(dev, since, text):
+            p = f.fssconfig("--changes", dev, "--since", since, check=False)
+            assert p.returncode == 1 and text in p.stderr, p.stderr
+            assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+        refused("fss3", "nonsense", "is not a snapshot id")
+        refused("fss3", "", "is not a snapshot id")
+        refused("fss3", ids[3], "is not earlier than the snapshot")
+        refused("fss1", ids[2], "is not earlier than the snapshot")
+        refused("fss3", other, "is a snapshot of volume other, not of data")
+        refused("fss3", ids[0], "older than the change history kept ([daemon] track_generations = 3)")
+        refused("fss3", plain, "untracked volume")
+        refused("fss5", ids[0], "volume plain is not tracked ([[volume]] track = false)")
+        refused("fss7", ids[0], "fss7: Device not configured")
+        assert _changes(f, "fss3", ids[1]) == []  # nothing written: nothing reported
+        p = f.fssconfig("--changes", "fss3", check=False)
+        assert p.returncode == 1 and "--changes and --since go together" in p.stderr
