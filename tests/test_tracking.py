@@ -132,6 +132,41 @@ def test_volume_track_generations_retention_and_refusals(tmp_path):
         tr.close()
 
 
+@pytest.mark.parametrize("sync", [False, True])
+def test_change_map_marks_whole_granules_and_never_fails_the_write(tmp_path, sync):
+    from workers.changemap import ChangeMap
+    from workers.cow import CopyOnWrite
+
+    size = 10 * G + 512
+    path = tmp_path / "gen-1.map"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, trackmap.map_len(size))
+    cm = ChangeMap(fd, 1, size, sync, fresh=True)
+    vfd = os.open(tmp_path / "vol", os.O_RDWR | os.O_CREAT, 0o600)
+    cow = CopyOnWrite(vfd, size)
+    cow.track = cm
+    for off, n in [(G - 1, 2), (5 * G, G), (10 * G + 100, 1), (3 * G, 0)]:
+        with cow.writing(off, n):
+            pass
+    assert path.read_bytes() == bytes([1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1])
+    assert bytes(cm.seen) == path.read_bytes()  # under "power" set only after the sync
+    if sync:
+        assert cm.group.syncs >= 1
+    cm.close()
+    # A map that takes no write: the live write goes on, the failure is reported once.
+    ro = os.open(path, os.O_RDONLY)
+    bad = ChangeMap(ro, 2, size, sync, fresh=True)
+    told = []
+    bad.on_failure = told.append
+    cow.track = bad
+    for off in (7 * G, 8 * G):
+        with cow.writing(off, 4096):
+            pass
+    assert len(told) == 1 and "could not record a change in the map of generation 2" in told[0]
+    bad.close()
+    os.close(vfd)
+
+
 # -- against a real fssd ---------------------------------------------------------------------
 
 
