@@ -105,6 +105,11 @@ def test_volume_track_generations_retention_and_refusals(tmp_path):
             tr.check_base("fss0", lin, 5, lambda _l: "")
         with pytest.raises(tracking.TrackError, match="of volume w, not of v"):
             tr.check_base("b" * 32 + "-1", lin, 5, lambda _l: "w")
+        assert tr.changed(4, 5) == []
+        with open(os.path.join(tr.path, "gen-5.map"), "r+b") as fh:  # damaged: refused, never "unchanged"
+            fh.truncate(10)
+        with pytest.raises(tracking.TrackError, match="generation 5 is damaged"):
+            tr.changed(4, 5)
         # A refused barrier leaves nothing behind; an unknown one moves on past its generation.
         gen, fd = tr.prepare()
         tr.abandoned(gen, fd)
