@@ -172,6 +172,28 @@ def test_change_map_marks_whole_granules_and_never_fails_the_write(tmp_path, syn
     os.close(vfd)
 
 
+@pytest.mark.parametrize("text, error", [
+    ("[daemon]\ntrack_generations = 1\n", "track_generations must be between 2 and 100000 - at `$.daemon`"),
+    ("[daemon]\ntrack_generations = \"64\"\n", "Expected `int`, got `str` - at `$.daemon.track_generations`"),
+    ('[[volume]]\nname = "v"\npath = "/dev/null"\ntrack = "yes"\n', "Expected `bool`, got `str` - at `$.volume[0].track`"),
+])
+def test_config_keys_are_checked(tmp_path, text, error):
+    from daemon import config
+
+    p = tmp_path / "fssd.toml"
+    p.write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(p))
+    assert str(e.value) == f"{p}: {error}"
+
+
+def test_config_defaults():
+    from daemon import config
+
+    assert config.DaemonSection().track_generations == tracking.DEFAULT_GENERATIONS == 64
+    assert config.VolumeSection("v", "/v").track is True
+
+
 # -- against a real fssd ---------------------------------------------------------------------
 
 
