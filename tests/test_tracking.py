@@ -563,3 +563,16 @@ def test_power_loss_check_fails_without_the_map_sync(tmp_path, capsys):
     with capsys.disabled():
         print(f"\nchange map, power loss, map sync switched off: {states} crash states, {wrong} with a written granule unmarked")
     assert wrong > 0
+
+
+def test_changes_needs_the_rights_of_a_list(shm, users):
+    """A member of [daemon] group may ask (as for fssconfig -l); a stranger may not."""
+    shm.chmod(0o755)  # the member must reach the run directory (0750 root:group itself)
+    f = _fssd(shm, extra=f'group = "{users.group}"')
+    with running(f):
+        m = _snap(f, "fss0")
+        _snap(f, "fss1")
+        r = users.fssconfig(users.member, "-r", f.rundir, "--changes", "fss1", "--since", m, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+        r = users.fssconfig(users.stranger, "-r", f.rundir, "--changes", "fss1", "--since", m)
+        assert r.returncode == 1 and "Permission denied" in r.stderr, r.stderr
