@@ -194,6 +194,34 @@ def test_config_defaults():
     assert config.VolumeSection("v", "/v").track is True
 
 
+def test_a_barrier_never_recorded_is_covered_at_the_next_start(tmp_path):
+    """The supervisor died between a barrier and writing lineage.json: writes after that
+    barrier are in the map it prepared, above the recorded current generation. The next
+    start continues after it, so a later snapshot's union includes it."""
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(bytes(SIZE))
+    (tmp_path / "state").mkdir(mode=0o700)
+    tr = tracking.open_track(str(tmp_path / "state"), "v", str(vol), SIZE, "power", "b1")
+    gen, fd = tr.prepare()
+    first = tr.advanced(gen, fd, 0)
+    tr.persist()  # snapshot 1 recorded; current 2
+    gen, fd = tr.prepare()  # snapshot 2's barrier happens, the worker marks gen 3 ...
+    os.pwrite(fd, b"\x01", 7)
+    tr.close()  # ... and the supervisor is killed before advanced()/persist()
+    os.close(fd)
+    tr = tracking.open_track(str(tmp_path / "state"), "v", str(vol), SIZE, "power", "b1")
+    try:
+        assert tr.state.current == 3 and [h.gen for h in tr.state.handed] == [1]
+        gen, fd = tr.prepare()
+        later = tr.advanced(gen, fd, 0)
+        assert trackmap.parse_id(later)[1] == 3
+        lin = tr.state.uuid
+        m, n = tr.check_base(first, lin, 3, lambda _l: "")
+        assert tr.changed(m, n) == [(7 * G, G)]  # the write after the unrecorded barrier is there
+    finally:
+        tr.close()
+
+
 # -- against a real fssd ---------------------------------------------------------------------
 
 
