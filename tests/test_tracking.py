@@ -170,6 +170,14 @@ def test_change_map_marks_whole_granules_and_never_fails_the_write(tmp_path, syn
     assert len(told) == 1 and "could not record a change in the map of generation 2" in told[0]
     bad.close()
     os.close(vfd)
+    if sync:  # a restarted worker trusts only synced marks: it syncs what a predecessor left
+        from tests.crashstates import Recorder
+
+        fd = os.open(path, os.O_RDWR)
+        with Recorder({fd: "map"}) as rec:
+            again = ChangeMap(fd, 1, size, True)
+        assert [e.kind for e in rec.events] == ["sync"] and bytes(again.seen) == path.read_bytes()
+        again.close()
 
 
 @pytest.mark.parametrize("text, error", [
