@@ -230,6 +230,48 @@ def test_a_barrier_never_recorded_is_covered_at_the_next_start(tmp_path):
         tr.close()
 
 
+def test_changes_come_in_pages_and_fssconfig_joins_them(tmp_path, monkeypatch, capsys):
+    """A reply holds at most CHANGES_PAGE extents (a frame is at most 1 MiB); fssconfig asks
+    again from where the last page ended until it has them all."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from daemon.cli import fssconfig
+    from daemon.snapshots import SnapshotManager
+    from ipc import control
+
+    monkeypatch.setattr(control, "CHANGES_PAGE", 2)
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(bytes(SIZE))
+    (tmp_path / "state").mkdir(mode=0o700)
+    tr = tracking.open_track(str(tmp_path / "state"), "v", str(vol), SIZE, "power", "b1")
+    try:
+        base = tr.advanced(*tr.prepare(), 0)
+        marks = [1, 3, 5, 7, 9]  # five separate extents
+        for g in marks:
+            os.pwrite(tr.cur_fd, b"\x01", g)
+        snap_id = tr.advanced(*tr.prepare(), 0)
+
+        async def offload(fn, *a):
+            return fn(*a)
+
+        host = SimpleNamespace(tracks=lambda: {"v": tr}, offload=offload)
+        mgr = SnapshotManager(host)
+        mgr.snaps["fss1"] = SimpleNamespace(volume="v", id=snap_id, map=SimpleNamespace(valid=True, error=""))
+        first = asyncio.run(mgr.changes(control.Changes("fss1", base)))
+        assert first.extents == [(G, G), (3 * G, G)] and first.more and first.total == 5
+
+        class Client:
+            def request(self, req):
+                return asyncio.run(mgr.changes(req))
+
+        assert fssconfig._changes(Client(), "fss1", base, True) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got == [{"offset": g * G, "length": G} for g in marks]
+    finally:
+        tr.close()
+
+
 # -- against a real fssd ---------------------------------------------------------------------
 
 
