@@ -413,7 +413,7 @@ class SnapshotManager:
 
         snap.worker = self.host.spawn("snapshot", snap.device, spawn_args)
         try:
-            await snap.worker.start()
+            await snap.worker.start(spare=self.host.take_spare())
         except WorkerGone as e:
             raise ControlError(errno.EIO, f"{snap.device}: snapshot worker failed to start: {e}") from None
 

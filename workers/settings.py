@@ -48,6 +48,14 @@ class SnapshotSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     use_syslog: bool = False
 
 
+class SpareSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """workers.spare: a snapshot worker started ahead, idle until it is assigned a snapshot
+    (its SnapshotSettings then arrive over the channel, AssignSnapshot)."""
+
+    debug: bool = False
+    use_syslog: bool = False
+
+
 class SuspendSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """workers.suspend: FIFREEZE a volume's file systems for one barrier, then FITHAW."""
 

@@ -1,0 +1,76 @@
+"""The spare snapshot worker: one kept started and idle, so a configure need not wait for Python.
+
+Starting a snapshot worker (a Python process and its imports) takes 100-200 ms
+on a busy machine; the rest of a configure takes a few. The supervisor keeps
+one `fssd: fss spare` process (workers/spare.py) started in the background,
+holding nothing and serving nothing. A configure takes it (`take()`): the
+snapshot's Worker assigns it the snapshot's settings and descriptors
+(Worker.start(spare=...)) and owns the process from then on, and the next spare
+is started in the background. No spare ready (just taken, still starting,
+dead): the snapshot's worker is spawned afresh, as are restarts after a crash
+and snapshots brought back at start-up.
+
+A spare that dies is started again under its own RestartPolicy, like any
+worker; it was never a snapshot, so nothing else notices. It is tied to the
+supervisor's life like every worker (workers/launch.py), so an orphaned spare
+exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from daemon.procs import Worker, WorkerGone
+
+log = logging.getLogger("supervisor")
+
+# Test hook: set to keep no spare (every snapshot worker spawned afresh).
+NO_SPARE_ENV = "FSSD_TEST_NO_SPARE"
+
+
+class SparePool:
+    def __init__(self, make: Callable[[], Worker], enabled: bool = True):
+        self.make = make  # a new, not yet started spare Worker
+        self.enabled = enabled
+        self.spare: Worker | None = None
+        self.stopped = False
+
+    def workers(self) -> list[Worker]:
+        return [self.spare] if self.spare is not None else []
+
+    def start(self) -> None:
+        """Start a spare in the background, unless there is one (it restarts itself)."""
+        if not self.enabled or self.stopped or self.spare is not None:
+            return
+        w = self.make()
+        self.spare = w
+        asyncio.ensure_future(self._start(w))
+
+    async def _start(self, w: Worker) -> None:
+        try:
+            await w.start()
+            log.debug("spare snapshot worker ready (pid %d)", w.pid)
+        except WorkerGone as e:  # its exit (or the kill after a time-out) schedules the restart
+            log.warning("spare snapshot worker: %s", e)
+        except OSError as e:
+            log.error("spare snapshot worker: cannot start: %s", e)
+            if self.spare is w and not w.alive:
+                w._schedule_restart()
+
+    def take(self) -> Worker | None:
+        """The spare, if it is ready, for a snapshot's Worker to assign; the next one starts
+        in the background. None: spawn afresh."""
+        w = self.spare
+        if w is None or not w.is_ready:
+            return None
+        self.spare = None
+        asyncio.get_running_loop().call_soon(self.start)
+        return w
+
+    async def stop(self) -> None:
+        self.stopped = True
+        w, self.spare = self.spare, None
+        if w is not None:
+            await w.stop()
