@@ -20,7 +20,6 @@ import msgspec
 from daemon.cli import clitool
 from daemon.cli import storeopen
 from daemon.cli.client import ControlClient, NotRunning
-from daemon.version import version
 from ipc import control, names
 from daemon.units import humanize, strsuftoll
 
@@ -175,6 +174,8 @@ def _main(argv: list[str]) -> int:
             print(HELP)
             return 0
         elif o == "--version":
+            from daemon.version import version
+
             print(f"{PROG} {version()}")
             return 0
     client = ControlClient(names.resolve_rundir(rundir))
