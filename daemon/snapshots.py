@@ -415,6 +415,11 @@ class SnapshotManager:
         try:
             await snap.worker.start(spare=self.host.take_spare())
         except WorkerGone as e:
+            # It never served: no restart for a snapshot that is not configured (or lost).
+            snap.worker.stopping = True
+            if snap.worker.restart_handle:
+                snap.worker.restart_handle.cancel()
+            snap.worker.kill()
             raise ControlError(errno.EIO, f"{snap.device}: snapshot worker failed to start: {e}") from None
 
     # -- unconfigure -----------------------------------------------------------------

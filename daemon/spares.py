@@ -49,6 +49,8 @@ class SparePool:
         asyncio.ensure_future(self._start(w))
 
     async def _start(self, w: Worker) -> None:
+        if self.stopped or w.stopping:  # stopped before this task ran
+            return
         try:
             await w.start()
             log.debug("spare snapshot worker ready (pid %d)", w.pid)
