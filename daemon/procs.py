@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -126,9 +127,13 @@ class Worker:
         workers/spare.py), that process is assigned this worker's settings and descriptors
         instead, if it still takes them; else a fresh process is spawned as usual."""
         loop = asyncio.get_running_loop()
-        if spare is not None and self._assign(spare):
-            await self._await_ready()
-            return
+        if spare is not None:
+            if spare.ready is not None and not spare.ready.done():  # still starting: it is ahead of a new process
+                with contextlib.suppress(asyncio.TimeoutError, WorkerGone):
+                    await asyncio.wait_for(asyncio.shield(spare.ready), READY_TIMEOUT)
+            if self._assign(spare):
+                await self._await_ready()
+                return
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         module, settings, fds = self.spawn_args(child.fileno())
         self.ready = loop.create_future()
@@ -198,6 +203,7 @@ class Worker:
         """A spare's side of _assign: its process, channel and pidfd, if it is alive and has said
         Ready; this Worker then forgets them and will never restart anything."""
         if not self.is_ready:
+            self.stopping = True
             return None
         self.stopping = True
         if self.restart_handle:

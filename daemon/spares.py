@@ -6,9 +6,10 @@ one `fssd: fss spare` process (workers/spare.py) started in the background,
 holding nothing and serving nothing. A configure takes it (`take()`): the
 snapshot's Worker assigns it the snapshot's settings and descriptors
 (Worker.start(spare=...)) and owns the process from then on, and the next spare
-is started in the background. No spare ready (just taken, still starting,
-dead): the snapshot's worker is spawned afresh, as are restarts after a crash
-and snapshots brought back at start-up.
+is started in the background. A spare still starting is waited for (it is
+ahead of a new process); none at all (dead, waiting for its restart): the
+snapshot's worker is spawned afresh, as are restarts after a crash and
+snapshots brought back at start-up.
 
 A spare that dies is started again under its own RestartPolicy, like any
 worker; it was never a snapshot, so nothing else notices. It is tied to the
@@ -62,13 +63,17 @@ class SparePool:
                 w._schedule_restart()
 
     def take(self) -> Worker | None:
-        """The spare, if it is ready, for a snapshot's Worker to assign; the next one starts
-        in the background. None: spawn afresh."""
+        """The spare, for a snapshot's Worker to assign (Worker.start waits for its Ready if it
+        is still starting: it is ahead of a fresh spawn). The next one starts in the background
+        once this one is ready, so the two never compete for the CPU. None (no spare, or it is
+        between a death and its restart): spawn afresh."""
         w = self.spare
-        if w is None or not w.is_ready:
+        if w is None or not w.alive or w.stopping or w.ready is None:
             return None
         self.spare = None
-        asyncio.get_running_loop().call_soon(self.start)
+        w.stopping = True  # a snapshot's from now on: never restarted as a spare
+        loop = asyncio.get_running_loop()
+        w.ready.add_done_callback(lambda _f: loop.call_soon(self.start))
         return w
 
     async def stop(self) -> None:

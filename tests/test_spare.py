@@ -220,3 +220,17 @@ def test_a_bad_assignment_is_one_line_and_exit_2(tmp_path):
             p.kill()
             p.wait()
         a.close()
+
+
+def test_back_to_back_configures_both_get_a_spare(fssd, shmdir):
+    """The second configure comes while the next spare is still starting: it waits for that
+    one (ahead of a new process) rather than spawning another."""
+    first = ready_spare(fssd)
+    fssd.fssconfig("fss0", "data", shmdir / "bs0")
+    fssd.fssconfig("fss1", "data", shmdir / "bs1")
+    p0, p1 = fssd.worker_pid("snapshot", "fss0"), fssd.worker_pid("snapshot", "fss1")
+    assert p0 == first and p1 != first
+    log = fssd.log.read_text(errors="replace")
+    assert f"snapshot fss1: assigned to spare worker pid {p1}" in log
+    run("nbdinfo", fssd.uri("fss1"))
+    ready_spare(fssd, other_than=p1)  # and a third is started
