@@ -234,3 +234,16 @@ def test_back_to_back_configures_both_get_a_spare(fssd, shmdir):
     assert f"snapshot fss1: assigned to spare worker pid {p1}" in log
     run("nbdinfo", fssd.uri("fss1"))
     ready_spare(fssd, other_than=p1)  # and a third is started
+
+
+def test_fssconfig_starts_lean():
+    """The client's own start is part of every snapshot's creation: nothing it does not use
+    on the way (OpenSSL's hashlib for instance names, package metadata for --version)."""
+    import subprocess
+    import sys
+
+    err = subprocess.run([sys.executable, "-X", "importtime", "-c", "import daemon.cli.fssconfig"],
+                         capture_output=True, text=True, check=True).stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in err.splitlines() if line.startswith("import time:")}
+    assert "daemon.cli.fssconfig" in imported
+    assert not imported & {"hashlib", "_hashlib", "importlib.metadata", "daemon.version"}, imported & {"hashlib", "importlib.metadata"}

@@ -119,9 +119,15 @@ def _json(obj) -> str:
     return msgspec.json.format(msgspec.json.encode(obj)).decode()
 
 
-@clitool.entry
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    rc = _run(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # run as the program (the console script): nothing is left to tear down
+        clitool.quick_exit(rc)
+    return rc
+
+
+@clitool.entry
+def _run(argv: list[str]) -> int:
     try:
         return _main(argv)
     except Usage as e:
