@@ -54,7 +54,8 @@ class SparePool:
             return
         try:
             await w.start()
-            log.debug("spare snapshot worker ready (pid %d)", w.pid)
+            if w.alive:  # else a configure took it the moment it was ready
+                log.debug("spare snapshot worker ready (pid %d)", w.pid)
         except WorkerGone as e:  # its exit (or the kill after a time-out) schedules the restart
             log.warning("spare snapshot worker: %s", e)
         except OSError as e:
