@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -107,6 +108,13 @@ class Worker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    @property
+    def is_ready(self) -> bool:
+        """Alive and has said Ready (since its last start)."""
+        r = self.ready
+        return (self.alive and self.sock is not None and self.pidfd is not None and r is not None and r.done()
+                and not r.cancelled() and r.exception() is None)
+
     def title(self) -> str:
         try:
             with open(f"/proc/{self.pid}/cmdline", "rb") as f:
@@ -114,9 +122,18 @@ class Worker:
         except OSError:
             return names.proc_title(f"{self.kind} {self.key}", self.env.get(names.INSTANCE_ENV))
 
-    async def start(self) -> None:
-        """Spawn and wait for its Ready message."""
+    async def start(self, spare: "Worker | None" = None) -> None:
+        """Spawn and wait for its Ready message. With `spare` (a started, idle spare worker,
+        workers/spare.py), that process is assigned this worker's settings and descriptors
+        instead, if it still takes them; else a fresh process is spawned as usual."""
         loop = asyncio.get_running_loop()
+        if spare is not None:
+            if spare.ready is not None and not spare.ready.done():  # still starting: it is ahead of a new process
+                with contextlib.suppress(asyncio.TimeoutError, WorkerGone):
+                    await asyncio.wait_for(asyncio.shield(spare.ready), READY_TIMEOUT)
+            if self._assign(spare):
+                await self._await_ready()
+                return
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         module, settings, fds = self.spawn_args(child.fileno())
         self.ready = loop.create_future()
@@ -149,6 +166,57 @@ class Worker:
         loop.add_reader(parent.fileno(), self._readable)
         self.pidfd = os.pidfd_open(self.proc.pid)
         loop.add_reader(self.pidfd, self._exited)
+        await self._await_ready()
+
+    def _assign(self, spare: "Worker") -> bool:
+        """Take over the spare's process and send it this worker's settings and descriptors
+        (workermsg.AssignSnapshot). False, with the spare gone, if it can't be done."""
+        taken = spare.hand_over()
+        if taken is None:
+            return False
+        proc, sock, pidfd = taken
+        _module, settings, fds = self.spawn_args(-1)
+        msg = workermsg.AssignSnapshot(settings, list(fds), len(fds))
+        try:
+            sock.setblocking(True)
+            send_frame(sock, self.codec.encode(msg), fds)
+            sock.setblocking(False)
+        except OSError as e:
+            log.warning("%s %s: spare worker (pid %d) did not take the assignment (%s); starting a fresh one", self.kind, self.key, proc.pid, e)
+            proc.kill()
+            proc.wait()
+            sock.close()
+            os.close(pidfd)
+            return False
+        loop = asyncio.get_running_loop()
+        self.ready = loop.create_future()
+        self.exited = asyncio.Event()
+        self.codec = FrameCodec(workermsg.FromWorker)
+        self.proc, self.sock, self.pidfd = proc, sock, pidfd
+        self.started = time.monotonic()
+        loop.add_reader(sock.fileno(), self._readable)
+        loop.add_reader(pidfd, self._exited)
+        log.debug("%s %s: assigned to spare worker pid %d", self.kind, self.key, proc.pid)
+        return True
+
+    def hand_over(self) -> tuple[subprocess.Popen, socket.socket, int] | None:
+        """A spare's side of _assign: its process, channel and pidfd, if it is alive and has said
+        Ready; this Worker then forgets them and will never restart anything."""
+        if not self.is_ready:
+            self.stopping = True
+            return None
+        self.stopping = True
+        if self.restart_handle:
+            self.restart_handle.cancel()
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock.fileno())
+        loop.remove_reader(self.pidfd)
+        taken = (self.proc, self.sock, self.pidfd)
+        self.proc, self.sock, self.pidfd = None, None, None
+        self.exited.set()
+        return taken
+
+    async def _await_ready(self) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(self.ready), READY_TIMEOUT)
         except asyncio.TimeoutError:

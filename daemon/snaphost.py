@@ -72,6 +72,8 @@ class SnapshotHost:
     changed: Callable[[], None]  # a snapshot came, went or turned invalid
     stopping: Callable[[], bool]  # the service is shutting down
     flags: WorkerFlags = field(default_factory=lambda: WorkerFlags({}))
+    # A started, idle snapshot worker to assign instead of spawning one (daemon/spares.py), or None.
+    take_spare: Callable[[], "Worker | None"] = lambda: None
     # Runs blocking work (table writes, fsyncs, closing a large store) off the event loop.
     offload: Callable[..., Any] = asyncio.to_thread
     # Durable snapshots (docs/architecture.md "Durability"): the level new snapshots get,

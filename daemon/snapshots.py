@@ -454,8 +454,13 @@ class SnapshotManager:
 
         snap.worker = self.host.spawn("snapshot", snap.device, spawn_args)
         try:
-            await snap.worker.start()
+            await snap.worker.start(spare=self.host.take_spare())
         except WorkerGone as e:
+            # It never served: no restart for a snapshot that is not configured (or lost).
+            snap.worker.stopping = True
+            if snap.worker.restart_handle:
+                snap.worker.restart_handle.cancel()
+            snap.worker.kill()
             raise ControlError(errno.EIO, f"{snap.device}: snapshot worker failed to start: {e}") from None
 
     def _track_settings(self, snap: Snapshot) -> dict:

@@ -36,13 +36,14 @@ from daemon.service import Service
 from daemon.snaphost import SnapshotHost, WorkerFlags
 from daemon.version import version
 from daemon.snapshots import SnapshotManager
+from daemon.spares import NO_SPARE_ENV, SparePool
 from daemon.vssgate import ChannelVssGate
 from ipc import control, names, workermsg
 from workers import logfmt
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
 from ipc.listenpolicy import ListenSection
 from workers import nbdserve
-from workers.settings import AttachedSnapshot, VolumeSettings
+from workers.settings import AttachedSnapshot, SpareSettings, VolumeSettings
 
 log = logging.getLogger("supervisor")
 
@@ -106,6 +107,7 @@ class Supervisor:
         self.env = child_env(dict(os.environ))
         self.env[names.INSTANCE_ENV] = os.path.abspath(self.rundir)
         self.env[nbdserve.LIMITS_ENV] = msgspec.json.encode(nbd_limits(cfg.daemon)).decode()
+        self.spares = SparePool(self._spare_worker, enabled=cfg.daemon.devices > 0 and not os.environ.get(NO_SPARE_ENV))
         self.snaps = SnapshotManager(self._snapshot_host())
         self.service = Service.of(self)
         self.control = ControlServer(names.control_socket(self.rundir), cfg.daemon.group, self.service.handle)
@@ -132,6 +134,7 @@ class Supervisor:
             changed=self.update_status,
             stopping=lambda: self.shutting_down,
             flags=WorkerFlags(self.env, self.debug, self.use_syslog),
+            take_spare=self.spares.take,
             durability=lambda: self.cfg.daemon.durability,  # [daemon]: fixed until a restart
             state=self.state,
             boot_id=self.boot_id,
@@ -149,6 +152,14 @@ class Supervisor:
         if policy is None:  # the live volume and the broker matter too much to give up on
             policy = RestartPolicy(self.cfg.daemon.max_restarts, 30.0, self._may_restart, self._restarted)
         return Worker(kind, key, spawn_args, self.on_worker_message, self.on_worker_exit, self.env, policy)
+
+    def _spare_worker(self) -> Worker:
+        """A spare snapshot worker (daemon/spares.py), restarted like the volume workers."""
+
+        def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
+            return "workers.spare", msgspec.json.encode(SpareSettings(self.debug, self.use_syslog)).decode(), []
+
+        return self._worker("spare", "snapshot", spawn_args)
 
     def _may_restart(self) -> bool:
         return not self.shutting_down
@@ -429,6 +440,7 @@ class Supervisor:
     def worker_infos(self) -> list[WorkerInfo]:
         ws = [st.worker for st in self.volumes.values() if st.worker]
         ws += self.snaps.workers()
+        ws += self.spares.workers()
         ws += self.front_workers()
         if self.broker:
             ws.append(self.broker)
@@ -490,6 +502,7 @@ class Supervisor:
             return 1
         self.notifier.ready()
         self.update_status()
+        self.spares.start()  # in the background: the first configure may find none ready yet
         interval = self.notifier.watchdog_interval()
         if interval:
             self._watchdog = asyncio.ensure_future(self._watchdog_loop(interval))
@@ -512,6 +525,7 @@ class Supervisor:
             await self.stop_front(address)
         # Snapshots in the state directory stay configured; the volume workers stop after
         # them (syncing every store), then the records say the stop was clean.
+        await self.spares.stop()
         await self.snaps.stop_for_restart()
         if self.broker:
             await self.broker.stop(STOP_TIMEOUT)

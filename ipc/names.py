@@ -8,7 +8,6 @@ removes what a killed one left behind.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 DEFAULT_RUNDIR = "/run/fssd"
@@ -36,6 +35,8 @@ def proc_title(body: str, rundir: str | None = None) -> str:
 
 def instance_prefix(rundir: str) -> str:
     """`fssd.<8 hex>`: stable for one run directory, distinct between them."""
+    import hashlib  # here: the client tools never need it, and it costs them ~3 ms at start
+
     real = os.path.realpath(rundir)
     return "fssd." + hashlib.sha256(real.encode()).hexdigest()[:8]
 

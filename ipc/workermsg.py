@@ -60,6 +60,17 @@ class VssAsk(_Msg, tag="vss-ask"):
     req: int = 0
 
 
+class AssignSnapshot(_Msg, tag="assign"):
+    """Spare snapshot worker: become this snapshot's worker. `settings` is the SnapshotSettings
+    JSON a fresh worker gets on its command line, whose descriptor fields (`*_fd`, `*fds`) name
+    the supervisor's descriptors; `fds` lists those numbers in the order they ride along
+    (SCM_RIGHTS), so the worker can put its own in their place."""
+
+    settings: str
+    fds: list[int]
+    nfds: int = 0  # len(fds): how many descriptors travel with this message
+
+
 class InvalidRecorded(_Msg, tag="invalid-recorded"):
     """Answer to Invalidated: the reason is on disk in the state directory (ok), or could not be."""
 
@@ -71,7 +82,7 @@ class InvalidRecorded(_Msg, tag="invalid-recorded"):
 
 
 class Ready(_Msg, tag="ready"):
-    kind: str  # "volume" | "snapshot" | "broker" | "listen"
+    kind: str  # "volume" | "snapshot" | "broker" | "listen" | "spare"
     pid: int
 
 
@@ -131,5 +142,5 @@ class VssAnswer(_Msg, tag="vss-answer"):
     req: int = 0
 
 
-ToWorker = AttachSnapshot | DetachSnapshot | ListenUpdate | Stop | VssAsk | InvalidRecorded
+ToWorker = AttachSnapshot | DetachSnapshot | AssignSnapshot | ListenUpdate | Stop | VssAsk | InvalidRecorded
 FromWorker = Ready | Attached | Detached | Refused | Invalidated | TrackFailed | ClientsChanged | VssState | VssAnswer

@@ -56,7 +56,7 @@ from ipc import control, nbd  # noqa: E402
 BLOCK = 4096
 STRIPE = 4  # blocks a writer owns in a row
 ZERO = -1  # the version of a block WRITE_ZEROES cleared
-KINDS = ("supervisor", "volume", "snapshot", "broker", "all")
+KINDS = ("supervisor", "volume", "snapshot", "spare", "broker", "all")
 RESTARTS = ("supervisor", "all")  # kinds after which fssd itself starts again
 DEVICES = ("fss0", "fss1", "fss2", "fss3")
 CLUSTERS = (4096, 16384, 65536)
@@ -470,7 +470,7 @@ class Stress:
             self.f.start(env=self.env)  # as systemd would; it waits until the old workers are gone
             self.after_restart(cut_short)
             return f"{'supervisor' if kind == 'supervisor' else f'all {len(pids)} processes'} (pid {pid})"
-        key = {"volume": "data", "broker": None, "snapshot": None}[kind]
+        key = {"volume": "data", "broker": None, "snapshot": None, "spare": None}[kind]
         if kind == "snapshot":
             if not self.snaps:
                 return "snapshot: none configured"

@@ -61,7 +61,7 @@ class FakeSnapshotWorker:
         self.last_error = ""
         self.stopped = False
 
-    async def start(self):
+    async def start(self, spare=None):
         self.alive, self.pid = True, 4242
 
     async def stop(self, timeout=10.0):

@@ -18,6 +18,7 @@ KINDS = {
     "workers.snapshot": (ws.SnapshotSettings, ws.SnapshotSettings("fss0", "v", "/nonexistent", "/m", -1, -1, "t")),
     "workers.suspend": (ws.SuspendSettings, ws.SuspendSettings("fss0", [], [], 1.0)),
     "workers.broker": (ws.BrokerSettings, ws.BrokerSettings(prefix="p", rundir="/nonexistent")),
+    "workers.spare": (ws.SpareSettings, ws.SpareSettings()),
 }
 
 

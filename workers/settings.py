@@ -6,7 +6,10 @@ and the worker decodes it in spawned.bootstrap(). Every kind ends with `debug`
 and `use_syslog` (last, so positional construction keeps working; tested in
 tests/test_worker_bootstrap.py), so `fssd -d` / `fssd -s` reach every process alike.
 Unknown fields are refused: a supervisor and a worker from different versions
-fail loudly at start, not quietly later.
+fail loudly at start, not quietly later. A field holding an inherited descriptor
+is named `*_fd` (a list of them `*fds`): a spare snapshot worker assigned its
+settings over the channel (workers/spare.py) puts its own numbers in exactly
+those fields, and refuses a descriptor no such field names.
 """
 
 from __future__ import annotations
@@ -58,6 +61,14 @@ class SnapshotSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     track_gen: int = 0
     track_bases: list[int] = []
     track_dir_fd: int = -1
+    debug: bool = False
+    use_syslog: bool = False
+
+
+class SpareSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """workers.spare: a snapshot worker started ahead, idle until it is assigned a snapshot
+    (its SnapshotSettings then arrive over the channel, AssignSnapshot)."""
+
     debug: bool = False
     use_syslog: bool = False
 

@@ -193,9 +193,16 @@ def run(settings: SnapshotSettings, chan: Channel) -> int:
     return 0
 
 
+def title(s: SnapshotSettings) -> str:
+    return f"{s.device} {s.volume}@{s.taken}"
+
+
+def log_name(s: SnapshotSettings) -> str:
+    return s.device
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run(*spawned.bootstrap("workers.snapshot", SnapshotSettings, argv,
-                                  title=lambda s: f"{s.device} {s.volume}@{s.taken}", log_name=lambda s: s.device))
+    return run(*spawned.bootstrap("workers.snapshot", SnapshotSettings, argv, title=title, log_name=log_name))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,16 @@ def bootstrap(prog: str, settings_type: Any, argv: list[str] | None, *, title: C
     except msgspec.DecodeError as e:
         print(f"{prog}: bad settings: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    become(settings, title, log_name)
+    if args.channel_fd is None:
+        return settings, None
+    sock = socket.socket(fileno=args.channel_fd)
+    return settings, sock if channel_kind == "socket" else Channel(sock, workermsg.ToWorker)
+
+
+def become(settings: Any, title: Callable[[Any], str], log_name: Callable[[Any], str]) -> None:
+    """Process title and logging for these settings (at start, and again when a spare
+    worker is assigned its snapshot: `ps` always shows what the process is now)."""
     try:
         import setproctitle
 
@@ -82,10 +92,55 @@ def bootstrap(prog: str, settings_type: Any, argv: list[str] | None, *, title: C
     except ImportError:
         pass
     logfmt.setup(log_name(settings), settings.debug, settings.use_syslog)
-    if args.channel_fd is None:
-        return settings, None
-    sock = socket.socket(fileno=args.channel_fd)
-    return settings, sock if channel_kind == "socket" else Channel(sock, workermsg.ToWorker)
+
+
+def _is_fd_field(key: str) -> bool:
+    return key.endswith("_fd") or key.endswith("fds")
+
+
+def _remap_fds(obj: Any, where: dict[int, int], used: set[int]) -> Any:
+    """Every descriptor field's supervisor number replaced by ours (-1, "none", stays)."""
+
+    def one(key: str, n: Any) -> Any:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return n
+        if n not in where:
+            raise ValueError(f"{key} = {n}: that descriptor did not come with the assignment")
+        used.add(n)
+        return where[n]
+
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if k.endswith("_fd"):
+                out[k] = one(k, v)
+            elif _is_fd_field(k) and isinstance(v, list):
+                out[k] = [one(k, n) for n in v]
+            else:
+                out[k] = _remap_fds(v, where, used)
+        return out
+    if isinstance(obj, list):
+        return [_remap_fds(v, where, used) for v in obj]
+    return obj
+
+
+def assigned_settings(settings_json: str, theirs: list[int], ours: list[int], settings_type: Any) -> Any:
+    """The settings a spare worker is assigned (AssignSnapshot): the JSON a fresh worker gets on
+    its command line, whose descriptor fields (`*_fd`, `*fds`) name the supervisor's numbers
+    (`theirs`, sent in this order); `ours` are the same descriptors as received. Any field
+    added to the settings flows through as it is; bad settings raise ValueError."""
+    if len(theirs) != len(ours) or len(set(theirs)) != len(theirs):
+        raise ValueError(f"{len(ours)} descriptor(s) for {len(theirs)} announced")
+    used: set[int] = set()
+    try:
+        raw = msgspec.json.decode(settings_json)
+        mapped = _remap_fds(raw, dict(zip(theirs, ours)), used)
+        settings = msgspec.convert(mapped, settings_type)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValueError(f"bad settings: {e}") from None
+    if used != set(theirs):
+        raise ValueError(f"descriptor(s) {sorted(set(theirs) - used)} sent but named by no field")
+    return settings
 
 
 def supervisor_messages(chan: Channel) -> Iterator[tuple[Any, list[int]]]:

@@ -41,3 +41,16 @@ def entry(main: Callable[..., int]) -> Callable[..., int]:
             return 128 + signal.SIGPIPE
 
     return run
+
+
+def quick_exit(rc: int) -> None:
+    """End the program now, as a C tool does: output flushed, status `rc`, without the
+    interpreter's teardown (freeing every module and object: 5-20 ms of a short tool's
+    run, more on a busy machine). Only for a tool run as a program, with nothing left to
+    do: no atexit work, no threads; the kernel closes its descriptors."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)

@@ -21,7 +21,6 @@ import msgspec
 from daemon.cli import clitool
 from daemon.cli import storeopen
 from daemon.cli.client import ControlClient, NotRunning
-from daemon.version import version
 from ipc import control, names
 from daemon.units import humanize, strsuftoll
 
@@ -129,9 +128,15 @@ def _json(obj) -> str:
     return msgspec.json.format(msgspec.json.encode(obj)).decode()
 
 
-@clitool.entry
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    rc = _run(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # run as the program (the console script): nothing is left to tear down
+        clitool.quick_exit(rc)
+    return rc
+
+
+@clitool.entry
+def _run(argv: list[str]) -> int:
     try:
         return _main(argv)
     except Usage as e:
@@ -189,6 +194,8 @@ def _main(argv: list[str]) -> int:
             print(HELP)
             return 0
         elif o == "--version":
+            from daemon.version import version
+
             print(f"{PROG} {version()}")
             return 0
     client = ControlClient(names.resolve_rundir(rundir))
