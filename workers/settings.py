@@ -44,6 +44,13 @@ class SnapshotSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     bs_fd: int
     listen_fd: int
     taken: str  # UTC, for the process title
+    # Change tracking (docs/architecture.md "Changed-block tracking"): the volume's lineage
+    # ("" = untracked), this snapshot's generation n, the earlier generations m < n whose
+    # changes it can answer, and the volume's track directory (O_RDONLY|O_DIRECTORY, inherited).
+    track_lineage: str = ""
+    track_gen: int = 0
+    track_bases: list[int] = []
+    track_dir_fd: int = -1
     debug: bool = False
     use_syslog: bool = False
 
