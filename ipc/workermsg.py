@@ -7,7 +7,7 @@ more (Stop is the orderly way: in-flight requests finish first).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import msgspec
 
@@ -22,12 +22,15 @@ class _Msg(msgspec.Struct, tag_field="t", frozen=True):
 
 
 class AttachSnapshot(_Msg, tag="attach"):
-    """Volume worker: barrier, then copy-on-write into this map. The backing-store fd rides along."""
+    """Volume worker: barrier, then copy-on-write into this map. The backing-store fd rides along;
+    for a tracked volume (nfds 2) so does the next generation's change map, which the barrier
+    swaps in (generation track_gen)."""
 
-    nfds: ClassVar[int] = 1  # descriptors that travel with this message (SCM_RIGHTS)
     device: str
     map_name: str
     req: int = 0  # echoed in the reply, so a late reply is never taken for a newer request
+    track_gen: int = 0
+    nfds: int = 1  # descriptors that travel with this message (SCM_RIGHTS): store [, change map]
 
 
 class DetachSnapshot(_Msg, tag="detach"):
@@ -100,6 +103,13 @@ class Invalidated(_Msg, tag="invalidated"):
     ticket: int
 
 
+class TrackFailed(_Msg, tag="track-failed"):
+    """Volume worker: a change-map mark could not be made durable (durability "power"); the
+    change history can no longer be trusted, the supervisor retires the lineage."""
+
+    reason: str
+
+
 class ClientsChanged(_Msg, tag="clients"):
     """A snapshot worker's NBD client count changed (unconfig-on-close)."""
 
@@ -122,4 +132,4 @@ class VssAnswer(_Msg, tag="vss-answer"):
 
 
 ToWorker = AttachSnapshot | DetachSnapshot | ListenUpdate | Stop | VssAsk | InvalidRecorded
-FromWorker = Ready | Attached | Detached | Refused | Invalidated | ClientsChanged | VssState | VssAnswer
+FromWorker = Ready | Attached | Detached | Refused | Invalidated | TrackFailed | ClientsChanged | VssState | VssAnswer

@@ -16,7 +16,9 @@ Lock contract, all taken here and nowhere else, always in this order:
 3. a target's allocation lock (SnapshotTarget._alloc), held only to hand out
    backing-store clusters, never across I/O;
 4. the map's error lock (ClusterMap.set_error), innermost.
-With no snapshot attached a write costs the gate's counter and nothing else.
+With no snapshot attached a write costs the gate's counter and, on a tracked volume, one byte
+read of the change map (workers/changemap.py; a granule's first write in a generation marks it,
+before the volume is written).
 
 For each cluster a live write touches whose entry is clear: copy the old
 cluster from the volume to the backing store (appended at the next free
@@ -44,7 +46,9 @@ from typing import Callable
 
 from ipc import storeformat
 from ipc.clustermap import ClusterMap, span
+from ipc.trackmap import GRANULE_SHIFT as TRACK_SHIFT
 from workers import fileio, spawned
+from workers.changemap import ChangeMap
 from workers.storejournal import StoreJournal
 
 log = logging.getLogger("cow")
@@ -331,6 +335,8 @@ class CopyOnWrite:
         self._local = threading.local()
         # Replaced (never mutated) at a barrier, so the hot path iterates without a lock.
         self.targets: tuple[SnapshotTarget, ...] = ()
+        # The current generation's change map (None: volume not tracked); swapped at a barrier.
+        self.track: ChangeMap | None = None
 
     def writing(self, offset: int, length: int) -> "CopyOnWrite":
         """Refuse if orphaned, enter the gate, copy for the snapshots; use in a `with`."""
@@ -355,12 +361,17 @@ class CopyOnWrite:
         if gate._closed:  # a barrier is pending: step back and wait for it (the slow path)
             gate._step_back(slot)
             gate.enter()
-        if self.targets:
-            try:
+        try:
+            track = self.track  # read inside the gate: the map of the generation this write belongs to
+            if track is not None:
+                g = offset >> TRACK_SHIFT
+                if g != (offset + length - 1) >> TRACK_SHIFT or not track.seen[g]:  # ChangeMap.mark's fast check, inlined
+                    track.mark(offset, length)
+            if self.targets:
                 self._protect(offset, length)
-            except BaseException:
-                gate.leave()
-                raise
+        except BaseException:
+            gate.leave()
+            raise
 
     def end(self) -> None:
         """Leave the gate (WriteGate.leave() inlined)."""
@@ -377,8 +388,9 @@ class CopyOnWrite:
         """A target re-attached at start-up, before any write is served (no barrier needed)."""
         self.targets = self.targets + (target,)
 
-    def attach(self, target: SnapshotTarget) -> int:
-        """The snapshot barrier: drain writes, attach, stamp the time, resume. Returns µs held."""
+    def attach(self, target: SnapshotTarget, track: "ChangeMap | None" = None) -> int:
+        """The snapshot barrier: drain writes, attach, stamp the time, [swap in the next
+        generation's change map,] resume. Returns µs held. The replaced map is the caller's."""
         power = target.journal.power
         if power:  # the instant must be on disk: most of it now, the rest inside the gate
             os.fdatasync(self.fd)
@@ -390,6 +402,8 @@ class CopyOnWrite:
             target.map.activate()
             target.active = target.map.usable
             self.targets = self.targets + (target,)
+            if track is not None:
+                self.track = track  # O(1): writes from here on belong to the next generation
         finally:
             self._gate.open()
         return (time.perf_counter_ns() - t0) // 1000

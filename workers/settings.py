@@ -30,6 +30,12 @@ class VolumeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     size: int
     listen_fd: int
     snapshots: list[AttachedSnapshot] = []
+    # Changed-block tracking (docs/architecture.md "Change tracking"): the current generation's
+    # map (inherited, read-write; -1 = volume not tracked), its generation, and whether a newly
+    # set byte must be fdatasync'ed before the volume write (durability "power").
+    track_fd: int = -1
+    track_gen: int = 0
+    track_sync: bool = False
     debug: bool = False
     use_syslog: bool = False
 
@@ -44,9 +50,10 @@ class SnapshotSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     bs_fd: int
     listen_fd: int
     taken: str  # UTC, for the process title
-    # Change tracking (docs/architecture.md "Changed-block tracking"): the volume's lineage
-    # ("" = untracked), this snapshot's generation n, the earlier generations m < n whose
-    # changes it can answer, and the volume's track directory (O_RDONLY|O_DIRECTORY, inherited).
+    # Changed-block tracking: this snapshot's lineage ("" = volume not tracked) and generation,
+    # the handed-out generations m < track_gen whose maps m+1..track_gen all still exist (the
+    # bases it can answer for), and the volume's track directory (inherited O_RDONLY|O_DIRECTORY,
+    # -1 = not tracked) where gen-<g>.map lives.
     track_lineage: str = ""
     track_gen: int = 0
     track_bases: list[int] = []

@@ -21,6 +21,7 @@ from ipc import nbd, workermsg
 from ipc.channel import Channel
 from ipc.clustermap import ClusterMap
 from workers import fileio
+from workers.changemap import ChangeMap
 from workers.cow import CopyOnWrite, SnapshotTarget
 from workers.storejournal import mark_invalid
 from workers import spawned
@@ -50,8 +51,8 @@ class VolumeBackend:
     def targets(self) -> tuple[SnapshotTarget, ...]:
         return self.cow.targets
 
-    def attach(self, target: SnapshotTarget) -> int:
-        return self.cow.attach(target)
+    def attach(self, target: SnapshotTarget, track: ChangeMap | None = None) -> int:
+        return self.cow.attach(target, track)
 
     def detach(self, device: str) -> SnapshotTarget | None:
         return self.cow.detach(device)
@@ -209,6 +210,13 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
         reclaimed, took = t.reconcile()  # what a killed predecessor reserved but never published
         backend.cow.add(t)
         log.info("%s: re-attached (%d clusters copied so far, %d reserved but unused reclaimed, %.0f ms)", s.device, t.map.copies, reclaimed, took * 1000)
+    def track_failed(reason: str) -> None:
+        chan.send(workermsg.TrackFailed(reason))
+
+    if settings.track_fd >= 0:
+        # Before the first request: every write is marked in the current generation's map.
+        backend.cow.track = ChangeMap(settings.track_fd, settings.track_gen, settings.size, settings.track_sync)
+        backend.cow.track.on_failure = track_failed
     listener = socket.socket(fileno=settings.listen_fd)
     server = Server(listener, nbd.Export(settings.name, settings.size, False, f"fssd volume {settings.name}"), backend)
     acceptor = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
@@ -220,22 +228,37 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
 
     for msg, fds in spawned.supervisor_messages(chan):
         if isinstance(msg, workermsg.AttachSnapshot):
-            if not fds:
+            if not fds or len(fds) != msg.nfds:
+                for extra in fds:
+                    os.close(extra)
                 chan.send(workermsg.Refused(msg.device, errno.EBADF, "no backing-store descriptor came with the request", msg.req))
                 continue
+            # The next generation's change map, made ready before the barrier (which only swaps it in).
+            nxt: ChangeMap | None = None
             try:
+                if len(fds) > 1:
+                    nxt = ChangeMap(fds[1], msg.track_gen, settings.size, settings.track_sync, fresh=True)
+                    nxt.on_failure = track_failed
                 target = _attach_target(backend, msg.device, msg.map_name, fds[0], recorder)
             except (OSError, ValueError, posix_ipc.Error) as e:
-                os.close(fds[0])
+                for extra in fds if nxt is None else fds[:1]:
+                    os.close(extra)
+                if nxt is not None:
+                    nxt.close()
                 chan.send(workermsg.Refused(msg.device, getattr(e, "errno", None) or errno.EINVAL, str(e), msg.req))
                 continue
+            before = backend.cow.track
             try:
-                held = backend.attach(target)
+                held = backend.attach(target, nxt)
             except OSError as e:  # "power": the instant could not be synced to the volume
                 target.map.close()
                 os.close(fds[0])
+                if nxt is not None:
+                    nxt.close()
                 chan.send(workermsg.Refused(msg.device, e.errno or errno.EIO, f"could not sync the volume for the snapshot: {e.strerror or e}", msg.req))
                 continue
+            if nxt is not None and before is not None:
+                before.close()  # no write uses it any more (the gate drained); the supervisor keeps the file
             log.info("%s: snapshot barrier held writes for %d us", msg.device, held)
             chan.send(workermsg.Attached(msg.device, held, msg.req))
         elif isinstance(msg, workermsg.InvalidRecorded):
@@ -254,6 +277,8 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
     server.stop()
     for t in backend.targets:  # copies and table entries on disk before the stop counts as clean
         t.sync()
+    if backend.cow.track is not None:
+        backend.cow.track.sync()
     os.fsync(fd)
     log.info("stopped")
     return 0
