@@ -67,7 +67,7 @@ class DirtyBitmaps:
                 st = os.stat(trackmap.map_name(g), dir_fd=self.dir_fd, follow_symlinks=False)
             except OSError:
                 return False
-            if not stat.S_ISREG(st.st_mode) or st.st_size != self.map_len:
+            if not stat.S_ISREG(st.st_mode) or st.st_size < self.map_len:
                 return False
         return True
 
@@ -95,8 +95,8 @@ class DirtyBitmaps:
             raise OSError(errno.EIO, f"changes since {base}: {trackmap.map_name(g)} is gone ({e.strerror}); take a full backup") from None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != self.map_len:
-                raise OSError(errno.EIO, f"changes since {base}: {trackmap.map_name(g)} is not a map of this volume ({st.st_size} bytes, {self.map_len} expected)")
+            if not stat.S_ISREG(st.st_mode) or st.st_size < self.map_len:
+                raise OSError(errno.EIO, f"changes since {base}: {trackmap.map_name(g)} is not a map of this volume ({st.st_size} bytes, at least {self.map_len} expected)")
             data = os.pread(fd, self.map_len, 0)
             if len(data) != self.map_len:
                 raise OSError(errno.EIO, f"changes since {base}: short read of {trackmap.map_name(g)}")
