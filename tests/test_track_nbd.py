@@ -1,0 +1,149 @@
+"""Changed blocks served the standard way, end to end: real clients against a live fssd.
+
+Writes (WRITE, TRIM, WRITE_ZEROES, through qemu-io) between snapshots fss0 (M) and
+fss1 (N) of one volume; `nbdinfo --map=qemu:dirty-bitmap:<id of M>`, `qemu-img map`
+with `x-dirty-bitmap` and `fssconfig --changes fss1 --since <id> --json` must all
+report exactly the granules written (no fewer: a missed one is a corrupt backup),
+and the base stays answerable after fss0 is unconfigured.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from fsshelp import Fssd, run, running
+
+from ipc import trackmap
+
+MiB = 1 << 20
+G = trackmap.GRANULE
+SIZE = 64 * MiB
+
+# Between M and N: (qemu-io command, the granules it touches).
+WRITES = [
+    ("write -P 0x11 0 4096", {0}),
+    ("write -P 0x22 1048576 200000", set(range(16, 20))),
+    ("write -P 0x33 8388607 2", {127, 128}),  # straddles a granule boundary
+    ("discard 16777216 131072", {256, 257}),
+    ("write -z 33554432 65536", {512}),
+    ("write -P 0x44 67076096 32768", {1023}),  # the last granule
+]
+
+
+def changed_granules() -> set[int]:
+    out: set[int] = set()
+    for _, g in WRITES:
+        out |= g
+    return out
+
+
+def as_ranges(granules: set[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for g in sorted(granules):
+        if out and out[-1][0] + out[-1][1] == g * G:
+            out[-1] = (out[-1][0], out[-1][1] + G)
+        else:
+            out.append((g * G, G))
+    return [(o, min(n, SIZE - o)) for o, n in out]
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    shm = Path(tempfile.mkdtemp(prefix="fssd-test-tracknbd-", dir="/dev/shm"))
+    f = Fssd(tmp_path_factory.mktemp("tracknbd") / "i0", [{"name": "data", "path": str(shm / "data.img"), "size": "64M"}])
+    with running(f, shm):
+        qemu_io(f.uri("data"), "write -P 0x5a 0 8M")
+        f.fssconfig("fss0", "data", str(shm / "bs0"))
+        qemu_io(f.uri("data"), *(c for c, _ in WRITES))
+        f.fssconfig("fss1", "data", str(shm / "bs1"))
+        f.base = snapshot_id(f, "fss0")
+        f.shm = shm
+        yield f
+
+
+def qemu_io(uri: str, *cmds: str) -> None:
+    argv = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        argv += ["-c", c]
+    p = run(*argv, uri)
+    assert "failed" not in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+def snapshot_id(f: Fssd, dev: str) -> str:
+    (s,) = [s for s in json.loads(f.fssconfig("-l", "--json").stdout) if s.get("device") == dev]
+    assert trackmap.parse_id(s["id"]) is not None, s
+    return s["id"]
+
+
+def nbdinfo_dirty(f: Fssd, export: str, base: str) -> list[tuple[int, int]]:
+    got = json.loads(run("nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{base}", f.uri(export)).stdout)
+    assert sum(e["length"] for e in got) == SIZE
+    out: list[tuple[int, int]] = []
+    for e in got:
+        if e["type"] & 1:
+            if out and sum(out[-1]) == e["offset"]:
+                out[-1] = (out[-1][0], out[-1][1] + e["length"])
+            else:
+                out.append((e["offset"], e["length"]))
+    return out
+
+
+def qemu_img_dirty(f: Fssd, export: str, base: str) -> list[tuple[int, int]]:
+    p = run("qemu-img", "map", "--output=json", "--image-opts",
+            f"driver=nbd,server.type=unix,server.path={f.sock(export)},export={export},x-dirty-bitmap=qemu:dirty-bitmap:{base}")
+    # x-dirty-bitmap: qemu reads bit 0 (dirty) where base:allocation has "hole": dirty = "data": false.
+    return [(e["start"], e["length"]) for e in json.loads(p.stdout) if not e["data"]]
+
+
+def fssconfig_changes(f: Fssd, export: str, base: str) -> list[tuple[int, int]]:
+    return [(c["offset"], c["length"]) for c in json.loads(f.fssconfig("--changes", export, "--since", base, "--json").stdout)]
+
+
+def test_nbdinfo_lists_the_base_as_a_meta_context(srv):
+    info = json.loads(run("nbdinfo", "--json", srv.uri("fss1")).stdout)
+    (exp,) = info["exports"]
+    assert exp["contexts"] == ["base:allocation", f"qemu:dirty-bitmap:{srv.base}"]
+    # fss0 is the oldest: nothing to compare it with.
+    (exp0,) = json.loads(run("nbdinfo", "--json", srv.uri("fss0")).stdout)["exports"]
+    assert exp0["contexts"] == ["base:allocation"]
+
+
+def test_three_clients_agree_on_exactly_the_granules_written(srv):
+    want = as_ranges(changed_granules())
+    assert nbdinfo_dirty(srv, "fss1", srv.base) == want
+    assert qemu_img_dirty(srv, "fss1", srv.base) == want
+    assert fssconfig_changes(srv, "fss1", srv.base) == want
+
+
+def test_the_changed_extents_cover_every_difference(srv):
+    """Compare full reads of M and N granule by granule: nothing differs outside the report."""
+    a = run("nbdcopy", srv.uri("fss0"), "-", text=False).stdout
+    b = run("nbdcopy", srv.uri("fss1"), "-", text=False).stdout
+    differ = {i // G for i in range(0, SIZE, G) if a[i:i + G] != b[i:i + G]}
+    assert differ <= changed_granules()
+    assert differ  # the writes did change something
+
+
+def test_a_base_stays_answerable_after_it_is_unconfigured(srv):
+    srv.fssconfig("-u", "fss0")
+    try:
+        want = as_ranges(changed_granules())
+        assert nbdinfo_dirty(srv, "fss1", srv.base) == want
+        # A snapshot taken later answers since the unconfigured base too (nothing written since fss1).
+        srv.fssconfig("fss2", "data", str(srv.shm / "bs2"))
+        info = json.loads(run("nbdinfo", "--json", srv.uri("fss2")).stdout)["exports"][0]
+        id1 = snapshot_id(srv, "fss1")
+        assert f"qemu:dirty-bitmap:{srv.base}" in info["contexts"] and f"qemu:dirty-bitmap:{id1}" in info["contexts"]
+        assert nbdinfo_dirty(srv, "fss2", srv.base) == want
+        assert nbdinfo_dirty(srv, "fss2", id1) == []
+    finally:
+        srv.fssconfig("-u", "fss2", check=False)
+
+
+def test_an_unknown_base_is_not_a_context(srv):
+    other = "f" * 32 + "-1"
+    p = run("nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{other}", srv.uri("fss1"), check=False)
+    assert p.returncode != 0
