@@ -51,6 +51,9 @@ class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # "process": no syncs, survives process crashes and clean restarts, invalid after a host crash;
     # "none": in memory only, as before (lost when fssd stops).
     durability: Literal["power", "process", "none"] = "power"
+    # Change tracking: how many generation maps each tracked volume keeps (a snapshot can say
+    # what changed since any of the last track_generations - 1 snapshots of its volume).
+    track_generations: int = 64
 
     def __post_init__(self):
         if not 1 <= self.devices <= MAX_DEVICES:
@@ -75,6 +78,8 @@ class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         # -- durability --
         if not os.path.isabs(self.statedir):
             raise ValueError("statedir must be an absolute path")
+        if isinstance(self.track_generations, bool) or not 2 <= self.track_generations <= 100_000:
+            raise ValueError("track_generations must be between 2 and 100000")
 
     @property
     def nbd_buffer_bytes(self) -> int:
@@ -88,6 +93,8 @@ class VolumeSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     size: int | str | None = None
     # Where the administrator mounts the volume's file system (for fssconfig and VSS).
     mountpoint: str | None = None
+    # Changed-block tracking: every snapshot can say which clusters changed since an earlier one.
+    track: bool = True
 
     def __post_init__(self):
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name.startswith("fss"):

@@ -40,6 +40,7 @@ class Snapshots(Protocol):
     def info(self, device: str) -> control.SnapshotInfo: ...
     async def configure(self, req: control.Configure, fds: list[int], uid: int) -> control.Configured: ...
     async def unconfigure(self, device: str) -> None: ...
+    async def changes(self, req: control.Changes) -> control.ChangedExtents: ...
 
 
 class Service:
@@ -85,6 +86,8 @@ class Service:
                 return control.Unconfigured(req.device)
             if isinstance(req, control.Status):
                 return self.status()
+            if isinstance(req, control.Changes):  # a query: the rights of a list (reaching the socket)
+                return await self.snaps.changes(req)
         except ControlError as e:
             log.warning("refused %s: %s", type(req).__name__, e)
             return control.Error(e.errno, str(e))

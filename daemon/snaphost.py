@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from daemon.backing import BackingStore
     from daemon.procs import Worker
     from daemon.statedir import StateDir
+    from daemon.tracking import VolumeTrack
 
 # (channel fd) -> (module, settings json, descriptors to pass): what a worker is started with.
 SpawnArgs = Callable[[int], tuple[str, str, list[int]]]
@@ -78,3 +79,5 @@ class SnapshotHost:
     durability: Callable[[], str] = lambda: "none"
     state: "StateDir | None" = None
     boot_id: str = ""
+    # Changed-block tracking (daemon/tracking.py): the tracked volumes' change histories, by name.
+    tracks: Callable[[], Mapping[str, "VolumeTrack"]] = lambda: {}

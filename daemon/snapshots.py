@@ -19,11 +19,11 @@ import time
 from datetime import datetime, timezone
 import msgspec
 
-from daemon import backing, durable, recovery, statedir, suspend
+from daemon import backing, durable, recovery, statedir, suspend, tracking
 from daemon.errors import ControlError
 from daemon.procs import Worker, WorkerGone
 from daemon.snaphost import SnapshotHost
-from ipc import control, names, workermsg
+from ipc import control, names, trackmap, workermsg
 from ipc import storeformat as sf
 from ipc.clustermap import FLAG_UNCONFIG_ON_CLOSE, ClusterMap, MapState, choose_cluster_size, table_clusters
 from workers.settings import SnapshotSettings
@@ -78,6 +78,10 @@ class Snapshot:
         self.durability = "none"
         self.record: statedir.SnapshotRecord | None = None  # in the state directory
         self.recovered = 0.0  # when a start-up brought it back (epoch seconds)
+        # `<lineage>-<gen>` on a tracked volume (ipc/trackmap.py), else the store's snapshot uuid.
+        self.id = ""
+        # Before its barrier: the next generation's change map, (generation, fd), for the worker.
+        self.track_next: tuple[int, int] | None = None
 
     @property
     def taken_utc(self) -> str:
@@ -90,6 +94,7 @@ class SnapshotManager:
         self.snaps: dict[str, Snapshot] = {}
         self.lock = asyncio.Lock()
         self.usage = durable.UsageWatch()
+        self._changes: tuple[tuple, list[tuple[int, int]]] | None = None  # the last answer, for paging
 
     # -- queries -------------------------------------------------------------------
 
@@ -148,6 +153,7 @@ class SnapshotManager:
             note=s.note,
             durability=s.durability,
             recovered=s.recovered,
+            id=s.id,
             store_usage=self.usage.percent(m.bs_next, m.table_clusters, m.bs_limit),
             usage_warning=self.usage.reached.get(device, 0),
         )
@@ -233,8 +239,15 @@ class SnapshotManager:
         except ValueError as e:
             raise ControlError(errno.EINVAL, f"{req.device}: {e}") from None
         snap = Snapshot(req.device, name, store, cmap, req.unconfig_on_close)
+        snap.id = header.snapshot_id  # replaced by <lineage>-<gen> at the barrier if the volume is tracked
         window_ms = None
+        tr = self.host.tracks().get(name)
         try:
+            if tr is not None:  # created before any suspend or freeze: the barrier only swaps it in
+                try:
+                    snap.track_next = await self.host.offload(tr.prepare)
+                except OSError as e:
+                    log.error("%s: cannot create the next change map (%s): this snapshot has no change history", req.device, e)
             if req.consistent:
                 held, window_ms = await self._consistent_barrier(vol, snap, req.timeout)
                 snap.consistency, snap.window_ms = "application", window_ms
@@ -243,6 +256,12 @@ class SnapshotManager:
                 snap.note = f"{name} taken with --no-suspend: snapshot is crash-consistent"
             else:
                 held = await self._suspended_barrier(vol, snap)
+            if tr is not None and trackmap.parse_id(snap.id):
+                try:  # the generation handed out is on disk before the snapshot's record is
+                    await self.host.offload(tr.persist)
+                except OSError as e:
+                    log.error("%s: cannot record change tracking's new generation (%s): a base of %s will be refused after a restart",
+                              req.device, e, snap.id)
             self.snaps[req.device] = snap
             await self._start_worker(snap)
             snap.durability = durability
@@ -256,6 +275,9 @@ class SnapshotManager:
                     snap.record = None
                     raise ControlError(e.errno or errno.EIO, f"{req.device}: cannot record the snapshot in {self.host.state.path}: {e.strerror or e}") from None
         except BaseException:
+            if snap.track_next is not None:  # the barrier was refused or never asked for
+                tr.abandoned(*snap.track_next)
+                snap.track_next = None
             self.snaps.pop(req.device, None)
             await self._detach(vol.worker, req.device)
             cmap.close()
@@ -288,26 +310,43 @@ class SnapshotManager:
             flags=header.flags | (0 if path else sf.FLAG_UNLINKED), created_ns=snap.map.created_ns,
             snapshot_id=header.snapshot_id, durability=snap.durability, boot_id=self.host.boot_id,
             unconfig_on_close=snap.unconfig_on_close, consistency=snap.consistency,
-            made=store.dirfd >= 0 and bool(store.name), owner=store.owner,
+            made=store.dirfd >= 0 and bool(store.name), owner=store.owner, id=snap.id,
         )
 
     async def _barrier(self, worker: Worker, snap: Snapshot) -> int:
-        msg = workermsg.AttachSnapshot(snap.device, snap.map.name, worker.next_req())
+        nxt = snap.track_next  # a tracked volume: the next generation's map rides along
+        fds = [snap.store.fd] + ([nxt[1]] if nxt else [])
+        msg = workermsg.AttachSnapshot(snap.device, snap.map.name, worker.next_req(), track_gen=nxt[0] if nxt else 0, nfds=len(fds))
         try:
-            reply = await worker.call(msg, [snap.store.fd], ATTACH_TIMEOUT)
+            reply = await worker.call(msg, fds, ATTACH_TIMEOUT)
         except asyncio.TimeoutError:
             # Whether the barrier happened is unknown: restart the worker, which re-attaches only
             # snapshots that are ACTIVE (this one is still CREATING), so the state is known again.
             log.error("%s: volume worker %s did not answer the barrier in %.0f s; restarting it", snap.device, worker.key, ATTACH_TIMEOUT)
+            self._track_unknown(snap)
             worker.kill()
             raise ControlError(errno.EIO, f"{snap.device}: volume worker did not take the snapshot in time") from None
         except WorkerGone as e:
+            self._track_unknown(snap)
             raise ControlError(errno.EIO, f"{snap.device}: volume worker did not take the snapshot: {e}") from None
         if isinstance(reply, workermsg.Refused):
             raise ControlError(reply.errno, f"{snap.device}: {reply.reason}")
         if not isinstance(reply, workermsg.Attached):
+            self._track_unknown(snap)
             raise ControlError(errno.EIO, f"{snap.device}: unexpected answer {type(reply).__name__} to the barrier")
+        if nxt is not None:
+            # At once, before anything can restart the worker: it must get the new map.
+            snap.id = self.host.tracks()[snap.volume].advanced(nxt[0], nxt[1], snap.map.created_ns)
+            snap.track_next = None
         return reply.barrier_us
+
+    def _track_unknown(self, snap: Snapshot) -> None:
+        """The worker may or may not have swapped maps: its successor writes the new one."""
+        nxt, snap.track_next = snap.track_next, None
+        tr = self.host.tracks().get(snap.volume)
+        if nxt is not None and tr is not None:
+            tr.unknown(*nxt)
+            asyncio.ensure_future(self.host.offload(tr.persist))
 
     async def _suspended_barrier(self, vol, snap: Snapshot, exclude: frozenset[int] | None = None) -> int:
         """FIFREEZE the volume's file systems, barrier, FITHAW (fss's suspend); the barrier alone when
@@ -406,16 +445,64 @@ class SnapshotManager:
                 bs_fd=snap.store.fd,
                 listen_fd=snap.listener.fileno(),
                 taken=snap.taken_utc,
+                **self._track_settings(snap),
                 debug=self.host.flags.debug,
                 use_syslog=self.host.flags.use_syslog,
             )
-            return "workers.snapshot", msgspec.json.encode(settings).decode(), [snap.store.fd, snap.listener.fileno()]
+            fds = [snap.store.fd, snap.listener.fileno()] + ([settings.track_dir_fd] if settings.track_dir_fd >= 0 else [])
+            return "workers.snapshot", msgspec.json.encode(settings).decode(), fds
 
         snap.worker = self.host.spawn("snapshot", snap.device, spawn_args)
         try:
             await snap.worker.start()
         except WorkerGone as e:
             raise ControlError(errno.EIO, f"{snap.device}: snapshot worker failed to start: {e}") from None
+
+    def _track_settings(self, snap: Snapshot) -> dict:
+        """SnapshotSettings' track_* for this snapshot (read at each (re)start of its worker)."""
+        parsed = trackmap.parse_id(snap.id)
+        tr = self.host.tracks().get(snap.volume)
+        if parsed is None:
+            return {}
+        lineage, gen = parsed
+        if tr is None or lineage != tr.state.uuid:  # its history was discarded: no bases
+            return {"track_lineage": lineage, "track_gen": gen}
+        return {"track_lineage": lineage, "track_gen": gen, "track_bases": tr.bases(lineage, gen), "track_dir_fd": tr.dir_fd}
+
+    # -- what changed (fssconfig --changes) --------------------------------------------
+
+    async def changes(self, req: control.Changes) -> control.ChangedExtents:
+        """The extents written between snapshot `req.since`'s barrier and `req.device`'s."""
+        snap = self.snaps.get(req.device)
+        if snap is None:
+            raise ControlError(errno.ENXIO, f"{req.device}: Device not configured")
+        tracks = self.host.tracks()
+        tr = tracks.get(snap.volume)
+        parsed = trackmap.parse_id(snap.id)
+        if tr is None or parsed is None:
+            why = "is not tracked ([[volume]] track = false)" if tr is None else "was not tracked when the snapshot was taken"
+            raise ControlError(errno.EOPNOTSUPP, f"{req.device}: volume {snap.volume} {why}: no change history")
+        if not snap.map.valid:
+            raise ControlError(errno.EIO, f"{req.device}: snapshot is invalid: {snap.map.error}")
+
+        def other_volume(lineage: str) -> str:
+            return next((n for n, t in tracks.items() if t is not tr and (t.state.uuid == lineage or any(r.lineage == lineage for r in t.state.retired))), "")
+
+        try:
+            m, n = tr.check_base(req.since, parsed[0], parsed[1], other_volume)
+            key = (req.device, snap.id, req.since, tr.state.uuid)
+            if self._changes is not None and self._changes[0] == key and req.start:
+                extents = self._changes[1]
+            else:
+                extents = await self.host.offload(tr.changed, m, n)  # reads maps m+1..n: off the event loop
+                self._changes = (key, extents)
+        except tracking.TrackError as e:
+            raise ControlError(e.errno, f"{req.device}: {e}") from None
+        page = extents[req.start : req.start + control.CHANGES_PAGE]
+        nxt = req.start + len(page)
+        return control.ChangedExtents(req.device, req.since, snap.id, start=req.start, extents=page, total=len(extents),
+                               changed_bytes=sum(n for _o, n in extents), volume_size=tr.state.volume_size,
+                               more=nxt < len(extents))
 
     # -- unconfigure -----------------------------------------------------------------
 
@@ -525,6 +612,7 @@ class SnapshotManager:
             snap.durability = rec.durability
             snap.recovered = time.time()
             snap.record = rec
+            snap.id = rec.id or rec.snapshot_id  # a record from before change tracking: the store's uuid
             self.snaps[rec.device] = snap
             if isinstance(res, recovery.Invalid):
                 log.error("%s: snapshot of %s taken %s comes back invalid: %s", rec.device, rec.volume, snap.taken_utc, res.reason)

@@ -64,6 +64,7 @@ class SnapshotRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     invalid: str = ""  # why, once it became invalid: it never comes back valid
     made: bool = False  # fssconfig created the store file: unconfiguring removes it
     owner: int = -1  # the uid that asked for it (the removal checks the file is still theirs)
+    id: str = ""  # the snapshot's id (ipc/trackmap.py `<lineage>-<gen>`, or snapshot_id untracked); "" in older records
 
 
 class StateDirError(Exception):

@@ -26,6 +26,7 @@ from daemon.cli import clitool
 from daemon import config as configmod
 from daemon import leftovers
 from daemon import statedir as statedirmod
+from daemon import tracking
 from daemon import portability
 from daemon import rundir as rundirmod
 from daemon.control_server import ControlServer
@@ -96,6 +97,7 @@ class Supervisor:
         self.prefix = names.instance_prefix(self.rundir)
         self.started = time.monotonic()
         self.volumes: dict[str, VolumeState] = {}
+        self.tracks: dict[str, tracking.VolumeTrack] = {}  # change tracking, by volume (tracked ones)
         self.broker: Worker | None = None
         self.fronts: dict[str, FrontState] = {}  # [[listen]] by address
         self.broker_mounts: list[str] = []
@@ -133,6 +135,7 @@ class Supervisor:
             durability=lambda: self.cfg.daemon.durability,  # [daemon]: fixed until a restart
             state=self.state,
             boot_id=self.boot_id,
+            tracks=lambda: self.tracks,
         )
 
     def _vss_gate(self) -> ChannelVssGate | None:
@@ -185,30 +188,62 @@ class Supervisor:
                 size = os.lseek(fd, 0, os.SEEK_END)  # block devices report st_size 0
             finally:
                 os.close(fd)
+        await self._open_track(section, size)
         st = VolumeState(section, size, self._listen(section.name))
         self.volumes[section.name] = st
 
         def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
             attached = self.snaps.attached_for(section.name)
+            tr = self.tracks.get(section.name)  # its current map, read when the worker (re)starts
             settings = VolumeSettings(
                 name=section.name,
                 path=section.path,
                 size=st.size,
                 listen_fd=st.listener.fileno(),
                 snapshots=[AttachedSnapshot(d, m, fd) for d, m, fd in attached],
+                track_fd=tr.cur_fd if tr else -1,
+                track_gen=tr.state.current if tr else 0,
+                track_sync=self.cfg.daemon.durability == "power",
                 debug=self.debug,
                 use_syslog=self.use_syslog,
             )
-            return "workers.volume", msgspec.json.encode(settings).decode(), [st.listener.fileno(), *(a[2] for a in attached)]
+            fds = [st.listener.fileno(), *(a[2] for a in attached)] + ([tr.cur_fd] if tr else [])
+            return "workers.volume", msgspec.json.encode(settings).decode(), fds
 
         st.worker = self._worker("volume", section.name, spawn_args)
         await st.worker.start()
         log.info("volume %s: serving %s (%d bytes) at %s (pid %d)", section.name, section.path, size, names.nbd_uri(self.rundir, section.name), st.worker.pid)
 
+    async def _open_track(self, section: configmod.VolumeSection, size: int) -> None:
+        """The volume's change history, before its worker serves a write (restart rules applied).
+        Trouble here leaves the volume served untracked, loudly: never a volume down for it."""
+        if not section.track or self.state is None:
+            return
+        d = self.cfg.daemon
+        try:
+            self.tracks[section.name] = await asyncio.to_thread(
+                tracking.open_track, self.state.path, section.name, section.path, size, d.durability, self.boot_id, d.track_generations)
+        except OSError as e:
+            log.error("volume %s: change tracking unavailable (%s); served untracked", section.name, e)
+
+    def _track_failed(self, volume: str, reason: str) -> None:
+        tr = self.tracks.get(volume)
+        if tr is None:
+            return
+        tr.retire_now(reason)  # in memory at once: no base from before is answered from here on
+        asyncio.ensure_future(asyncio.to_thread(tr.persist))
+
     async def stop_volume(self, name: str) -> None:
         st = self.volumes.pop(name)
         if st.worker:
             await st.worker.stop(STOP_TIMEOUT)
+        tr = self.tracks.pop(name, None)
+        if tr is not None:
+            try:  # every map and the volume on disk, then lineage.json says the stop was clean
+                await asyncio.to_thread(tr.stop_clean, st.section.path)
+            except OSError as e:
+                log.error("volume %s: could not record a clean stop for change tracking (%s): checked as after a crash", name, e)
+            tr.close()
         st.listener.close()
         try:
             os.unlink(names.export_socket(self.rundir, name))
@@ -344,6 +379,8 @@ class Supervisor:
             self.snaps.lost(msg.device, msg.reason)
         elif isinstance(msg, workermsg.Invalidated):
             asyncio.ensure_future(self._record_invalid(worker, msg))
+        elif isinstance(msg, workermsg.TrackFailed) and worker.kind == "volume":
+            self._track_failed(worker.key, msg.reason)
         elif isinstance(msg, workermsg.ClientsChanged):
             self.snaps.clients_changed(msg.device, msg.count)
         elif isinstance(msg, workermsg.VssState):

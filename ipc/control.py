@@ -58,7 +58,19 @@ class Status(_Msg, tag="status"):
     pass
 
 
-Request = ListSnapshots | ListVolumes | Configure | Unconfigure | Status
+# Extents in one ChangedExtents reply: the rest is asked for from `start` on (a frame is at most 1 MiB).
+CHANGES_PAGE = 32768
+
+
+class Changes(_Msg, tag="changes"):
+    """fssconfig --changes: what was written between snapshot `since`'s barrier and `device`'s."""
+
+    device: str
+    since: Annotated[str, msgspec.Meta(max_length=128)]
+    start: Annotated[int, msgspec.Meta(ge=0)] = 0  # index of the first extent wanted (paging)
+
+
+Request = ListSnapshots | ListVolumes | Configure | Unconfigure | Status | Changes
 
 
 # -- replies -----------------------------------------------------------------------
@@ -101,6 +113,9 @@ class SnapshotInfo(msgspec.Struct, frozen=True):
     recovered: float = 0.0  # seconds since the epoch when a start-up brought it back; 0 = never
     store_usage: float = 0.0  # percent of the room the store's limit leaves for copies
     usage_warning: int = 0  # the highest usage warning given: 0, 80 or 95 (percent)
+    # The snapshot's id: `<lineage>-<generation>` on a tracked volume (a base for
+    # `fssconfig --changes --since` and `qemu:dirty-bitmap:<id>`), else the store's uuid.
+    id: str = ""
 
 
 class VolumeInfo(msgspec.Struct, frozen=True):
@@ -153,6 +168,21 @@ class Unconfigured(_Msg, tag="unconfigured"):
     device: str
 
 
+class ChangedExtents(_Msg, tag="changed"):
+    """The granules written between the barriers, as (offset, length) in bytes, in order;
+    extents[0] is extent number `start` of `total`; `more`: ask again from start + len(extents)."""
+
+    device: str
+    since: str
+    id: str  # the device's snapshot id
+    start: int = 0
+    extents: list[tuple[int, int]] = []
+    total: int = 0
+    changed_bytes: int = 0
+    volume_size: int = 0
+    more: bool = False
+
+
 class StatusReply(_Msg, tag="statusreply"):
     pid: int
     rundir: str
@@ -164,4 +194,4 @@ class StatusReply(_Msg, tag="statusreply"):
     vss: VssInfo
 
 
-Reply = Error | Snapshots | Volumes | Configured | Unconfigured | StatusReply
+Reply = Error | Snapshots | Volumes | Configured | Unconfigured | StatusReply | ChangedExtents

@@ -4,6 +4,7 @@ usage: fssconfig [-Ccxv] [-t timeout] [--no-suspend] device path backup [cluster
        fssconfig -u [-v] device
        fssconfig -l [-v] [--json] [device]
        fssconfig --volumes [-v] [--json]
+       fssconfig --changes device --since id [--json]
 common: -r RUNDIR (else $FSSD_RUNDIR, else /run/fssd)
 """
 
@@ -28,7 +29,8 @@ PROG = "fssconfig"
 USAGE = """usage: fssconfig [-Ccxv] [-t timeout] [--no-suspend] [-r rundir] device path backup [cluster [size]]
        fssconfig -u [-v] [-r rundir] device
        fssconfig -l [-v] [--json] [-r rundir] [device]
-       fssconfig --volumes [-v] [--json] [-r rundir]"""
+       fssconfig --volumes [-v] [--json] [-r rundir]
+       fssconfig --changes device --since id [--json] [-r rundir]"""
 HELP = USAGE + """
 
 Configure, unconfigure and list fssd snapshot devices (fssN), as NetBSD's
@@ -48,7 +50,12 @@ options:
   -v                verbose: list the device after configuring or before
                     unconfiguring; with -l and --volumes, details
   --volumes         list the volumes and their NBD URIs
-  --json            with -l or --volumes: print JSON
+  --changes DEVICE  print the extents of the volume written between the barrier
+                    of snapshot --since ID and DEVICE's (one "offset length" in
+                    bytes per line; a summary on stderr)
+  --since ID        with --changes: the earlier snapshot's id (fssconfig -l -v),
+                    configured or long unconfigured
+  --json            with -l, --volumes or --changes: print JSON
   -r, --rundir DIR  fssd's run directory (default $FSSD_RUNDIR, else /run/fssd)
   -h, --help        print this help and exit
   --version         print the version and exit
@@ -88,6 +95,8 @@ def format_snapshot(s: control.SnapshotInfo, verbose: bool) -> str:
         )
         if s.usage_warning:
             line += f", {s.store_usage:.0f}% full (warned at {s.usage_warning}%)"
+        if s.id:
+            line += f"\n    id {s.id}"
         if s.durability:
             line += f"\n    durability {s.durability}"
             if s.recovered:
@@ -138,18 +147,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     try:
-        opts, args = getopt.getopt(argv, "Cchlr:t:uvx", ["json", "volumes", "rundir=", "help", "no-suspend", "version"])
+        opts, args = getopt.getopt(argv, "Cchlr:t:uvx", ["json", "volumes", "rundir=", "help", "no-suspend", "version", "changes=", "since="])
     except getopt.GetoptError as e:
         raise Usage(str(e)) from None
     action = None
     verbose = unlink = uoc = consistent = as_json = no_suspend = False
     rundir = None
     timeout = None
+    changes_of = since = None
     for o, v in opts:
-        if o in ("-l", "-u", "--volumes"):
+        if o in ("-l", "-u", "--volumes", "--changes"):
             if action is not None:
                 raise Usage("")
             action = o
+            if o == "--changes":
+                changes_of = v
+        elif o == "--since":
+            since = v
         elif o == "-c":
             uoc = True
         elif o == "-C":
@@ -178,8 +192,15 @@ def _main(argv: list[str]) -> int:
             print(f"{PROG} {version()}")
             return 0
     client = ControlClient(names.resolve_rundir(rundir))
-    if action in ("-l", "-u", "--volumes") and (unlink or uoc or consistent or no_suspend or timeout is not None):
+    if action in ("-l", "-u", "--volumes", "--changes") and (unlink or uoc or consistent or no_suspend or timeout is not None):
         raise Usage("")
+    if (since is None) != (action != "--changes"):
+        raise Usage("--changes and --since go together")
+
+    if action == "--changes":
+        if args or verbose:
+            raise Usage("")
+        return _changes(client, changes_of, since, as_json)
     if timeout is not None and not consistent:
         raise Usage("-t applies to -C (the VSS phases)")
     if consistent and no_suspend:
@@ -276,6 +297,27 @@ def _main(argv: list[str]) -> int:
         print(f"{device}: {snap.note}")
     if verbose:
         print(format_snapshot(reply.snapshot, True))
+    return 0
+
+
+def _changes(client: ControlClient, device: str, since: str, as_json: bool) -> int:
+    """Every page of the answer, then the extents (text or JSON) and, for text, a summary on stderr."""
+    extents: list[tuple[int, int]] = []
+    while True:
+        reply = _expect(client.request(control.Changes(device, since, len(extents))), control.ChangedExtents)
+        extents += reply.extents
+        if not reply.more or not reply.extents:
+            break
+    if as_json:
+        print(_json([{"offset": o, "length": n} for o, n in extents]))
+        return 0
+    out = sys.stdout
+    for o, n in extents:
+        out.write(f"{o} {n}\n")
+    out.flush()
+    pct = 100.0 * reply.changed_bytes / reply.volume_size if reply.volume_size else 0.0
+    print(f"{device}: {len(extents)} extent(s), {reply.changed_bytes} bytes ({humanize(reply.changed_bytes)}, {pct:.1f}% of "
+          f"{humanize(reply.volume_size)}) changed between {since} and {reply.id}", file=sys.stderr)
     return 0
 
 
