@@ -106,6 +106,9 @@ def test_nbdinfo_lists_the_base_as_a_meta_context(srv):
     info = json.loads(run("nbdinfo", "--json", srv.uri("fss1")).stdout)
     (exp,) = info["exports"]
     assert exp["contexts"] == ["base:allocation", f"qemu:dirty-bitmap:{srv.base}"]
+    # The listing form (what `nbdinfo --list --content` prints per export) shows them too.
+    listed = json.loads(run("nbdinfo", "--list", "--content", "--json", srv.uri("fss1")).stdout)["exports"]
+    assert [e["contexts"] for e in listed] == [["base:allocation", f"qemu:dirty-bitmap:{srv.base}"]]
     # fss0 is the oldest: nothing to compare it with.
     (exp0,) = json.loads(run("nbdinfo", "--json", srv.uri("fss0")).stdout)["exports"]
     assert exp0["contexts"] == ["base:allocation"]
