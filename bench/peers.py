@@ -125,14 +125,14 @@ class Fssd:
     """fssd on a generated config; volumes = [(name, path, size_or_None[, extra TOML line ...])]."""
 
     def __init__(self, scratch: Scratch, volumes: list[tuple[str, str, str | None]], devices: int = 4, tag: str = "fssd",
-                 env: dict | None = None):
+                 env: dict | None = None, daemon: list[str] = ()):
         self.env = {**os.environ, **(env or {})}  # e.g. PYTHONPATH of a patched tree, for A/B experiments
         self.dir = scratch.tmp / tag
         self.dir.mkdir()
         self.rundir = self.dir / "run"
         self.config = self.dir / "fssd.toml"
         self.log = self.dir / "fssd.log"
-        lines = ["[daemon]", f'rundir = "{self.rundir}"', f'statedir = "{self.dir / "state"}"', f"devices = {devices}", ""]
+        lines = ["[daemon]", f'rundir = "{self.rundir}"', f'statedir = "{self.dir / "state"}"', f"devices = {devices}", *daemon, ""]
         for name, path, size, *extra in volumes:  # extra: TOML lines for that volume, e.g. "track = false"
             lines += ["[[volume]]", f'name = "{name}"', f'path = "{path}"']
             if size:
