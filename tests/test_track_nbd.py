@@ -150,3 +150,43 @@ def test_an_unknown_base_is_not_a_context(srv):
     other = "f" * 32 + "-1"
     p = run("nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{other}", srv.uri("fss1"), check=False)
     assert p.returncode != 0
+
+
+def test_one_request_answers_both_contexts_from_the_worker(srv):
+    import struct
+
+    from nbdwire import Raw, info_data, meta_data, req
+
+    from ipc import nbd
+
+    c = Raw(srv.sock("fss1"))
+    try:
+        c.hello()
+        c.option(nbd.OPT_STRUCTURED_REPLY)
+        c.structured = True
+        r = c.option(nbd.OPT_SET_META_CONTEXT, meta_data("fss1", nbd.BASE_ALLOCATION, f"qemu:dirty-bitmap:{srv.base}", "qemu:"))
+        ids = {p[4:].decode(): struct.unpack_from(">I", p)[0] for t, p in r if t == nbd.REP_META_CONTEXT}
+        assert set(ids) == {nbd.BASE_ALLOCATION, f"qemu:dirty-bitmap:{srv.base}"}  # "qemu:" selects nothing
+        assert c.option(nbd.OPT_GO, info_data("fss1"))[-1][0] == nbd.REP_ACK
+
+        def status(cookie: int, offset: int, length: int, flags: int = 0) -> dict[int, list[tuple[int, int]]]:
+            c.send(req(nbd.CMD_BLOCK_STATUS, cookie, offset, length, flags))
+            chunks = {}
+            while True:
+                magic, fl, typ, ck, n = struct.unpack(">IHHQI", c.recv(20))
+                assert (magic, typ, ck) == (nbd.STRUCTURED_REPLY_MAGIC, nbd.REPLY_TYPE_BLOCK_STATUS, cookie), typ
+                p = c.recv(n)
+                v = struct.unpack(f">{n // 4}I", p)
+                chunks[v[0]] = list(zip(v[1::2], v[2::2]))
+                if fl & nbd.REPLY_FLAG_DONE:
+                    return chunks
+
+        dirty = ids[f"qemu:dirty-bitmap:{srv.base}"]
+        got = status(1, 0, 3 * G, nbd.CMD_FLAG_REQ_ONE)
+        assert got[dirty] == [(G, 1)] and len(got[ids[nbd.BASE_ALLOCATION]]) == 1
+        got = status(2, 16 * G + 4096, 8 * G)  # unaligned start: granules 16-19 dirty, then clean
+        assert got[dirty] == [(4 * G - 4096, 1), (4 * G + 4096, 0)]  # cut at the request's end
+        c.send(req(nbd.CMD_BLOCK_STATUS, 3, SIZE - 4096, 8192))  # past the end
+        assert c.reply(3)[0] == nbd.EINVAL
+    finally:
+        c.close()
