@@ -24,7 +24,12 @@ caller a StartTLS event; `allowed=` (proxy mode) refuses names the policy
 denies with NBD_REP_ERR_POLICY and turns INFO/GO into ExportWanted events the
 caller answers with the export worker's own replies.
 
-Spec: NetworkBlockDevice/nbd doc/proto.md.
+Meta contexts: `base:allocation` always; with `dirty_bitmaps=` (snapshot exports of
+a tracked volume) also qemu's `qemu:dirty-bitmap:<name>` for each name it returns,
+asked afresh at every LIST/SET. `meta` holds the selection as (context id, name);
+the caller answers a BLOCK_STATUS with block_status_reply(), one chunk per context.
+
+Spec: NetworkBlockDevice/nbd doc/proto.md; qemu's contexts: qemu docs/interop/nbd.rst.
 """
 
 from __future__ import annotations

@@ -43,8 +43,19 @@ class DirtyBitmaps:
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
-        """The ids of the bases answerable now (every map m+1 .. n present)."""
-        return [trackmap.format_id(self.lineage, m) for m in self.bases if m in self._cache or self._maps_present(m)]
+        """The ids of the bases answerable now (every map m+1 .. n present, or the union cached)."""
+        if not self.bases:
+            return []
+        # Base m needs maps m+1 .. n: all bases at or above the newest missing map are fine.
+        # One stat per generation, newest first, down to the oldest base's.
+        floor = self.bases[0]
+        for g in range(self.gen, self.bases[0], -1):
+            if not self._map_present(g):
+                floor = g
+                break
+        with self._lock:
+            cached = set(self._cache)
+        return [trackmap.format_id(self.lineage, m) for m in self.bases if m >= floor or m in cached]
 
     def extents(self, name: str, offset: int, length: int) -> list[tuple[int, int]]:
         """(length, NBD_STATE_DIRTY or 0) from offset on, at most to offset+length."""
@@ -61,15 +72,12 @@ class DirtyBitmaps:
             raise OSError(errno.EINVAL, f"{name} is not a base this snapshot can answer")
         return parsed[1]
 
-    def _maps_present(self, m: int) -> bool:
-        for g in range(m + 1, self.gen + 1):
-            try:
-                st = os.stat(trackmap.map_name(g), dir_fd=self.dir_fd, follow_symlinks=False)
-            except OSError:
-                return False
-            if not stat.S_ISREG(st.st_mode) or st.st_size < self.map_len:
-                return False
-        return True
+    def _map_present(self, g: int) -> bool:
+        try:
+            st = os.stat(trackmap.map_name(g), dir_fd=self.dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size >= self.map_len
 
     def _union(self, m: int) -> bytes:
         with self._lock:
