@@ -657,7 +657,7 @@ class Server:
             elif cmd == nbd.CMD_CACHE:
                 backend.cache(req.offset, req.length)
             elif cmd == nbd.CMD_BLOCK_STATUS:
-                out.append(self._block_status(conn, req, backend))
+                out.append(_block_status(conn, req, backend))
                 return 0
             out.append(conn.simple_reply(req.cookie))
             return 0
@@ -669,22 +669,6 @@ class Server:
             out.append(conn.error_reply(req.cookie, code, f"{nbd.CMD_NAMES[cmd]}: {e.strerror or e}"))
             return 0
 
-
-    @staticmethod
-    def _block_status(conn: nbd.ServerConnection, req: nbd.Request, backend: Backend) -> bytes:
-        """One chunk per selected meta context; any failure (raised before anything is
-        queued) is an error reply for the whole request."""
-        chunks = []
-        for ctx_id, name in conn.meta:
-            if name == nbd.BASE_ALLOCATION:
-                ext = backend.extents(req.offset, req.length)
-            else:
-                ext = backend.dirty_extents(name[len(nbd.QEMU_DIRTY_BITMAP) :], req.offset, req.length)
-            chunks.append((ctx_id, ext))
-        try:
-            return conn.block_status_reply(req.cookie, req.length, bool(req.flags & nbd.CMD_FLAG_REQ_ONE), chunks)
-        except ValueError as e:
-            raise OSError(errno.EIO, str(e)) from None
 
     def _sendfile_read(self, conn: nbd.ServerConnection, req: nbd.Request, src: tuple[int, int], out: list, sock) -> None:
         """A large READ straight from the file. The data chunk's header leaves first, so
@@ -870,3 +854,19 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (OSError, ValueError):
         pass
+
+
+def _block_status(conn: nbd.ServerConnection, req: nbd.Request, backend: Backend) -> bytes:
+    """BLOCK_STATUS: one chunk per selected meta context (base:allocation, qemu:dirty-bitmap:*).
+    Any failure is raised before anything is queued: an error reply for the whole request."""
+    chunks = []
+    for ctx_id, name in conn.meta:
+        if name == nbd.BASE_ALLOCATION:
+            ext = backend.extents(req.offset, req.length)
+        else:
+            ext = backend.dirty_extents(name[len(nbd.QEMU_DIRTY_BITMAP) :], req.offset, req.length)
+        chunks.append((ctx_id, ext))
+    try:
+        return conn.block_status_reply(req.cookie, req.length, bool(req.flags & nbd.CMD_FLAG_REQ_ONE), chunks)
+    except ValueError as e:
+        raise OSError(errno.EIO, str(e)) from None
