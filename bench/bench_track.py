@@ -53,6 +53,15 @@ CHANGED = 0.05
 GRANULE = 64 * 1024
 
 
+def configured(f: Fssd, daemon_line: str = "") -> Fssd:
+    """The generated config with volume `off` untracked (and one more [daemon] key)."""
+    text = f.config.read_text().replace('name = "off"\n', 'name = "off"\ntrack = false\n', 1)
+    if daemon_line:
+        text = text.replace("[daemon]\n", f"[daemon]\n{daemon_line}\n", 1)
+    f.config.write_text(text)
+    return f
+
+
 def sha256_stream(argv: list[str]) -> str:
     """sha256 of a command's standard output, read in 1 MiB pieces (never all in memory)."""
     h = hashlib.sha256()
@@ -221,7 +230,7 @@ class Bench:
                 make_random_image(p, GiB)
             with open(big, "wb") as f:  # sparse, never written
                 f.truncate(1 << 40)
-            self.fssd = Fssd(self.scratch, [("on", str(on), None), ("off", str(off), None, "track = false"), ("big", str(big), None)]).start()
+            self.fssd = configured(Fssd(self.scratch, [("on", str(on), None), ("off", str(off), None), ("big", str(big), None)])).start()
             print('live writes, tracking on vs off, durability = "power":', flush=True)
             self.writes()
             print("barriers:", flush=True)
@@ -229,8 +238,8 @@ class Bench:
             print("incremental backup:", flush=True)
             self.incremental()
             self.fssd.stop()
-            self.fssd = Fssd(self.scratch, [("on", str(on), None), ("off", str(off), None, "track = false")], tag="process",
-                             daemon=['durability = "process"']).start()
+            self.fssd = configured(Fssd(self.scratch, [("on", str(on), None), ("off", str(off), None)], tag="process"),
+                                   'durability = "process"').start()
             print('live writes, tracking on vs off, durability = "process":', flush=True)
             self.writes(" p")
             self.report()

@@ -122,22 +122,22 @@ def make_random_image(path: Path, size: int, seed_bytes: int = 16 * MiB) -> None
 
 
 class Fssd:
-    """fssd on a generated config; volumes = [(name, path, size_or_None[, extra TOML line ...])]."""
+    """fssd on a generated config; volumes = [(name, path, size_or_None)]."""
 
     def __init__(self, scratch: Scratch, volumes: list[tuple[str, str, str | None]], devices: int = 4, tag: str = "fssd",
-                 env: dict | None = None, daemon: list[str] = ()):
+                 env: dict | None = None):
         self.env = {**os.environ, **(env or {})}  # e.g. PYTHONPATH of a patched tree, for A/B experiments
         self.dir = scratch.tmp / tag
         self.dir.mkdir()
         self.rundir = self.dir / "run"
         self.config = self.dir / "fssd.toml"
         self.log = self.dir / "fssd.log"
-        lines = ["[daemon]", f'rundir = "{self.rundir}"', f'statedir = "{self.dir / "state"}"', f"devices = {devices}", *daemon, ""]
-        for name, path, size, *extra in volumes:  # extra: TOML lines for that volume, e.g. "track = false"
+        lines = ["[daemon]", f'rundir = "{self.rundir}"', f'statedir = "{self.dir / "state"}"', f"devices = {devices}", ""]
+        for name, path, size in volumes:
             lines += ["[[volume]]", f'name = "{name}"', f'path = "{path}"']
             if size:
                 lines.append(f'size = "{size}"')
-            lines += [*extra, ""]
+            lines.append("")
         lines += ["[vss]", "enabled = false", ""]
         self.config.write_text("\n".join(lines))
         self.proc: subprocess.Popen | None = None
