@@ -227,3 +227,40 @@ def test_descriptors_are_capped(monkeypatch):
 def test_no_extent_is_an_error_not_a_clean_report():
     with pytest.raises(ValueError):
         connection().block_status_reply(7, 4096, False, [(1, [(4096, 0)]), (2, [])])
+
+
+# == the TCP front's question to a worker (ipc/nbdclient.ContextList) =============================
+
+
+def converse(client, server: ServerConnection) -> None:
+    """Run a sans-IO client against a sans-IO server until neither has bytes to send."""
+    client.receive_data(server.greeting())
+    for _ in range(10):
+        out = client.data_to_send()
+        if not out:
+            return
+        server.receive_data(out)
+        server.events()
+        back = server.data_to_send()
+        if back:
+            client.receive_data(back)
+
+
+def test_context_list_learns_what_the_worker_offers():
+    from ipc.nbdclient import ContextList
+
+    offered = {"fss1": [A1, A2]}
+    srv = ServerConnection([SNAP], dirty_bitmaps=lambda name: offered[name])
+    cl = ContextList("fss1", DB)
+    converse(cl, srv)
+    assert cl.result == [DB + A1, DB + A2]
+    assert srv.state is nbd.State.CLOSED  # it said ABORT
+
+
+def test_context_list_of_an_unknown_export_fails():
+    from ipc.nbdclient import ContextList, HandshakeFailed
+
+    srv = ServerConnection([SNAP], dirty_bitmaps=lambda name: [A1])
+    cl = ContextList("nope", DB)
+    with pytest.raises(HandshakeFailed):
+        converse(cl, srv)

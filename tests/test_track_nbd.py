@@ -10,6 +10,7 @@ and the base stays answerable after fss0 is unconfigured.
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 from pathlib import Path
 
@@ -54,6 +55,12 @@ def as_ranges(granules: set[int]) -> list[tuple[int, int]]:
 def srv(tmp_path_factory):
     shm = Path(tempfile.mkdtemp(prefix="fssd-test-tracknbd-", dir="/dev/shm"))
     f = Fssd(tmp_path_factory.mktemp("tracknbd") / "i0", [{"name": "data", "path": str(shm / "data.img"), "size": "64M"}])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        f.port = s.getsockname()[1]
+    # A plain-TCP front too: remote clients must see the same contexts (TLS changes nothing here).
+    f.config.write_text(f.config.read_text() + f'\n[[listen]]\naddress = "127.0.0.1:{f.port}"\ntls = "off"\n'
+                        'allow = [{ client = "127.0.0.1", exports = ["fss*"] }]\n')
     with running(f, shm):
         qemu_io(f.uri("data"), "write -P 0x5a 0 8M")
         f.fssconfig("fss0", "data", str(shm / "bs0"))
@@ -190,3 +197,27 @@ def test_one_request_answers_both_contexts_from_the_worker(srv):
         assert c.reply(3)[0] == nbd.EINVAL
     finally:
         c.close()
+
+
+def test_the_tcp_front_offers_the_same_contexts(srv):
+    uri = f"nbd://127.0.0.1:{srv.port}/fss1"
+    (exp,) = json.loads(run("nbdinfo", "--json", uri).stdout)["exports"]
+    assert exp["contexts"] == ["base:allocation", f"qemu:dirty-bitmap:{srv.base}"]
+    got = json.loads(run("nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{srv.base}", uri).stdout)
+    dirty = [(e["offset"], e["length"]) for e in got if e["type"] & 1]
+    assert merged(dirty) == as_ranges(changed_granules())
+    # Both contexts at once through the relay: qemu-img's x-dirty-bitmap over TCP.
+    p = run("qemu-img", "map", "--output=json", "--image-opts",
+            f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={srv.port},export=fss1,"
+            f"x-dirty-bitmap=qemu:dirty-bitmap:{srv.base}")
+    assert [(e["start"], e["length"]) for e in json.loads(p.stdout) if not e["data"]] == as_ranges(changed_granules())
+
+
+def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for o, n in ranges:
+        if out and sum(out[-1]) == o:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((o, n))
+    return out

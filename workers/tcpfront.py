@@ -45,7 +45,7 @@ import msgspec
 from ipc import listenpolicy, names, nbd, workermsg
 from ipc.channel import Channel
 from ipc.listenpolicy import Client, ListenSection
-from ipc.nbdclient import ClientHandshake, HandshakeFailed
+from ipc.nbdclient import ClientHandshake, ContextList, HandshakeFailed
 from workers import relay, spawned
 from workers.tlsstream import PlainStream, Timeout, TLSStream
 
@@ -264,7 +264,8 @@ class Front:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             deadline = time.monotonic() + listen.handshake_timeout
             state = {"client": client}
-            conn = nbd.ServerConnection([], tls=ctx is not None, allowed=lambda name: listenpolicy.allowed(listen.allow, state["client"], name))
+            conn = nbd.ServerConnection([], tls=ctx is not None, allowed=lambda name: listenpolicy.allowed(listen.allow, state["client"], name),
+                                        dirty_bitmaps=lambda name: self._dirty_bitmaps(name, deadline))
             if ctx is None or not listen.verify_peer:
                 # Known by address alone: counted now.
                 refusal = self._claim(client, listen)
@@ -350,6 +351,31 @@ class Front:
             self._warn_tls(addr[0], logging.WARNING, "%s: TLS handshake with %s failed: %s", self.listen.address, _fmt(addr), getattr(e, "verify_message", None) or getattr(e, "reason", None) or e)
             raise _Closed("") from None
 
+    def _dirty_bitmaps(self, name: str, deadline: float) -> list[str]:
+        """The qemu:dirty-bitmap contexts a snapshot's worker offers now (its own LIST answer),
+        so a remote client can select them as a local one can; [] if it cannot say."""
+        if not listenpolicy.is_snapshot(name):
+            return []
+        u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            u.settimeout(max(0.001, deadline - time.monotonic()))
+            u.connect(names.export_socket(self.rundir, name))
+            cl = ContextList(name, nbd.QEMU_DIRTY_BITMAP)
+            while cl.result is None:
+                data = u.recv(HS_CHUNK)
+                if not data:
+                    raise HandshakeFailed("the worker closed the connection")
+                cl.receive_data(data)
+                out = cl.data_to_send()
+                if out:
+                    u.sendall(out)
+            return [c[len(nbd.QEMU_DIRTY_BITMAP) :] for c in cl.result if c.startswith(nbd.QEMU_DIRTY_BITMAP)]
+        except (HandshakeFailed, OSError) as e:
+            log.debug("%s: cannot list the dirty bitmaps of %s: %s", self.listen.address, name, e)
+            return []
+        finally:
+            u.close()
+
     def _open_export(self, conn: nbd.ServerConnection, ev: nbd.ExportWanted, deadline: float):
         """Connect to the export's worker and replay the negotiation; (socket or None, replies, Export or None)."""
         path = names.export_socket(self.rundir, ev.name)
@@ -366,7 +392,7 @@ class Front:
             except OSError as e:
                 u.close()
                 return None, nbd.option_reply(ev.opt, nbd.REP_ERR_SHUTDOWN, f"export {ev.name!r} is not available: {e.strerror}"), None
-            meta = [nbd.BASE_ALLOCATION] if conn.meta_base_allocation else []
+            meta = [name for _, name in conn.meta]
             hs = ClientHandshake(ev.name, ev.opt, ev.info, conn.structured, meta, read_only=listenpolicy.is_snapshot(ev.name))
             while hs.result is None:
                 u.settimeout(max(0.001, deadline - time.monotonic()))
@@ -378,8 +404,9 @@ class Front:
                 if out:
                     u.sendall(out)
             res = hs.result
-            if meta and res.meta_ids.get(nbd.BASE_ALLOCATION) != nbd.BASE_ALLOCATION_ID:
-                raise HandshakeFailed(f"the worker chose meta context id {res.meta_ids.get(nbd.BASE_ALLOCATION)}")
+            for ctx_id, name in conn.meta:  # the ids the client was told are the ones the worker will use
+                if res.meta_ids.get(name) != ctx_id:
+                    raise HandshakeFailed(f"the worker chose meta context id {res.meta_ids.get(name)} for {name}, not {ctx_id}")
             if ev.opt == nbd.OPT_GO and res.ok:
                 u.settimeout(None)
                 return u, res.replies, nbd.Export(ev.name, res.size, bool(res.flags & nbd.TF_READ_ONLY))
