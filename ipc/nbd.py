@@ -708,7 +708,11 @@ class ServerConnection:
         if exp is None:
             self._opt_reply(opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
             return True
-        available = self.available_contexts(exp)
+        # Bitmaps are asked for only when a query could match one (a front asks the worker).
+        if (opt == OPT_LIST_META_CONTEXT and not queries) or any(q.startswith("qemu:") for q in queries):
+            available = self.available_contexts(exp)
+        else:
+            available = [BASE_ALLOCATION]
         if opt == OPT_LIST_META_CONTEXT:
             # No query: everything. A namespace wildcard lists what it covers; an exact
             # name lists itself if offered; anything else (unknown namespaces) nothing.

@@ -264,3 +264,18 @@ def test_context_list_of_an_unknown_export_fails():
     cl = ContextList("nope", DB)
     with pytest.raises(HandshakeFailed):
         converse(cl, srv)
+
+
+def test_bitmaps_are_asked_for_only_when_a_query_could_match_one():
+    asked = []
+    conn = ServerConnection([SNAP], dirty_bitmaps=lambda name: asked.append(name) or [A1])
+    conn.receive_data(struct.pack(">I", 3) + opt(nbd.OPT_STRUCTURED_REPLY))
+    conn.events()
+    conn.data_to_send()
+    assert [n for _, n in ask(conn, nbd.OPT_SET_META_CONTEXT, meta_data("fss1", nbd.BASE_ALLOCATION))] == [nbd.BASE_ALLOCATION]
+    ask(conn, nbd.OPT_LIST_META_CONTEXT, meta_data("fss1", "base:"))
+    assert asked == []
+    ask(conn, nbd.OPT_LIST_META_CONTEXT, meta_data("fss1"))
+    ask(conn, nbd.OPT_SET_META_CONTEXT, meta_data("fss1", nbd.BASE_ALLOCATION, DB + A1))
+    assert asked == ["fss1", "fss1"]
+    assert dict((n, i) for i, n in conn.meta) == {nbd.BASE_ALLOCATION: 1, DB + A1: 2}
