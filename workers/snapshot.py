@@ -169,7 +169,6 @@ class SnapshotBackend:
             pos = end
         return out
 
-
     # The qemu:dirty-bitmap contexts (workers/dirtybitmaps.py): changes since earlier snapshots.
     def dirty_bitmaps(self) -> list[str]:
         return self.bitmaps.names() if self.bitmaps is not None else []
