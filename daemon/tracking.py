@@ -346,7 +346,10 @@ class VolumeTrack:
                 raw = os.pread(fd, trackmap.map_len(size), 0)
             finally:
                 os.close(fd)
-            maps.append(raw.ljust(trackmap.map_len(size), b"\x00"))
+            if len(raw) != trackmap.map_len(size) or raw.translate(None, b"\x00\x01"):
+                # Never read as "nothing changed": only 0s and 1s, the whole length.
+                raise TrackError(errno.EIO, f"the change map of generation {g} is damaged; the next backup must be full")
+            maps.append(raw)
         return trackmap.changed_ranges(trackmap.union(maps), size)
 
 

@@ -46,8 +46,15 @@ class ChangeMap:
         self.group: GroupCommit | None = None
         if sync:
             self.seen = mmap.mmap(-1, n)  # zero pages until touched: O(1) whatever the volume size
-            if not fresh:  # a restarted worker: what is on disk is durable already
-                self.seen[:] = self.file[:]
+            if not fresh:
+                # A restarted worker: a killed predecessor may have written marks it never
+                # synced. Synced now, before `seen` trusts them (a writer finding a granule
+                # marked there goes straight to the volume).
+                try:
+                    os.fdatasync(fd)
+                    self.seen[:] = self.file[:]
+                except OSError as e:  # then nothing is trusted: each granule is marked (and synced) anew
+                    log.warning("could not sync the change map of generation %d: %s", gen, e)
             self.group = GroupCommit(self._sync)
         else:
             self.seen = self.file
