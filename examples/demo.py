@@ -119,7 +119,7 @@ def main() -> int:
     mnt.mkdir()
     config = base / "fssd.toml"
     config.write_text(
-        f'[daemon]\nrundir = "{run}"\n\n[[volume]]\nname = "demo"\npath = "{base}/demo.img"\n'
+        f'[daemon]\nrundir = "{run}"\nstatedir = "{base}/state"\n\n[[volume]]\nname = "demo"\npath = "{base}/demo.img"\n'
         f'size = "256M"\nmountpoint = "{mnt}"\n\n[vss]\ntimeout = 5\nfreeze_max = 5\n'
     )
     env = {**os.environ, "FSSD_RUNDIR": str(run)}
