@@ -158,16 +158,18 @@ class ClientHandshake:
 
 class ContextList:
     """Asks an export's worker which meta contexts match `query` (NBD_OPT_LIST_META_CONTEXT
-    after structured replies), then says NBD_OPT_ABORT: how the TCP front learns which
-    qemu:dirty-bitmap contexts a snapshot offers, to offer the same ones.
+    after structured replies), then (abort=True) says NBD_OPT_ABORT: how the TCP front learns
+    which qemu:dirty-bitmap contexts a snapshot offers, to offer the same ones. With
+    abort=False the connection stays in the option phase for the caller to close later.
 
         cl = ContextList("fss1", "qemu:dirty-bitmap:")
         cl.receive_data(sock.recv(...)); sock.sendall(cl.data_to_send()) ... until cl.result is not None
     """
 
-    def __init__(self, export: str, query: str):
+    def __init__(self, export: str, query: str, abort: bool = True):
         self.export = export
         self.query = query
+        self.abort = abort
         self.result: list[str] | None = None
         self._buf = bytearray()
         self._out: list[bytes] = []
@@ -197,7 +199,8 @@ class ContextList:
             self._out.append(_U32.pack(nbd.FLAG_FIXED_NEWSTYLE | (flags & nbd.FLAG_NO_ZEROES)))
             self._out.append(_option(nbd.OPT_STRUCTURED_REPLY))
             self._out.append(_option(nbd.OPT_LIST_META_CONTEXT, _name(self.export) + _U32.pack(1) + _name(self.query)))
-            self._out.append(_option(nbd.OPT_ABORT))
+            if self.abort:
+                self._out.append(_option(nbd.OPT_ABORT))
         while self.result is None and len(self._buf) >= _REPLY.size:
             magic, opt, rep, length = _REPLY.unpack_from(self._buf)
             if magic != nbd.OPT_REPLY_MAGIC or length > nbd.MAX_OPTION:

@@ -221,3 +221,18 @@ def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((o, n))
     return out
+
+
+def test_a_snapshot_unconfigured_on_close_survives_the_fronts_questions(srv):
+    """nbdinfo lists the meta contexts (the front asks the worker) and then opens the export:
+    the worker must never see its client count drop to 0 in between, or `-c` unconfigures it."""
+    from fsshelp import wait_for
+
+    srv.fssconfig("-c", "fss3", "data", str(srv.shm / "bs3"))
+    try:
+        (exp,) = json.loads(run("nbdinfo", "--json", f"nbd://127.0.0.1:{srv.port}/fss3").stdout)["exports"]
+        assert exp["contexts"][0] == "base:allocation" and len(exp["contexts"]) >= 2
+        # After the client is gone, -c does its job.
+        wait_for(lambda: "not in use" in srv.fssconfig("-l", "fss3").stdout, 15, "fss3 unconfigured on close")
+    finally:
+        srv.fssconfig("-u", "fss3", check=False)
