@@ -10,6 +10,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PACKAGES := libnbd-bin nbdfuse qemu-utils fuse3 e2fsprogs xfsprogs util-linux kmod procps systemd udev nbd-client fio mandoc python3-venv openssl
 BENCH_PACKAGES := nbdkit fio qemu-system-common
+DEMO_PACKAGES := nbdkit
 STAMP_APT := $(VENV)/.apt-stamp
 STAMP_VENV := $(VENV)/.venv-stamp
 
@@ -41,6 +42,8 @@ test: deps venv
 	$(VPY) -m pytest -q
 
 demo: deps venv
+	@missing=""; for p in $(DEMO_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 	$(VPY) -m examples.demo
 
 bench: deps venv

@@ -9,6 +9,8 @@
 #   bench_vss.py   VSS freeze window and queue round trip (its own output)
 #   bench_tls.py   issue 13: TLS reads vs qemu-nbd --tls-creds; plain TCP vs Unix socket
 #   bench_suspend.py  issue 14: the suspend window of a plain fssconfig (its own output)
+#   bench_track.py issue 12: live writes with change tracking on vs off, the barrier
+#                  at 1 GiB / 1 TiB, an incremental backup (5% changed) vs a full nbdcopy
 #
 # Every process the bench scripts start is recorded (pid, /dev/shm names) in a
 # registry; the trap below stops what is still alive by pid and removes the
@@ -86,6 +88,8 @@ step "issue 13: NBD over TLS vs qemu-nbd --tls-creds, plain TCP vs the Unix sock
     "$PY" bench/bench_tls.py --runs "$RUNS"
 step "issue 14: suspend window around the barrier, ext4 through nbdfuse + loop" \
     "$PY" bench/bench_suspend.py --rounds $((RUNS * 5))
+step "issue 12: change tracking on vs off, barrier, incremental backup vs full nbdcopy (median of $RUNS)" \
+    "$PY" bench/bench_track.py --runs "$RUNS"
 
 echo
 echo "== summary ($(( $(date +%s) - t0 )) s)"

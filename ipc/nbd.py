@@ -24,7 +24,12 @@ caller a StartTLS event; `allowed=` (proxy mode) refuses names the policy
 denies with NBD_REP_ERR_POLICY and turns INFO/GO into ExportWanted events the
 caller answers with the export worker's own replies.
 
-Spec: NetworkBlockDevice/nbd doc/proto.md.
+Meta contexts: `base:allocation` always; with `dirty_bitmaps=` (snapshot exports of
+a tracked volume) also qemu's `qemu:dirty-bitmap:<name>` for each name it returns,
+asked afresh at every LIST/SET. `meta` holds the selection as (context id, name);
+the caller answers a BLOCK_STATUS with block_status_reply(), one chunk per context.
+
+Spec: NetworkBlockDevice/nbd doc/proto.md; qemu's contexts: qemu docs/interop/nbd.rst.
 """
 
 from __future__ import annotations
@@ -131,6 +136,16 @@ STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
 BASE_ALLOCATION = "base:allocation"
 BASE_ALLOCATION_ID = 1
+# qemu's dirty-bitmap contexts (qemu docs/interop/nbd.rst): `qemu:dirty-bitmap:<bitmap>`,
+# status bit 0 set = dirty. Here a bitmap is named by the id of the earlier snapshot
+# it counts changes from. They get context ids from 2 on, in the order offered.
+QEMU_DIRTY_BITMAP = "qemu:dirty-bitmap:"
+STATE_DIRTY = 1 << 0
+# Wildcard queries LIST_META_CONTEXT expands (the empty leaf name lists the namespace;
+# in SET they select nothing, as the spec recommends and qemu does).
+_META_WILDCARDS = ("base:", "qemu:", QEMU_DIRTY_BITMAP)
+# At most this many descriptors in one BLOCK_STATUS chunk (spec: SHOULD NOT send more than 2^20).
+MAX_EXTENTS = 1 << 20
 
 # --- limits (each with its precedent) -----------------------------------------
 
@@ -249,6 +264,8 @@ class State(enum.Enum):
 
 
 Lookup = Callable[[str], "Export | None"]
+# The dirty bitmaps an export offers right now (bitmap names, without the context prefix).
+Bitmaps = Callable[[str], "list[str]"]
 
 
 class ServerConnection:
@@ -261,6 +278,7 @@ class ServerConnection:
         refusal: str | None = None,
         tls: bool = False,
         allowed: Callable[[str], bool] | None = None,
+        dirty_bitmaps: Bitmaps | None = None,
     ):
         """zero_copy: WRITE payloads are memoryviews into the receive buffer, valid
         until the next receive_buffer()/receive_data() call (the serving loop's
@@ -276,7 +294,10 @@ class ServerConnection:
         allowed: proxy mode (a front that relays to the export's own worker): a name
         this predicate refuses is answered NBD_REP_ERR_POLICY wherever an option names
         it; `exports` (set_exports()) are those the client may open that exist, so LIST
-        shows only those; INFO and GO come out as ExportWanted for the caller to answer."""
+        shows only those; INFO and GO come out as ExportWanted for the caller to answer.
+
+        dirty_bitmaps: for an export name, the dirty bitmaps it offers now; each is
+        the meta context `qemu:dirty-bitmap:<name>` next to base:allocation."""
         self._exports = {e.name: e for e in exports}
         self.zero_copy = zero_copy
         self.refusal = refusal
@@ -288,7 +309,10 @@ class ServerConnection:
         self.export: Export | None = None
         self.structured = False
         self.no_zeroes = False
-        self.meta_base_allocation = False
+        self.dirty_bitmaps = dirty_bitmaps
+        # The selected meta contexts as (context id, name), and the export they were selected on.
+        self.meta: tuple[tuple[int, str], ...] = ()
+        self._meta_export: str | None = None
         self.options_seen = 0
         self._buf = mmap.mmap(-1, RECV_BUFFER)
         self._mv = memoryview(self._buf)
@@ -480,14 +504,14 @@ class ServerConnection:
             if opt == OPT_EXPORT_NAME:
                 raise _Fatal("NBD_OPT_EXPORT_NAME before TLS (TLS is required)")
             if opt == OPT_SET_META_CONTEXT:
-                self.meta_base_allocation = False
+                self.meta = ()
             self._opt_reply(opt, REP_ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS first")
             return True
         if self.refusal is not None and opt not in (OPT_ABORT, OPT_STRUCTURED_REPLY, OPT_STARTTLS):
             if opt == OPT_EXPORT_NAME:
                 raise _Fatal(self.refusal)  # EXPORT_NAME has no way to say no
             if opt == OPT_SET_META_CONTEXT:
-                self.meta_base_allocation = False
+                self.meta = ()
             self._opt_reply(opt, REP_ERR_POLICY, self.refusal.encode()[:MAX_STRING])
             return True
         handler = self._OPTION_HANDLERS.get(opt)
@@ -534,6 +558,8 @@ class ServerConnection:
         return self._start(exp)
 
     def _start(self, exp: Export) -> Ready:
+        if self._meta_export != exp.name:
+            self.meta = ()  # contexts count only for the export they were selected on (spec)
         self.export = exp
         self.state = State.TRANSMISSION
         read_flags = CMD_FLAG_FUA | (CMD_FLAG_DF if self.structured else 0)
@@ -583,7 +609,7 @@ class ServerConnection:
         if self.allowed is None or name is None or self.allowed(name):
             return None
         if opt == OPT_SET_META_CONTEXT:
-            self.meta_base_allocation = False
+            self.meta = ()
         self._opt_reply(opt, REP_ERR_POLICY, f"export {name!r} is not available to this client".encode()[:MAX_STRING])
         return PolicyRefused(opt, name)
 
@@ -649,11 +675,24 @@ class ServerConnection:
             self._opt_reply(opt, REP_ACK)
         return True
 
+    @property
+    def meta_base_allocation(self) -> bool:
+        """base:allocation is among the selected meta contexts."""
+        return any(name == BASE_ALLOCATION for _, name in self.meta)
+
+    def available_contexts(self, exp: Export) -> list[str]:
+        """Every meta context `exp` offers now, base:allocation first; a context's id
+        (when selected) is its index here + 1."""
+        names = [BASE_ALLOCATION]
+        if self.dirty_bitmaps is not None:
+            names += [QEMU_DIRTY_BITMAP + b for b in self.dirty_bitmaps(exp.name)]
+        return names
+
     def _opt_meta_context(self, opt: int, data: bytes):
         if opt == OPT_SET_META_CONTEXT:
             # SET replaces the selection "including when this command fails" (spec):
             # whatever happens below, what an earlier SET chose is gone.
-            self.meta_base_allocation = False
+            self.meta = ()
         if opt == OPT_SET_META_CONTEXT and not self.structured:
             self._opt_reply(opt, REP_ERR_INVALID, b"NBD_OPT_SET_META_CONTEXT needs structured replies first")
             return True
@@ -665,16 +704,28 @@ class ServerConnection:
         refused = self._refused_by_policy(opt, name)
         if refused is not None:
             return refused
-        if self._lookup(name) is None:
+        exp = self._lookup(name)
+        if exp is None:
             self._opt_reply(opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
             return True
-        if opt == OPT_LIST_META_CONTEXT:
-            if not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries):
-                self._opt_reply(opt, REP_META_CONTEXT, _U32.pack(0) + BASE_ALLOCATION.encode())
+        # Bitmaps are asked for only when a query could match one (a front asks the worker).
+        if (opt == OPT_LIST_META_CONTEXT and not queries) or any(q.startswith("qemu:") for q in queries):
+            available = self.available_contexts(exp)
         else:
-            self.meta_base_allocation = BASE_ALLOCATION in queries
-            if self.meta_base_allocation:
-                self._opt_reply(opt, REP_META_CONTEXT, _U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode())
+            available = [BASE_ALLOCATION]
+        if opt == OPT_LIST_META_CONTEXT:
+            # No query: everything. A namespace wildcard lists what it covers; an exact
+            # name lists itself if offered; anything else (unknown namespaces) nothing.
+            for ctx in available:
+                if not queries or any(q == ctx or (q in _META_WILDCARDS and ctx.startswith(q)) for q in queries):
+                    self._opt_reply(opt, REP_META_CONTEXT, _U32.pack(0) + ctx.encode())  # LIST ids are 0
+        else:
+            # Exact names only; each selected once, whatever the queries repeat.
+            wanted = set(queries)
+            self.meta = tuple((i + 1, ctx) for i, ctx in enumerate(available) if ctx in wanted)
+            self._meta_export = exp.name
+            for ctx_id, ctx in self.meta:
+                self._opt_reply(opt, REP_META_CONTEXT, _U32.pack(ctx_id) + ctx.encode())
         self._opt_reply(opt, REP_ACK)
         return True
 
@@ -771,7 +822,7 @@ class ServerConnection:
             if cmd in (CMD_WRITE, CMD_WRITE_ZEROES):
                 return ENOSPC, f"{name}: {offset}+{length} is past the end ({exp.size})"
             return EINVAL, f"{name}: {offset}+{length} is past the end ({exp.size})"
-        if cmd == CMD_BLOCK_STATUS and not self.meta_base_allocation:
+        if cmd == CMD_BLOCK_STATUS and not self.meta:
             return EINVAL, "BLOCK_STATUS: no metadata context was negotiated"
         if flags & CMD_FLAG_FAST_ZERO and flags & CMD_FLAG_NO_HOLE:
             # We zero fast only by punching holes; NO_HOLE forbids that.
@@ -805,10 +856,43 @@ class ServerConnection:
             return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, len(payload)) + payload
         return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
-    def block_status_reply(self, cookie: int, extents: list[tuple[int, int]]) -> bytes:
-        """One BLOCK_STATUS chunk for base:allocation: extents of (length, flags)."""
-        payload = _U32.pack(BASE_ALLOCATION_ID) + b"".join(struct.pack(">II", n, f) for n, f in extents)
-        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len(payload)) + payload
+    def block_status_reply(self, cookie: int, length: int, req_one: bool, chunks: list[tuple[int, list[tuple[int, int]]]]) -> bytes:
+        """The reply to a BLOCK_STATUS of `length` bytes: one chunk per selected context,
+        `chunks` = [(context id, extents as (length, flags))], the extents starting at the
+        request's offset. Held to the spec's rules: each chunk has at least one descriptor,
+        covers at most the request (the last one cut at its end; with REQ_ONE exactly one
+        descriptor), neighbours with equal flags merged, at most MAX_EXTENTS descriptors.
+        ValueError if a context has no extent (nothing safe to say: a dirty bitmap must
+        never report clean by default)."""
+        out = []
+        last = len(chunks) - 1
+        for i, (ctx_id, extents) in enumerate(chunks):
+            desc = _descriptors(extents, length, 1 if req_one else MAX_EXTENTS)
+            if not desc:
+                raise ValueError(f"no extents for meta context {ctx_id}")
+            payload = _U32.pack(ctx_id) + struct.pack(f">{2 * len(desc)}I", *(v for d in desc for v in d))
+            out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if i == last else 0, REPLY_TYPE_BLOCK_STATUS, cookie, len(payload)) + payload)
+        return b"".join(out)
+
+
+def _descriptors(extents: list[tuple[int, int]], length: int, most: int) -> list[tuple[int, int]]:
+    """Extents merged and cut to the first `length` bytes, at most `most` of them."""
+    out: list[list[int]] = []
+    covered = 0
+    for n, flags in extents:
+        if n <= 0:
+            continue
+        n = min(n, length - covered)
+        if out and out[-1][1] == flags:
+            out[-1][0] += n
+        elif len(out) == most:
+            break
+        else:
+            out.append([n, flags])
+        covered += n
+        if covered >= length:
+            break
+    return [(n, f) for n, f in out]
 
 
 class _Fatal(Exception):

@@ -154,3 +154,71 @@ class ClientHandshake:
     def abort(self) -> bytes:
         """NBD_OPT_ABORT, to end an INFO-only connection politely."""
         return _option(nbd.OPT_ABORT)
+
+
+class ContextList:
+    """Asks an export's worker which meta contexts match `query` (NBD_OPT_LIST_META_CONTEXT
+    after structured replies), then (abort=True) says NBD_OPT_ABORT: how the TCP front learns
+    which qemu:dirty-bitmap contexts a snapshot offers, to offer the same ones. With
+    abort=False the connection stays in the option phase for the caller to close later.
+
+        cl = ContextList("fss1", "qemu:dirty-bitmap:")
+        cl.receive_data(sock.recv(...)); sock.sendall(cl.data_to_send()) ... until cl.result is not None
+    """
+
+    def __init__(self, export: str, query: str, abort: bool = True):
+        self.export = export
+        self.query = query
+        self.abort = abort
+        self.result: list[str] | None = None
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._greeted = False
+        self._names: list[str] = []
+        self._structured = False
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes) -> None:
+        if self.result is not None:
+            return  # the ABORT's ACK, or nothing: the caller closes
+        self._buf += data
+        if len(self._buf) > MAX_REPLIES_BYTES + 20:
+            raise HandshakeFailed("the worker's meta context list is too long")
+        if not self._greeted:
+            if len(self._buf) < _GREETING.size:
+                return
+            magic, ihaveopt, flags = _GREETING.unpack_from(self._buf)
+            if magic != nbd.NBDMAGIC or ihaveopt != nbd.IHAVEOPT or not flags & nbd.FLAG_FIXED_NEWSTYLE:
+                raise HandshakeFailed("the worker did not greet with fixed newstyle")
+            del self._buf[: _GREETING.size]
+            self._greeted = True
+            self._out.append(_U32.pack(nbd.FLAG_FIXED_NEWSTYLE | (flags & nbd.FLAG_NO_ZEROES)))
+            self._out.append(_option(nbd.OPT_STRUCTURED_REPLY))
+            self._out.append(_option(nbd.OPT_LIST_META_CONTEXT, _name(self.export) + _U32.pack(1) + _name(self.query)))
+            if self.abort:
+                self._out.append(_option(nbd.OPT_ABORT))
+        while self.result is None and len(self._buf) >= _REPLY.size:
+            magic, opt, rep, length = _REPLY.unpack_from(self._buf)
+            if magic != nbd.OPT_REPLY_MAGIC or length > nbd.MAX_OPTION:
+                raise HandshakeFailed("malformed option reply from the worker")
+            if len(self._buf) < _REPLY.size + length:
+                return
+            payload = bytes(self._buf[_REPLY.size : _REPLY.size + length])
+            del self._buf[: _REPLY.size + length]
+            if opt == nbd.OPT_STRUCTURED_REPLY and not self._structured:
+                if rep != nbd.REP_ACK:
+                    raise HandshakeFailed(f"the worker refused structured replies ({rep:#x})")
+                self._structured = True
+            elif opt == nbd.OPT_LIST_META_CONTEXT and self._structured:
+                if rep == nbd.REP_META_CONTEXT and len(payload) > 4:
+                    self._names.append(payload[4:].decode(errors="replace"))
+                elif rep == nbd.REP_ACK:
+                    self.result = self._names
+                else:
+                    raise HandshakeFailed(f"the worker refused to list meta contexts ({rep:#x})")
+            else:
+                raise HandshakeFailed(f"unexpected reply to option {opt}")

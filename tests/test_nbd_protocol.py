@@ -751,7 +751,7 @@ def test_structured_error_message_is_bounded_and_stays_utf8():
 
 def test_block_status_reply_layout():
     conn = transmission(meta=True)
-    r = conn.block_status_reply(9, [(4096, 0), (8192, nbd.STATE_HOLE | nbd.STATE_ZERO)])
+    r = conn.block_status_reply(9, 3 * 4096, False, [(nbd.BASE_ALLOCATION_ID, [(4096, 0), (8192, nbd.STATE_HOLE | nbd.STATE_ZERO)])])
     magic, flags, typ, cookie, length = struct.unpack_from(">IHHQI", r)
     assert (magic, flags, typ, cookie, length) == (0x668E33EF, 1, 5, 9, 4 + 2 * 8)
     assert struct.unpack_from(">IIIII", r, 20) == (nbd.BASE_ALLOCATION_ID, 4096, 0, 8192, 3)

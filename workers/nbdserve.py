@@ -112,7 +112,12 @@ class Backend(Protocol):
     def trim(self, offset: int, length: int, fua: bool) -> None: ...
     def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None: ...
     def cache(self, offset: int, length: int) -> None: ...
-    def extents(self, offset: int, length: int) -> list[tuple[int, int]]: ...
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation: (length, NBD_STATE_* flags) from offset on."""
+
+    # Optional (snapshot exports with change tracking): the qemu:dirty-bitmap contexts.
+    # dirty_bitmaps() -> bitmap names offered now; dirty_extents(name, offset, length)
+    # -> (length, NBD_STATE_DIRTY or 0) from offset on, or raise.
 
 
 def nbd_errno(e: OSError) -> int:
@@ -149,6 +154,8 @@ class Server:
         self.on_clients = on_clients
         self.limits = limits if limits is not None else Limits.from_environment()
         self._budget = _Budget(self.limits.buffer_limit)
+        bitmaps = getattr(backend, "dirty_bitmaps", None)
+        self._bitmaps = (lambda _export: bitmaps()) if bitmaps is not None else None
         self._lock = threading.Lock()
         self._conns: set[_Conn] = set()  # served connections (refused ones are not counted)
         self._per_peer: dict[str, int] = {}
@@ -269,7 +276,7 @@ class Server:
                 return
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._rcvtimeo)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._sndtimeo)
-        proto = nbd.ServerConnection([self.export], zero_copy=True, refusal=refusal)
+        proto = nbd.ServerConnection([self.export], zero_copy=True, refusal=refusal, dirty_bitmaps=self._bitmaps)
         c = _Conn(sock, peer, proto, refusal is not None)
         c.pending = proto.greeting()
         if c.refused:
@@ -650,11 +657,7 @@ class Server:
             elif cmd == nbd.CMD_CACHE:
                 backend.cache(req.offset, req.length)
             elif cmd == nbd.CMD_BLOCK_STATUS:
-                ext = backend.extents(req.offset, req.length)
-                if req.flags & nbd.CMD_FLAG_REQ_ONE:
-                    n, f = ext[0]
-                    ext = [(min(n, req.length), f)]
-                out.append(conn.block_status_reply(req.cookie, ext))
+                out.append(_block_status(conn, req, backend))
                 return 0
             out.append(conn.simple_reply(req.cookie))
             return 0
@@ -851,3 +854,19 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (OSError, ValueError):
         pass
+
+
+def _block_status(conn: nbd.ServerConnection, req: nbd.Request, backend: Backend) -> bytes:
+    """BLOCK_STATUS: one chunk per selected meta context (base:allocation, qemu:dirty-bitmap:*).
+    Any failure is raised before anything is queued: an error reply for the whole request."""
+    chunks = []
+    for ctx_id, name in conn.meta:
+        if name == nbd.BASE_ALLOCATION:
+            ext = backend.extents(req.offset, req.length)
+        else:
+            ext = backend.dirty_extents(name[len(nbd.QEMU_DIRTY_BITMAP) :], req.offset, req.length)
+        chunks.append((ctx_id, ext))
+    try:
+        return conn.block_status_reply(req.cookie, req.length, bool(req.flags & nbd.CMD_FLAG_REQ_ONE), chunks)
+    except ValueError as e:
+        raise OSError(errno.EIO, str(e)) from None

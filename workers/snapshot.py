@@ -20,6 +20,7 @@ from ipc import nbd, workermsg
 from ipc.channel import Channel
 from ipc.clustermap import ClusterMap
 from workers import fileio
+from workers.dirtybitmaps import DirtyBitmaps
 from workers import spawned
 from workers.nbdserve import Server
 from workers.settings import SnapshotSettings
@@ -37,11 +38,12 @@ class SnapshotBackend:
 
     read_only = True
 
-    def __init__(self, volume_fd: int, bs_fd: int, cmap: ClusterMap):
+    def __init__(self, volume_fd: int, bs_fd: int, cmap: ClusterMap, bitmaps: DirtyBitmaps | None = None):
         self.volume_fd = volume_fd
         self.bs_fd = bs_fd
         self.map = cmap
         self.size = cmap.volume_size
+        self.bitmaps = bitmaps
 
     def read(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
@@ -167,11 +169,26 @@ class SnapshotBackend:
             pos = end
         return out
 
+    # The qemu:dirty-bitmap contexts (workers/dirtybitmaps.py): changes since earlier snapshots.
+    def dirty_bitmaps(self) -> list[str]:
+        return self.bitmaps.names() if self.bitmaps is not None else []
+
+    def dirty_extents(self, name: str, offset: int, length: int) -> list[tuple[int, int]]:
+        refuse_if_orphaned()
+        if not self.map.usable:
+            raise _invalid(self.map)
+        if self.bitmaps is None:
+            raise OSError(errno.EINVAL, "this snapshot has no change tracking")
+        return self.bitmaps.extents(name, offset, length)
+
 
 def run(settings: SnapshotSettings, chan: Channel) -> int:
     vol_fd = os.open(settings.volume_path, os.O_RDONLY | os.O_CLOEXEC)
     cmap = ClusterMap.attach(settings.map_name, writable=False)
-    backend = SnapshotBackend(vol_fd, settings.bs_fd, cmap)
+    bitmaps = None
+    if settings.track_lineage and settings.track_dir_fd >= 0:
+        bitmaps = DirtyBitmaps(settings.track_dir_fd, settings.track_lineage, settings.track_gen, settings.track_bases, cmap.volume_size)
+    backend = SnapshotBackend(vol_fd, settings.bs_fd, cmap, bitmaps)
 
     def clients_changed(count: int) -> None:
         try:

@@ -45,7 +45,7 @@ import msgspec
 from ipc import listenpolicy, names, nbd, workermsg
 from ipc.channel import Channel
 from ipc.listenpolicy import Client, ListenSection
-from ipc.nbdclient import ClientHandshake, HandshakeFailed
+from ipc.nbdclient import ClientHandshake, ContextList, HandshakeFailed
 from workers import relay, spawned
 from workers.tlsstream import PlainStream, Timeout, TLSStream
 
@@ -259,12 +259,17 @@ class Front:
         client = Client(address=addr[0])
         io: PlainStream | TLSStream = PlainStream(sock)
         unix = None
+        # The worker connection of the latest dirty-bitmap question stays open until the
+        # export is opened: closing it first could leave the snapshot with no client for a
+        # moment, and `fssconfig -c` unconfigures a snapshot then.
+        probe: list[socket.socket] = []
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             deadline = time.monotonic() + listen.handshake_timeout
             state = {"client": client}
-            conn = nbd.ServerConnection([], tls=ctx is not None, allowed=lambda name: listenpolicy.allowed(listen.allow, state["client"], name))
+            conn = nbd.ServerConnection([], tls=ctx is not None, allowed=lambda name: listenpolicy.allowed(listen.allow, state["client"], name),
+                                        dirty_bitmaps=lambda name: self._dirty_bitmaps(name, deadline, probe))
             if ctx is None or not listen.verify_peer:
                 # Known by address alone: counted now.
                 refusal = self._claim(client, listen)
@@ -297,7 +302,9 @@ class Front:
                         self._warn_policy(client.key, logging.WARNING, "%s: refused %s %s export %r (%s): not allowed", listen.address, _fmt(addr), client.subject_text, ev.name, _OPT_NAMES.get(ev.opt, ev.opt))
                     elif t is nbd.ExportWanted:
                         _send_all(io, conn.data_to_send(), deadline)
-                        unix, replies, export = self._open_export(conn, ev, deadline)
+                        unix, replies, export = self._open_export(conn, ev, deadline, probe)
+                        if export is not None:
+                            _close_all(probe)  # the export is open: the held connection has done its job
                         if conn.export_answered(ev.opt, replies, export) is not None:
                             _send_all(io, conn.data_to_send(), deadline)
                             first = conn.take_buffered()
@@ -329,6 +336,7 @@ class Front:
         except Exception:  # a bug costs this connection, never the listener
             log.exception("%s: %s: internal error; closing this connection", listen.address, _fmt(addr))
         finally:
+            _close_all(probe)
             if io.tls:
                 io.close_notify()
             for s in (unix, sock):
@@ -350,8 +358,41 @@ class Front:
             self._warn_tls(addr[0], logging.WARNING, "%s: TLS handshake with %s failed: %s", self.listen.address, _fmt(addr), getattr(e, "verify_message", None) or getattr(e, "reason", None) or e)
             raise _Closed("") from None
 
-    def _open_export(self, conn: nbd.ServerConnection, ev: nbd.ExportWanted, deadline: float):
-        """Connect to the export's worker and replay the negotiation; (socket or None, replies, Export or None)."""
+    def _dirty_bitmaps(self, name: str, deadline: float, probe: list[socket.socket]) -> list[str]:
+        """The qemu:dirty-bitmap contexts a snapshot's worker offers now (its own LIST answer),
+        so a remote client can select them as a local one can; [] if it cannot say. The worker
+        connection is left open in `probe` (the one before it closed once this one is open)."""
+        if not listenpolicy.is_snapshot(name):
+            return []
+        u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        keep = False
+        try:
+            u.settimeout(max(0.001, deadline - time.monotonic()))
+            u.connect(names.export_socket(self.rundir, name))
+            cl = ContextList(name, nbd.QEMU_DIRTY_BITMAP, abort=False)
+            while cl.result is None:
+                data = u.recv(HS_CHUNK)
+                if not data:
+                    raise HandshakeFailed("the worker closed the connection")
+                cl.receive_data(data)
+                out = cl.data_to_send()
+                if out:
+                    u.sendall(out)
+            _close_all(probe)
+            probe.append(u)
+            keep = True
+            return [c[len(nbd.QEMU_DIRTY_BITMAP) :] for c in cl.result if c.startswith(nbd.QEMU_DIRTY_BITMAP)]
+        except (HandshakeFailed, OSError) as e:
+            log.debug("%s: cannot list the dirty bitmaps of %s: %s", self.listen.address, name, e)
+            return []
+        finally:
+            if not keep:
+                u.close()
+
+    def _open_export(self, conn: nbd.ServerConnection, ev: nbd.ExportWanted, deadline: float, hold: list[socket.socket]):
+        """Connect to the export's worker and replay the negotiation; (socket or None, replies, Export or None).
+        After a successful INFO the worker connection is kept in `hold` (the one before it closed
+        once this one is open), so the export never has no client between INFO and GO."""
         path = names.export_socket(self.rundir, ev.name)
         u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -366,7 +407,7 @@ class Front:
             except OSError as e:
                 u.close()
                 return None, nbd.option_reply(ev.opt, nbd.REP_ERR_SHUTDOWN, f"export {ev.name!r} is not available: {e.strerror}"), None
-            meta = [nbd.BASE_ALLOCATION] if conn.meta_base_allocation else []
+            meta = [name for _, name in conn.meta]
             hs = ClientHandshake(ev.name, ev.opt, ev.info, conn.structured, meta, read_only=listenpolicy.is_snapshot(ev.name))
             while hs.result is None:
                 u.settimeout(max(0.001, deadline - time.monotonic()))
@@ -378,11 +419,16 @@ class Front:
                 if out:
                     u.sendall(out)
             res = hs.result
-            if meta and res.meta_ids.get(nbd.BASE_ALLOCATION) != nbd.BASE_ALLOCATION_ID:
-                raise HandshakeFailed(f"the worker chose meta context id {res.meta_ids.get(nbd.BASE_ALLOCATION)}")
+            for ctx_id, name in conn.meta:  # the ids the client was told are the ones the worker will use
+                if res.meta_ids.get(name) != ctx_id:
+                    raise HandshakeFailed(f"the worker chose meta context id {res.meta_ids.get(name)} for {name}, not {ctx_id}")
             if ev.opt == nbd.OPT_GO and res.ok:
                 u.settimeout(None)
                 return u, res.replies, nbd.Export(ev.name, res.size, bool(res.flags & nbd.TF_READ_ONLY))
+            if ev.opt == nbd.OPT_INFO and res.ok:
+                _close_all(hold)
+                hold.append(u)
+                return None, res.replies, None
             try:
                 u.sendall(hs.abort())
             except OSError:
@@ -398,6 +444,15 @@ class Front:
 
 
 _OPT_NAMES = {nbd.OPT_INFO: "INFO", nbd.OPT_GO: "GO", nbd.OPT_LIST: "LIST", nbd.OPT_SET_META_CONTEXT: "SET_META_CONTEXT", nbd.OPT_LIST_META_CONTEXT: "LIST_META_CONTEXT"}
+
+
+def _close_all(socks: list[socket.socket]) -> None:
+    for s in socks:
+        try:
+            s.close()
+        except OSError:
+            pass
+    socks.clear()
 
 
 def _fmt(addr) -> str:
