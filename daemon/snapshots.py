@@ -195,7 +195,7 @@ class SnapshotManager:
         all their volumes, one barrier across their volume workers; all configured, or none."""
         try:
             members = req.members
-            if not 2 <= len(members) <= len(self.devices()) or any(
+            if not 2 <= len(members) <= min(len(self.devices()), control.SET_MAX) or any(
                     m.nfds not in (1, 2) or (m.nfds == 2) != bool(m.name) or "/" in m.name for m in members) \
                     or len(fds) != sum(m.nfds for m in members):
                 raise ControlError(errno.EINVAL, "a snapshot set is 2 or more members, each with its backing store's descriptor "
