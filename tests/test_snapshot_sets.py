@@ -117,6 +117,20 @@ def test_held_gate_opens_by_itself_after_the_bound(tmp_path, volume):
     assert c.targets == ()
 
 
+def test_hold_gives_up_when_writes_do_not_drain(tmp_path, volume):
+    c, fd, made = volume
+    c.begin(0, 4096)  # a write in flight that does not finish within the bound
+    t0 = time.monotonic()
+    with pytest.raises(HoldError) as e:
+        c.hold(hold_max=0.3)
+    assert e.value.errno == errno.ETIMEDOUT and time.monotonic() - t0 >= 0.3
+    assert not c.held()
+    done: list[float] = []
+    _writer(c, done).join(10)  # the gate is open again
+    assert done
+    c.end()
+
+
 def test_standalone_attach_is_the_whole_barrier(tmp_path, volume):
     c, fd, made = volume
     tgt = _target(tmp_path, c, "fss0", fd)
@@ -168,6 +182,17 @@ def test_worker_hold_without_release_opens_by_itself(tmp_path):
             held = await w.call(workermsg.Hold(False, w.next_req()), timeout=20)
             rel = await w.call(workermsg.Release(held.token, w.next_req()), timeout=20)
             assert isinstance(rel, workermsg.Released) and not rel.expired and rel.held_us < 1_000_000
+            # Held, and the supervisor goes away (EOF on the channel): the worker ends at once,
+            # well before the bound, so no gate outlives its supervisor.
+            held = await w.call(workermsg.Hold(False, w.next_req()), timeout=20)
+            assert isinstance(held, workermsg.Held)
+            pid = w.pid
+            t0 = time.monotonic()
+            w.sock.close()
+            w.sock = None
+            while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+                assert time.monotonic() - t0 < cowmod.HOLD_MAX - 1, "the held worker outlived its supervisor's channel"
+                await asyncio.sleep(0.02)
         finally:
             await w.stop(10)
 
@@ -502,3 +527,38 @@ def test_unfinished_set_is_removed_at_start(fssd_factory, shmdir):
     assert sorted(os.listdir(recdir)) == ["fss3.json", "fss4.json"]
     assert sorted(os.listdir(d)) == ["s3", "s4"]
     assert "member of snapshot set" in f.log.read_text()
+
+
+def test_set_suspends_the_file_systems_of_all_volumes_once(fssd_factory, shmdir, mounts, tmp_path):
+    """Two volumes with ext4 mounted through nbdfuse + loop at their mountpoints: a plain set
+    freezes both in one suspend around one barrier, and -C (VSS) runs CHECK, FREEZE and THAW
+    once for the set; every snapshot mounts clean (e2fsck -fn)."""
+    import re
+
+    vols = []
+    for i in range(2):
+        mnt = tmp_path / f"mnt{i}"
+        mnt.mkdir()
+        vols.append({"name": f"d{i}", "path": str(shmdir / f"d{i}.img"), "size": "64M", "mountpoint": str(mnt)})
+    f = fssd_factory(vols, vss={"enabled": True})
+    for i in range(2):
+        dev = mounts.nbdfuse(f.uri(f"d{i}"), tmp_path / f"fuse{i}")
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(dev)], check=True, timeout=120)
+        mounts.loop_mount(dev, tmp_path / f"mnt{i}")
+        (tmp_path / f"mnt{i}" / "hello").write_text(f"volume {i}\n" * 1000)
+    r = f.fssconfig("fss0", "d0", str(shmdir / "s0"), "fss1", "d1", str(shmdir / "s1"))
+    m = re.match(rf"set [0-9a-f]{{12}}: fss0, fss1: file-system-consistent snapshot set, suspended {tmp_path}/mnt0, "
+                 rf"{tmp_path}/mnt1 for [0-9.]+ ms, barrier \d+ us$", r.stdout.strip())
+    assert m, r.stdout
+    assert f.log.read_text().count("suspend window") == 1  # one suspend process for both
+    log_before = f.log.read_text()
+    r = f.fssconfig("-C", "-v", "fss2", "d0", str(shmdir / "s2"), "fss3", "d1", str(shmdir / "s3"))
+    assert re.match(r"set [0-9a-f]{12}: fss2, fss3: application-consistent snapshot set, freeze window [0-9.]+ ms, barrier \d+ us\n",
+                    r.stdout), r.stdout
+    assert "snapshot set" in r.stdout and "application-consistent (VSS)" in r.stdout
+    new = f.log.read_text()[len(log_before):]
+    assert [new.count(f"request {op} msgid") for op in ("check", "freeze", "thaw")] == [1, 1, 1], new
+    for i, dev in enumerate(("fss0", "fss1", "fss2", "fss3")):
+        snap = mounts.nbdfuse(f.uri(dev), tmp_path / f"fuse-{dev}", readonly=True)
+        fsck = subprocess.run(["e2fsck", "-fn", str(snap)], capture_output=True, text=True, timeout=120)
+        assert fsck.returncode == 0, (dev, fsck.stdout, fsck.stderr)
