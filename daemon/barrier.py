@@ -45,7 +45,7 @@ class Member(NamedTuple):
 
 class Result(NamedTuple):
     held_us: int  # the longest any worker held its writes
-    instant_ns: int  # the instant stamped on every map
+    instant_ns: int  # the instant stamped on every map (0: one member, stamped by its worker)
 
 
 async def _call(worker: Worker, msg, fds: list[int], what: str, timeout: float):
@@ -76,14 +76,13 @@ async def _gather(calls) -> tuple[list, ControlError | None]:
 async def run(members: list[Member], sync: bool = False, timeout: float = TIMEOUT) -> Result:
     """The barrier across `members` (at least one). `sync`: fdatasync each volume at the hold
     (durability "power"). Raises ControlError with nothing attached and every gate open."""
-    if len(members) == 1:
+    if len(members) == 1:  # the worker stamps the instant inside its own barrier
         m = members[0]
-        when = time.time_ns()
-        msg = msgspec.structs.replace(m.attach, req=m.worker.next_req(), when_ns=when)
+        msg = msgspec.structs.replace(m.attach, req=m.worker.next_req())
         reply = await _call(m.worker, msg, m.fds, m.attach.device, timeout)
         if not isinstance(reply, workermsg.Attached):
             raise ControlError(errno.EIO, f"{m.attach.device}: unexpected answer {type(reply).__name__} to the barrier")
-        return Result(reply.barrier_us, when)
+        return Result(reply.barrier_us, 0)
     workers = list({id(m.worker): m.worker for m in members}.values())  # one hold per process
     label = ", ".join(m.attach.device for m in members)
     held, failed = await _gather(_call(w, workermsg.Hold(sync, w.next_req()), [], label, timeout) for w in workers)

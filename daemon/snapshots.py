@@ -657,6 +657,14 @@ class SnapshotManager:
             snap.durability = rec.durability
             snap.recovered = time.time()
             snap.set_id, snap.set_members = rec.set_id, list(rec.set_members)
+            if rec.set_id and not rec.set_done:
+                # Its set is complete (statedir.unfinished_sets kept it): say so on disk too, so
+                # that unconfiguring the member that was marked done never drops this one.
+                rec = msgspec.structs.replace(rec, set_done=True)
+                try:
+                    await self.host.offload(self.host.state.save, rec)
+                except OSError as e:
+                    log.error("%s: cannot update its record (%s)", rec.device, e)
             snap.record = rec
             self.snaps[rec.device] = snap
             if isinstance(res, recovery.Invalid):

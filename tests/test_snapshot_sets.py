@@ -525,6 +525,7 @@ def test_unfinished_set_is_removed_at_start(fssd_factory, shmdir):
     listed = json_list(f)
     assert [s["device"] for s in listed] == ["fss3", "fss4"] and all(s["state"] == "active" for s in listed)
     assert sorted(os.listdir(recdir)) == ["fss3.json", "fss4.json"]
+    assert json.loads((recdir / "fss4.json").read_text())["set_done"] is True  # its set was complete
     assert sorted(os.listdir(d)) == ["s3", "s4"]
     assert "member of snapshot set" in f.log.read_text()
 
