@@ -5,6 +5,11 @@ create the all-clear map in shared memory, suspend the volume's file systems
 (daemon.suspend: FIFREEZE, as fss suspends; with -C, CHECK + FREEZE through
 the VSS broker instead), ask the volume worker for the barrier, thaw, then
 start the `fssN` worker that serves the snapshot.
+
+A snapshot set (several volumes, one instant) is the same with several
+members: each store checked and its table and map made, then one freeze or
+suspend for all their volumes and one barrier across their volume workers
+(daemon.barrier), all configured or none. A single snapshot is a set of one.
 """
 
 from __future__ import annotations
