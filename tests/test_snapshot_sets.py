@@ -267,8 +267,12 @@ def test_barrier_holds_all_before_any_attach_and_releases_after_all():
 def test_barrier_refusal_detaches_the_others_while_held_then_releases_all():
     log: list = []
     vols = [FakeVolume("v0", log), FakeVolume("v1", log, refuse_attach=True), FakeVolume("v2", log)]
+    told: list = []
+    members = [m._replace(on_attach=lambda r, d=m.attach.device: told.append((d, type(r).__name__))) for m in _members(vols)]
     with pytest.raises(ControlError) as e:
-        asyncio.run(barrier.run(_members(vols)))
+        asyncio.run(barrier.run(members))
+    # Each member hears how its own attach went, even though the set was then undone.
+    assert sorted(told) == [("fss0", "Attached"), ("fss1", "Refused"), ("fss2", "Attached")]
     assert e.value.errno == errno.ENOMEM and "fss1: no map" in str(e.value)
     assert all(not v.attached and not v.held for v in vols)
     detaches = [x for x in log if x[0] == "detach"]
