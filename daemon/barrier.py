@@ -122,7 +122,10 @@ async def run(members: list[Member], sync: bool = False, timeout: float = TIMEOU
             raise release_failed
         raise ControlError(errno.ETIMEDOUT, f"{label}: the write gate of {', '.join(expired)} opened by itself before the barrier "
                                             "was complete; snapshots not taken, try again")
-    return Result(max(r.held_us for r in released), when)
+    held_us = max(r.held_us for r in released)
+    log.debug("%s: barrier across %d volume worker(s): drains took up to %d us, writes held up to %d us", label, len(workers),
+              max(h.drain_us for h in held), held_us)
+    return Result(held_us, when)
 
 
 async def _detach(members: list[Member]) -> None:

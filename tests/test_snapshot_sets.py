@@ -292,9 +292,9 @@ def test_barrier_fails_when_a_hold_opened_by_itself():
 # -- a real fssd with three volumes ----------------------------------------------------------
 
 VOLS = 3
-VOL_SIZE = 32 * MiB
+VOL_SIZE = 64 * MiB
 SLOT = 4096
-REGION = 16 * MiB  # each writer its own region of every volume
+REGION = 32 * MiB  # each writer its own region of every volume: room for 24576 writes a round
 WRITERS = 2
 
 
@@ -407,15 +407,14 @@ def test_set_of_three_volumes_under_writers_is_one_instant(fssd_factory, shmdir)
         for rnd in range(4):
             for w in writers:
                 w.start_round(rnd + 1)
-            wait_for(lambda: all(w.acked >= 60 for w in writers) or any(w.error for w in writers), 60, "the writers to get going")
+            progress(writers, [0] * WRITERS, "the writers to get going")
             args = []
             for v in range(VOLS):
                 args += [f"fss{v}", f"v{v}", str(shmdir / f"r{rnd}-s{v}")]
             r = f.fssconfig(*args)
             set_id = re_set_line(r.stdout)
             after = [w.acked for w in writers]
-            wait_for(lambda: all(w.acked >= a + 60 for w, a in zip(writers, after)) or any(w.error for w in writers), 60,
-                     "writes after the snapshot")
+            progress(writers, after, "writes after the snapshot")
             for w in writers:
                 w.pause()
                 assert not w.error, w.error
@@ -434,6 +433,18 @@ def test_set_of_three_volumes_under_writers_is_one_instant(fssd_factory, shmdir)
     finally:
         for w in writers:
             w.finish()
+
+
+def progress(writers: list[SeqWriter], since: list[int], what: str) -> None:
+    """Every writer has 60 more writes acknowledged than `since` (or one failed: reported)."""
+    from fsshelp import wait_for
+
+    try:
+        wait_for(lambda: all(w.acked >= a + 60 for w, a in zip(writers, since)) or any(w.error for w in writers), 120, what)
+    except TimeoutError as e:
+        raise AssertionError(f"{e}: acknowledged {[w.acked for w in writers]}, since {since}") from None
+    errors = [w.error for w in writers if w.error]
+    assert not errors, f"{what}: {errors}, acknowledged {[w.acked for w in writers]}, since {since}"
 
 
 def re_set_line(out: str) -> str:
