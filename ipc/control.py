@@ -50,6 +50,34 @@ class Configure(_Msg, tag="configure"):
     nfds: int = 1
 
 
+class SetMember(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One snapshot of a ConfigureSet: as Configure's per-snapshot fields."""
+
+    device: str
+    path: str
+    backup: str
+    cluster: int = 0
+    size: int | None = None
+    unlink: bool = False
+    name: str = ""
+    nfds: int = 1
+
+
+SET_MAX = 32  # members of one snapshot set at most
+
+
+class ConfigureSet(_Msg, tag="configure-set"):
+    """A snapshot set: every member's snapshot of one instant (one VSS freeze or one suspend
+    for all their volumes, one barrier across their volume workers), all configured or none.
+    Descriptors: each member's, as for Configure, in member order."""
+
+    members: Annotated[list[SetMember], msgspec.Meta(max_length=SET_MAX)]
+    unconfig_on_close: bool = False
+    consistent: bool = False
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    no_suspend: bool = False
+
+
 class Unconfigure(_Msg, tag="unconfigure"):
     device: str
 
@@ -70,7 +98,16 @@ class Changes(_Msg, tag="changes"):
     start: Annotated[int, msgspec.Meta(ge=0)] = 0  # index of the first extent wanted (paging)
 
 
-Request = ListSnapshots | ListVolumes | Configure | Unconfigure | Status | Changes
+def declared_fds(req) -> int:
+    """How many descriptors a request says it carries (the control server claims that many)."""
+    if isinstance(req, Configure):
+        return req.nfds
+    if isinstance(req, ConfigureSet):
+        return sum(m.nfds for m in req.members[:SET_MAX])
+    return 0
+
+
+Request = ListSnapshots | ListVolumes | Configure | ConfigureSet | Unconfigure | Status | Changes
 
 
 # -- replies -----------------------------------------------------------------------
@@ -116,6 +153,8 @@ class SnapshotInfo(msgspec.Struct, frozen=True):
     # The snapshot's id: `<lineage>-<generation>` on a tracked volume (a base for
     # `fssconfig --changes --since` and `qemu:dirty-bitmap:<id>`), else the store's uuid.
     id: str = ""
+    set_id: str = ""  # a snapshot set's id ("" = taken alone): its members share one instant
+    set_members: list[str] = []  # the set's devices, as configured
 
 
 class VolumeInfo(msgspec.Struct, frozen=True):
@@ -164,6 +203,14 @@ class Configured(_Msg, tag="configured"):
     suspend_window_ms: float | None = None  # the file systems suspended (snapshot.suspended)
 
 
+class ConfiguredSet(_Msg, tag="configured-set"):
+    snapshots: list[SnapshotInfo]
+    set_id: str
+    barrier_us: int  # the longest any volume worker held its writes
+    freeze_window_ms: float | None = None  # -C
+    suspend_window_ms: float | None = None
+
+
 class Unconfigured(_Msg, tag="unconfigured"):
     device: str
 
@@ -194,4 +241,4 @@ class StatusReply(_Msg, tag="statusreply"):
     vss: VssInfo
 
 
-Reply = Error | Snapshots | Volumes | Configured | Unconfigured | StatusReply | ChangedExtents
+Reply = Error | Snapshots | Volumes | Configured | ConfiguredSet | Unconfigured | StatusReply | ChangedExtents

@@ -22,7 +22,7 @@ from ipc.channel import Channel
 from ipc.clustermap import ClusterMap
 from workers import fileio
 from workers.changemap import ChangeMap
-from workers.cow import CopyOnWrite, SnapshotTarget
+from workers.cow import CopyOnWrite, HoldError, SnapshotTarget
 from workers.storejournal import mark_invalid
 from workers import spawned
 from workers.nbdserve import Server
@@ -52,7 +52,7 @@ class VolumeBackend:
         return self.cow.targets
 
     def attach(self, target: SnapshotTarget, track: ChangeMap | None = None) -> int:
-        return self.cow.attach(target, track)
+        return self.cow.attach(target, track=track)
 
     def detach(self, device: str) -> SnapshotTarget | None:
         return self.cow.detach(device)
@@ -249,7 +249,14 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
                 continue
             before = backend.cow.track
             try:
-                held = backend.attach(target, nxt)
+                held = backend.cow.attach(target, msg.hold, msg.when_ns or None, nxt)
+            except HoldError as e:  # the hold this attach belonged to has ended
+                target.map.close()
+                os.close(fds[0])
+                if nxt is not None:
+                    nxt.close()
+                chan.send(workermsg.Refused(msg.device, e.errno, e.strerror, msg.req))
+                continue
             except OSError as e:  # "power": the instant could not be synced to the volume
                 target.map.close()
                 os.close(fds[0])
@@ -259,8 +266,21 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
                 continue
             if nxt is not None and before is not None:
                 before.close()  # no write uses it any more (the gate drained); the supervisor keeps the file
-            log.info("%s: snapshot barrier held writes for %d us", msg.device, held)
+            if not msg.hold:  # inside a hold the supervisor reports the held time (Released)
+                log.info("%s: snapshot barrier held writes for %d us", msg.device, held)
             chan.send(workermsg.Attached(msg.device, held, msg.req))
+        elif isinstance(msg, workermsg.Hold):
+            try:
+                token, drain_us = backend.cow.hold(msg.sync)
+            except OSError as e:  # HoldError, or the volume's sync failed
+                chan.send(workermsg.Refused("", e.errno or errno.EIO, f"cannot hold the write gate: {e.strerror or e}", msg.req))
+                continue
+            chan.send(workermsg.Held(token, drain_us, msg.req))
+        elif isinstance(msg, workermsg.Release):
+            held_us, expired = backend.cow.release(msg.token)
+            if not expired:
+                log.info("write gate held for %d us (two-phase barrier)", held_us)
+            chan.send(workermsg.Released(msg.token, held_us, expired, msg.req))
         elif isinstance(msg, workermsg.InvalidRecorded):
             recorder.answered(msg)
         elif isinstance(msg, workermsg.DetachSnapshot):
