@@ -399,10 +399,15 @@ def read_snapshot(fssd, shmdir, device: str) -> bytes:
 
 
 def test_set_of_three_volumes_under_writers_is_one_instant(fssd_factory, shmdir):
-    from fsshelp import wait_for
+    import json
+
+    from ipc import trackmap
+
+    G = trackmap.GRANULE
 
     f = three_volumes(fssd_factory, shmdir)
     writers = [SeqWriter(f, i) for i in range(WRITERS)]
+    before: dict[int, tuple[str, bytes]] = {}  # volume -> (id, image) of the previous round's snapshot
     try:
         for rnd in range(4):
             for w in writers:
@@ -429,6 +434,18 @@ def test_set_of_three_volumes_under_writers_is_one_instant(fssd_factory, shmdir)
                 # The instant fell inside this round's writes: some before it, some after (the
                 # one write a writer has in flight may be in the snapshot before its ack is read).
                 assert 60 <= n <= a + 1 < w.acked, (n, a, w.acked)
+            # Each member is a tracked snapshot of its own volume's history: what changed since
+            # the previous set (unconfigured by now) covers every granule that differs.
+            for v, (snap, image) in enumerate(zip(listed, images)):
+                assert trackmap.parse_id(snap["id"]), snap["id"]
+                if v in before:
+                    old_id, old = before[v]
+                    assert trackmap.parse_id(old_id)[0] == trackmap.parse_id(snap["id"])[0]
+                    got = json.loads(f.fssconfig("--changes", f"fss{v}", "--since", old_id, "--json").stdout)
+                    reported = {g for e in got for g in range(e["offset"] // G, (e["offset"] + e["length"] - 1) // G + 1)}
+                    differ = {g for g in range(len(image) // G) if image[g * G:(g + 1) * G] != old[g * G:(g + 1) * G]}
+                    assert differ and differ <= reported, (sorted(differ - reported), v)
+                before[v] = (snap["id"], image)
             for v in range(VOLS):
                 f.fssconfig("-u", f"fss{v}")
     finally:
