@@ -104,8 +104,11 @@ class Backend(Protocol):
     def read_into(self, view: memoryview, offset: int) -> None:
         """Fill `view` with the export's bytes at `offset`, or raise."""
 
-    def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:
-        """(fd, file offset) holding exactly these bytes for os.sendfile, or None."""
+    def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | list[tuple[int, int, int]] | None:
+        """Where these bytes lie for os.sendfile, if they never change once named (the
+        socket may still reference the file's pages after the reply has left): (fd, file
+        offset) holding exactly them, or [(fd, file offset, length), ...] pieces in order;
+        None: read_into() them."""
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None: ...
     def flush(self) -> None: ...
@@ -685,7 +688,7 @@ class Server:
         return conn.error_reply(req.cookie, code, f"{nbd.CMD_NAMES[cmd]}: {e.strerror or e}")
 
 
-    def _sendfile_read(self, conn: nbd.ServerConnection, req: nbd.Request, src: tuple[int, int], out: list, sock) -> None:
+    def _sendfile_read(self, conn: nbd.ServerConnection, req: nbd.Request, src: tuple[int, int] | list[tuple[int, int, int]], out: list, sock) -> None:
         """A large READ straight from the file. The data chunk's header leaves first, so
         with structured replies it is not flagged DONE (doc/proto.md: not while an error
         can still be detected): a NONE chunk ends the reply, or, when the file fails
@@ -695,8 +698,16 @@ class Server:
         structured = conn.structured
         out.append(conn.read_reply_header(req.cookie, req.offset, n, done=not structured))
         _send_or_break(sock, out)
+        pieces = src if type(src) is list else ((src[0], src[1], n),)
+        done = 0
         try:
-            _sendfile(sock, src[0], src[1], n)
+            for fd, off, k in pieces:
+                try:
+                    _sendfile(sock, fd, off, k)
+                except _SendfileFailed as e:
+                    e.sent += done  # of the whole reply
+                    raise
+                done += k
         except _SendfileFailed as e:
             cause = e.__cause__ or e
             if not structured or e.socket_side:
