@@ -26,14 +26,14 @@ SIZE = 8 << 20
 VOL = Export("data", SIZE, False)
 
 
-def transmission(soft_export: Export = VOL) -> ServerConnection:
+def transmission(export: Export = VOL) -> ServerConnection:
     from test_nbd_protocol import ask, negotiated  # the handshake helpers
     from nbdwire import info_data, opt
 
-    conn = negotiated((soft_export,))
+    conn = negotiated((export,))
     conn.zero_copy = True
     ask(conn, opt(nbd.OPT_STRUCTURED_REPLY))
-    ask(conn, opt(nbd.OPT_GO, info_data(soft_export.name)))
+    ask(conn, opt(nbd.OPT_GO, info_data(export.name)))
     assert conn.state is nbd.State.TRANSMISSION
     return conn
 
