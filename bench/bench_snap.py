@@ -1,6 +1,6 @@
 """Issue 3 benchmark: live writes with snapshots active, snapshot reads, snapshot creation.
 
-    python bench/bench_snap.py [--runs 3] [--barrier-runs 10] [--creation-only] [--no-spare] [--results FILE]
+    python bench/bench_snap.py [--runs 3] [--barrier-runs 10] [--creation-only] [--no-spare] [--only reads] [--results FILE]
 
 Same run, same 1 GiB image of incompressible data in /dev/shm, served by fssd
 and by qemu-storage-daemon (copy-before-write +
@@ -13,7 +13,8 @@ write to every cluster since the snapshot.
   4k random write QD32, first touch fio nbd, --blockalign=64k --number_ios=16384 IOPS
       (one pass over the 16384 64 KiB clusters of 1 GiB: every write a fresh cluster)
   snapshot read                     nbdcopy -C 4 -T 4 fss0 null:, vs the live volume
-      fresh (every cluster still on the volume) and copied (every cluster in the backing store)
+      fresh (every cluster still on the volume) and copied (every cluster in the backing store);
+      a second live read after the snapshot's measures the noise (fssd against itself)
   snapshot creation                 `fssconfig fss0 VOL BACKUP` started to the export answering
       (its NBD greeting read), fssconfig end to end, and the barrier from the volume worker's
       log line; 1 GiB and 1 TiB (sparse) volumes, default durability; --barrier-runs each,
@@ -95,21 +96,32 @@ class Bench:
 
     def writes(self) -> None:
         live, src = self.fssd.uri("vol"), str(self.src)
+        reads_only = self.args.only == "reads"
         for run in range(self.args.runs):
-            for k in (0, 1, 4):
+            for k in (1,) if reads_only else (0, 1, 4):
                 self.take(k)
                 if k == 1:
+                    # The snapshot read between two live reads: the second live read against
+                    # the first is the noise of this figure (fssd against itself).
                     self.add("live read", nbdcopy(live, "null:", GiB))
                     self.add("snap read fresh", nbdcopy(self.fssd.uri("fss0"), "null:", GiB))
+                    self.add("live read again", nbdcopy(live, "null:", GiB))
                 self.add(f"seq1 fssd{k}", nbdcopy(src, live, GiB))
-                self.add(f"seq2 fssd{k}", nbdcopy(src, live, GiB))
+                if not reads_only:
+                    self.add(f"seq2 fssd{k}", nbdcopy(src, live, GiB))
                 if k == 1:
                     self.add("live read after", nbdcopy(live, "null:", GiB))
                     self.add("snap read copied", nbdcopy(self.fssd.uri("fss0"), "null:", GiB))
+                    self.add("live read after again", nbdcopy(live, "null:", GiB))
                 self.drop(k)
+                if reads_only:
+                    continue
                 self.take(k)
                 self.add(f"rand1 fssd{k}", self._rand_first_touch(live, run))
                 self.drop(k)
+            if reads_only:
+                print(f"  run {run + 1}/{self.args.runs} done", flush=True)
+                continue
             # the peer, same run
             t0 = time.perf_counter()
             self.qsd.take()
@@ -179,6 +191,10 @@ class Bench:
             out.append(row(figure, v, unit, r[key], peer_name, peer, r[peer_key] if peer_key else None, ratio, target or "", ok))
 
         ge = lambda t: (lambda x: x >= t)  # noqa: E731
+        if self.args.only == "reads":
+            self._read_rows(line, ge)
+            self._print()
+            return
         for k in (1, 4):
             line(f"seq write 1st touch, {k} snap", f"seq1 fssd{k}", "MiB/s", "QSD 1 snap", "seq1 qsd1", f">= {FIRST_TOUCH_TARGET:.1f}x", ge(FIRST_TOUCH_TARGET))
             line(f"  same, vs fssd no snapshot", f"seq1 fssd{k}", "MiB/s", "fssd 0 snap", "seq1 fssd0")
@@ -190,8 +206,7 @@ class Bench:
             line(f"  same, vs fssd no snapshot", f"rand1 fssd{k}", "IOPS", "fssd 0 snap", "rand1 fssd0")
         line("seq write, no snapshot", "seq1 fssd0", "MiB/s", "QSD 1 snap", "seq1 qsd1")
         line("4k randwrite QD32, no snapshot", "rand1 fssd0", "IOPS", "QSD 1 snap", "rand1 qsd1")
-        line("snapshot read, fresh", "snap read fresh", "MiB/s", "fssd live", "live read", f">= {READ_TARGET:.2f}x", ge(READ_TARGET))
-        line("snapshot read, all copied", "snap read copied", "MiB/s", "fssd live", "live read after", f">= {READ_TARGET:.2f}x", ge(READ_TARGET))
+        self._read_rows(line, ge)
         line("  QSD snapshot read, fresh", "qsd snap read fresh", "MiB/s", "QSD live", "qsd live read")
         for vol, label in (("vol", "1 GiB"), ("big", "1 TiB")):
             line(f"snapshot barrier, {label}", f"barrier {vol}", "us", target=f"< {BARRIER_TARGET_US} us", good=lambda x: x < BARRIER_TARGET_US)
@@ -203,7 +218,16 @@ class Bench:
             line(f"fssconfig to export answering, {label}", f"answering {vol}", "us",
                  target=f"<= {READY_TARGET_US // 1000} ms", good=lambda x: x <= READY_TARGET_US)
             line(f"  fssconfig end to end, {label}", f"cfg {vol}", "us", "QSD take (QMP)", "qsd take")
+        self._print()
 
+    def _read_rows(self, line, ge) -> None:
+        line("snapshot read, fresh", "snap read fresh", "MiB/s", "fssd live", "live read", f">= {READ_TARGET:.2f}x", ge(READ_TARGET))
+        line("  noise: live read vs live read", "live read again", "MiB/s", "fssd live", "live read")
+        line("snapshot read, all copied", "snap read copied", "MiB/s", "fssd live", "live read after", f">= {READ_TARGET:.2f}x", ge(READ_TARGET))
+        line("  noise: live read vs live read", "live read after again", "MiB/s", "fssd live", "live read after")
+
+    def _print(self) -> None:
+        out = self.rows
         print(f"{'figure':40} {'fssd':>10} {'peer':>16} {'ratio':>6}  runs | peer runs")
         for x in out:
             peer = f"{x['peer']:.0f} {x['peer_name']}" if x["peer"] is not None else ""
@@ -229,11 +253,13 @@ class Bench:
             env = {NO_SPARE_ENV: "1"} if self.args.no_spare else None
             self.fssd = Fssd(self.scratch, [("vol", str(img), None), ("big", str(big), None)], env=env).start()
             if not self.args.creation_only:
-                self.qsd = Qsd(self.scratch, img, GiB)
-                print("writes (fssd 0/1/4 snapshots, QSD 1) and snapshot reads:", flush=True)
+                if not self.args.only:
+                    self.qsd = Qsd(self.scratch, img, GiB)
+                print("writes (fssd 0/1/4 snapshots, QSD 1) and snapshot reads:" if not self.args.only else "snapshot reads:", flush=True)
                 self.writes()
-            print("snapshot creation:", flush=True)
-            self.barriers()
+            if not self.args.only:
+                print("snapshot creation:", flush=True)
+                self.barriers()
             self.report()
             return 0
         finally:
@@ -248,6 +274,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--barrier-runs", type=int, default=10)
+    ap.add_argument("--only", choices=["reads"], help="reads: only the snapshot read rows (and their noise)")
     ap.add_argument("--results", default=os.environ.get("FSSD_BENCH_RESULTS"))
     ap.add_argument("--creation-only", action="store_true", help="only the snapshot creation rows (no 1 GiB writes, no QSD)")
     ap.add_argument("--no-spare", action="store_true", help="fssd keeps no spare snapshot worker: each is started afresh (before issue 15)")

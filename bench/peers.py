@@ -193,8 +193,8 @@ class Fssd:
 
 
 class Nbdkit:
-    def __init__(self, scratch: Scratch, image: Path):
-        self.sock = scratch.tmp / "nbdkit.sock"
+    def __init__(self, scratch: Scratch, image: Path, tag: str = "nbdkit"):
+        self.sock = scratch.tmp / f"{tag}.sock"
         self.proc = subprocess.Popen(["nbdkit", "-f", "-U", str(self.sock), "file", str(image)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _register(f"pid {self.proc.pid} nbdkit")

@@ -104,8 +104,11 @@ class Backend(Protocol):
     def read_into(self, view: memoryview, offset: int) -> None:
         """Fill `view` with the export's bytes at `offset`, or raise."""
 
-    def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:
-        """(fd, file offset) holding exactly these bytes for os.sendfile, or None."""
+    def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | list[tuple[int, int, int]] | None:
+        """Where these bytes lie for os.sendfile, if they never change once named (the
+        socket may still reference the file's pages after the reply has left): (fd, file
+        offset) holding exactly them, or [(fd, file offset, length), ...] pieces in order;
+        None: read_into() them."""
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None: ...
     def flush(self) -> None: ...
@@ -562,13 +565,26 @@ class Server:
         out: list = []
         queued = 0
         backend = self.backend
+        write = getattr(backend, "write", None)  # a read-only export never gets a WRITE Request
         budget = self._budget
         Request, BadRequest = nbd.Request, nbd.BadRequest
+        WRITE, FUA, ok_reply = nbd.CMD_WRITE, nbd.CMD_FLAG_FUA, nbd.ok_reply
         evs = conn.events()  # what arrived with the handshake or while the selector watched
         while True:
             for ev in evs:
                 cls = type(ev)
                 if cls is Request:
+                    if ev.cmd == WRITE:  # the small-write hot path: _handle's WRITE branch, inlined
+                        self.requests += 1
+                        try:
+                            write(ev.offset, ev.data, ev.flags & FUA)
+                            out.append(ok_reply(ev.cookie))
+                        except OSError as e:
+                            out.append(self._failed(conn, ev, e))
+                        if len(out) > OUT_MAX_BUFFERS:
+                            _send(sock, out)
+                            queued = 0
+                        continue
                     queued += self._handle(conn, ev, out, sock, backend, c)
                     if len(out) > OUT_MAX_BUFFERS or queued > OUT_MAX_BYTES:
                         _send(sock, out)
@@ -662,15 +678,20 @@ class Server:
             out.append(conn.simple_reply(req.cookie))
             return 0
         except OSError as e:
-            self.errors += 1
-            code = nbd_errno(e)
-            if not (cmd == nbd.CMD_WRITE_ZEROES and code == nbd.ENOTSUP):
-                log.warning("%s: %s %d+%d failed: %s", self.export.name, nbd.CMD_NAMES[cmd], req.offset, req.length, e)
-            out.append(conn.error_reply(req.cookie, code, f"{nbd.CMD_NAMES[cmd]}: {e.strerror or e}"))
+            out.append(self._failed(conn, req, e))
             return 0
 
+    def _failed(self, conn: nbd.ServerConnection, req: nbd.Request, e: OSError) -> bytes:
+        """The error reply of a request the backend failed (logged, but not an expected ENOTSUP)."""
+        self.errors += 1
+        cmd = req.cmd
+        code = nbd_errno(e)
+        if not (cmd == nbd.CMD_WRITE_ZEROES and code == nbd.ENOTSUP):
+            log.warning("%s: %s %d+%d failed: %s", self.export.name, nbd.CMD_NAMES[cmd], req.offset, req.length, e)
+        return conn.error_reply(req.cookie, code, f"{nbd.CMD_NAMES[cmd]}: {e.strerror or e}")
 
-    def _sendfile_read(self, conn: nbd.ServerConnection, req: nbd.Request, src: tuple[int, int], out: list, sock) -> None:
+
+    def _sendfile_read(self, conn: nbd.ServerConnection, req: nbd.Request, src: tuple[int, int] | list[tuple[int, int, int]], out: list, sock) -> None:
         """A large READ straight from the file. The data chunk's header leaves first, so
         with structured replies it is not flagged DONE (doc/proto.md: not while an error
         can still be detected): a NONE chunk ends the reply, or, when the file fails
@@ -680,8 +701,16 @@ class Server:
         structured = conn.structured
         out.append(conn.read_reply_header(req.cookie, req.offset, n, done=not structured))
         _send_or_break(sock, out)
+        pieces = src if type(src) is list else ((src[0], src[1], n),)
+        done = 0
         try:
-            _sendfile(sock, src[0], src[1], n)
+            for fd, off, k in pieces:
+                try:
+                    _sendfile(sock, fd, off, k)
+                except _SendfileFailed as e:
+                    e.sent += done  # of the whole reply
+                    raise
+                done += k
         except _SendfileFailed as e:
             cause = e.__cause__ or e
             if not structured or e.socket_side:
