@@ -170,6 +170,8 @@ class SnapshotManager:
                     raise ControlError(errno.ENOENT, f"{req.path}: no such volume (give a volume name, its mountpoint or its image path)")
                 if vol.worker is None or not vol.worker.alive:
                     raise ControlError(errno.EAGAIN, f"{vol.section.name}: volume worker is not running; try again")
+                if len(getattr(vol, "workers", ())) > 1:  # until the barrier drains every process
+                    raise ControlError(errno.EOPNOTSUPP, f"{vol.section.name}: snapshots of a volume served by several processes are not supported yet")
                 store = backing.check_store(fds[0], req.backup, uid, vol.section.mountpoint, self.host.freeze_mounts(), self._taken())
                 store = store._replace(unlink_now=req.unlink, dirfd=fds[1] if req.nfds == 2 else -1, name=req.name)
                 fds = []  # the store's now

@@ -36,7 +36,7 @@ from daemon.snaphost import SnapshotHost, WorkerFlags
 from daemon.version import version
 from daemon.snapshots import SnapshotManager
 from daemon.vssgate import ChannelVssGate
-from ipc import control, names, workermsg
+from ipc import control, cowshare, names, workermsg
 from workers import logfmt
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
 from ipc.listenpolicy import ListenSection
@@ -53,12 +53,26 @@ LOCK_WAIT = 10.0
 
 
 class VolumeState:
-    def __init__(self, section: configmod.VolumeSection, size: int, listener: socket.socket):
+    def __init__(self, section: configmod.VolumeSection, size: int, listener: socket.socket, processes: int = 1):
         self.section = section
         self.size = size
         self.listener = listener
-        self.worker: Worker | None = None
+        self.processes = processes
+        # The processes serving it, all accepting on `listener` (index i is `[i+1/N]`).
+        self.workers: list[Worker] = []
+        # Their shared copy-on-write segment (ipc/cowshare.py): stripe locks, in-flight reservations.
+        self.cow_fd = -1
         self.failed = False  # gave up restarting
+
+    @property
+    def worker(self) -> Worker | None:
+        """The first process (its pid stands for the volume where one number is shown)."""
+        return self.workers[0] if self.workers else None
+
+    @property
+    def alive(self) -> bool:
+        """Every process is up: a barrier needs all of them."""
+        return bool(self.workers) and all(w.alive for w in self.workers)
 
 
 class FrontState:
@@ -70,11 +84,12 @@ class FrontState:
         self.worker: Worker | None = None
 
 
-def nbd_limits(d: configmod.DaemonSection) -> nbdserve.Limits:
-    """[daemon] nbd_* for the workers (they read it from their environment)."""
+def nbd_limits(d: configmod.DaemonSection, processes: int = 1) -> nbdserve.Limits:
+    """[daemon] nbd_* for the workers (they read it from their environment). An export served
+    by several processes gives each its share of the connection caps (rounded up)."""
     return nbdserve.Limits(
-        max_connections=d.nbd_max_connections,
-        max_connections_per_uid=d.nbd_max_connections_per_uid,
+        max_connections=-(-d.nbd_max_connections // processes),
+        max_connections_per_uid=-(-d.nbd_max_connections_per_uid // processes),
         handshake_timeout=d.nbd_handshake_timeout,
         idle_timeout=d.nbd_idle_timeout,
         request_timeout=d.nbd_request_timeout,
@@ -185,30 +200,49 @@ class Supervisor:
                 size = os.lseek(fd, 0, os.SEEK_END)  # block devices report st_size 0
             finally:
                 os.close(fd)
-        st = VolumeState(section, size, self._listen(section.name))
+        n = self.cfg.processes_for(section)
+        st = VolumeState(section, size, self._listen(section.name), n)
         self.volumes[section.name] = st
+        st.cow_fd = cowshare.create(n)
+        env = self.env
+        if n > 1:  # the export's connection caps are split between its processes
+            env = dict(self.env)
+            env[nbdserve.LIMITS_ENV] = msgspec.json.encode(nbd_limits(self.cfg.daemon, n)).decode()
 
-        def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
-            attached = self.snaps.attached_for(section.name)
-            settings = VolumeSettings(
-                name=section.name,
-                path=section.path,
-                size=st.size,
-                listen_fd=st.listener.fileno(),
-                snapshots=[AttachedSnapshot(d, m, fd) for d, m, fd in attached],
-                debug=self.debug,
-                use_syslog=self.use_syslog,
-            )
-            return "workers.volume", msgspec.json.encode(settings).decode(), [st.listener.fileno(), *(a[2] for a in attached)]
+        def spawner(index: int):
+            def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
+                attached = self.snaps.attached_for(section.name)
+                settings = VolumeSettings(
+                    name=section.name,
+                    path=section.path,
+                    size=st.size,
+                    listen_fd=st.listener.fileno(),
+                    snapshots=[AttachedSnapshot(d, m, fd) for d, m, fd in attached],
+                    index=index,
+                    processes=n,
+                    cow_fd=st.cow_fd,
+                    debug=self.debug,
+                    use_syslog=self.use_syslog,
+                )
+                return "workers.volume", msgspec.json.encode(settings).decode(), [st.listener.fileno(), st.cow_fd, *(a[2] for a in attached)]
+            return spawn_args
 
-        st.worker = self._worker("volume", section.name, spawn_args)
-        await st.worker.start()
-        log.info("volume %s: serving %s (%d bytes) at %s (pid %d)", section.name, section.path, size, names.nbd_uri(self.rundir, section.name), st.worker.pid)
+        for i in range(n):
+            key = section.name if n == 1 else f"{section.name} [{i + 1}/{n}]"
+            w = self._worker("volume", key, spawner(i))
+            w.env = env
+            st.workers.append(w)
+        # All at once: each re-attaches the recovered snapshots before it serves a write.
+        await asyncio.gather(*(w.start() for w in st.workers))
+        log.info("volume %s: serving %s (%d bytes) at %s (%s)", section.name, section.path, size, names.nbd_uri(self.rundir, section.name),
+                 ", ".join(f"pid {w.pid}" for w in st.workers))
 
     async def stop_volume(self, name: str) -> None:
         st = self.volumes.pop(name)
-        if st.worker:
-            await st.worker.stop(STOP_TIMEOUT)
+        await asyncio.gather(*(w.stop(STOP_TIMEOUT) for w in st.workers))
+        if st.cow_fd >= 0:
+            os.close(st.cow_fd)
+            st.cow_fd = -1
         st.listener.close()
         try:
             os.unlink(names.export_socket(self.rundir, name))
@@ -375,7 +409,7 @@ class Supervisor:
     # -- status --------------------------------------------------------------------------
 
     def volume_info(self, st: VolumeState) -> VolumeInfo:
-        w = st.worker
+        w = next((x for x in st.workers if x.alive), st.worker)
         return VolumeInfo(
             name=st.section.name,
             path=st.section.path,
@@ -384,13 +418,15 @@ class Supervisor:
             mountpoint=st.section.mountpoint,
             pid=w.pid if w and w.alive else 0,
             uptime=time.monotonic() - w.started if w and w.alive else 0.0,
-            restarts=w.restarts if w else 0,
-            last_error=w.last_error if w else "",
+            restarts=sum(x.restarts for x in st.workers),
+            last_error=next((x.last_error for x in st.workers if x.last_error), ""),
             snapshots=self.snaps.devices_of(st.section.name),
+            processes=st.processes,
+            pids=[x.pid if x.alive else 0 for x in st.workers],
         )
 
     def worker_infos(self) -> list[WorkerInfo]:
-        ws = [st.worker for st in self.volumes.values() if st.worker]
+        ws = [w for st in self.volumes.values() for w in st.workers]
         ws += self.snaps.workers()
         ws += self.front_workers()
         if self.broker:

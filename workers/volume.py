@@ -20,6 +20,7 @@ import posix_ipc
 from ipc import nbd, workermsg
 from ipc.channel import Channel
 from ipc.clustermap import ClusterMap
+from ipc.cowshare import CowShare
 from workers import fileio
 from workers.cow import CopyOnWrite, SnapshotTarget
 from workers.storejournal import mark_invalid
@@ -35,7 +36,7 @@ class VolumeBackend:
 
     read_only = False
 
-    def __init__(self, fd: int, size: int):
+    def __init__(self, fd: int, size: int, share: CowShare | None = None):
         self.fd = fd
         self.size = size
         # Can this volume zero fast (punch holes)? Asked once, past the end, where nothing is touched.
@@ -44,7 +45,8 @@ class VolumeBackend:
         except OSError:
             self.can_punch = False
         # Every change to the volume goes through here (gate, stripe locks, snapshots).
-        self.cow = CopyOnWrite(fd, size)
+        self.share = share
+        self.cow = CopyOnWrite(fd, size, share)
 
     @property
     def targets(self) -> tuple[SnapshotTarget, ...]:
@@ -165,7 +167,7 @@ class InvalidRecorder:
 
 def _attach_target(backend: VolumeBackend, device: str, map_name: str, bs_fd: int, recorder: InvalidRecorder) -> SnapshotTarget:
     cmap = ClusterMap.attach(map_name, writable=True)
-    t = SnapshotTarget(device, cmap, bs_fd, backend.fd)
+    t = SnapshotTarget(device, cmap, bs_fd, backend.fd, share=backend.share)
     t.record_invalid = recorder
     return t
 
@@ -190,7 +192,12 @@ def _recorded_before_serving(chan: Channel, device: str, reason: str) -> bool:
 
 def run(settings: VolumeSettings, chan: Channel) -> int:
     fd = os.open(settings.path, os.O_RDWR | os.O_CLOEXEC)
-    backend = VolumeBackend(fd, settings.size)
+    share = None
+    if settings.cow_fd >= 0:
+        # Taking this process's slot voids a killed predecessor's records in it, before reconcile().
+        share = CowShare(settings.cow_fd, settings.index)
+        os.close(settings.cow_fd)
+    backend = VolumeBackend(fd, settings.size, share)
     # A restart: the snapshots that were active stay active, with their maps as they are.
     lost: list[workermsg.Refused] = []
     recorder = InvalidRecorder(chan)
@@ -211,6 +218,8 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
         log.info("%s: re-attached (%d clusters copied so far, %d reserved but unused reclaimed, %.0f ms)", s.device, t.map.copies, reclaimed, took * 1000)
     listener = socket.socket(fileno=settings.listen_fd)
     server = Server(listener, nbd.Export(settings.name, settings.size, False, f"fssd volume {settings.name}"), backend)
+    if settings.processes > 1:
+        server.accept_batch = 1
     acceptor = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     acceptor.start()
     chan.send(workermsg.Ready(kind="volume", pid=os.getpid()))
@@ -260,8 +269,12 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(*spawned.bootstrap("workers.volume", VolumeSettings, argv,
-                                  title=lambda s: f"volume {s.name}", log_name=lambda s: f"volume {s.name}"))
+    return run(*spawned.bootstrap("workers.volume", VolumeSettings, argv, title=volume_title, log_name=volume_title))
+
+
+def volume_title(s: VolumeSettings) -> str:
+    """`volume data`, or `volume data [2/4]` when several processes serve it."""
+    return f"volume {s.name}" if s.processes <= 1 else f"volume {s.name} [{s.index + 1}/{s.processes}]"
 
 
 if __name__ == "__main__":
