@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("control")
 
-_MUTATING = (control.Configure, control.Unconfigure)
+_MUTATING = (control.Configure, control.ConfigureSet, control.Unconfigure)
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class Snapshots(Protocol):
     def devices(self) -> list[str]: ...
     def info(self, device: str) -> control.SnapshotInfo: ...
     async def configure(self, req: control.Configure, fds: list[int], uid: int) -> control.Configured: ...
+    async def configure_set(self, req: control.ConfigureSet, fds: list[int], uid: int) -> control.ConfiguredSet: ...
     async def unconfigure(self, device: str) -> None: ...
 
 
@@ -80,6 +81,9 @@ class Service:
             if isinstance(req, control.Configure):
                 claimed, fds = fds, []
                 return await self.snaps.configure(req, claimed, peer.uid)
+            if isinstance(req, control.ConfigureSet):
+                claimed, fds = fds, []
+                return await self.snaps.configure_set(req, claimed, peer.uid)
             if isinstance(req, control.Unconfigure):
                 await self.snaps.unconfigure(req.device)
                 return control.Unconfigured(req.device)

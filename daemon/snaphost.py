@@ -28,7 +28,8 @@ class VolumeSection(Protocol):
 
 
 class Volume(Protocol):
-    """A served volume as the manager sees it: its config, size and (live) worker."""
+    """A served volume as the manager sees it: its config, size and (live) worker; a volume
+    served by several processes also has `workers` (every one of them; `worker` is the first)."""
 
     section: VolumeSection
     size: int
@@ -67,7 +68,7 @@ class SnapshotHost:
     vss: Callable[[], VssGate | None]  # None: no broker running (-C is refused)
     listen: Callable[[str], socket.socket]  # a group-readable export socket for a device
     spawn: Callable[[str, str, SpawnArgs], "Worker"]  # (kind, key, args): not yet started
-    record_made: Callable[["BackingStore | None"], None]  # write down what a kill would leave
+    record_made: Callable[[list["BackingStore"]], None]  # write down what a kill would leave (stores being configured)
     changed: Callable[[], None]  # a snapshot came, went or turned invalid
     stopping: Callable[[], bool]  # the service is shutting down
     flags: WorkerFlags = field(default_factory=lambda: WorkerFlags({}))

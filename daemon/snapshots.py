@@ -17,9 +17,10 @@ import os
 import socket
 import time
 from datetime import datetime, timezone
+from typing import Any, NamedTuple
 import msgspec
 
-from daemon import backing, durable, recovery, statedir, suspend
+from daemon import backing, barrier, durable, recovery, statedir, suspend
 from daemon.errors import ControlError
 from daemon.procs import Worker, WorkerGone
 from daemon.snaphost import SnapshotHost
@@ -78,10 +79,28 @@ class Snapshot:
         self.durability = "none"
         self.record: statedir.SnapshotRecord | None = None  # in the state directory
         self.recovered = 0.0  # when a start-up brought it back (epoch seconds)
+        self.set_id = ""  # a snapshot set's id: these devices share one instant
+        self.set_members: list[str] = []
 
     @property
     def taken_utc(self) -> str:
         return datetime.fromtimestamp(self.map.created_ns / 1e9, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Member(NamedTuple):
+    """One snapshot of a configure under way (a set has several)."""
+
+    req: control.Configure
+    vol: Any
+    snap: Snapshot
+    header: sf.StoreHeader
+    vst: os.stat_result
+
+
+class _Outcome(NamedTuple):
+    snaps: list[Snapshot]
+    held_us: int
+    window_ms: float | None  # -C: the freeze window
 
 
 class SnapshotManager:
@@ -150,6 +169,8 @@ class SnapshotManager:
             recovered=s.recovered,
             store_usage=self.usage.percent(m.bs_next, m.table_clusters, m.bs_limit),
             usage_warning=self.usage.reached.get(device, 0),
+            set_id=s.set_id,
+            set_members=s.set_members,
         )
 
     # -- configure -------------------------------------------------------------------
@@ -160,39 +181,91 @@ class SnapshotManager:
         try:
             if len(fds) != req.nfds or req.nfds not in (1, 2) or (req.nfds == 2) != bool(req.name) or "/" in req.name:
                 raise ControlError(errno.EINVAL, "a configure request carries the backing store's descriptor (fssconfig opens it)")
-            if req.device not in self.devices():
-                raise ControlError(errno.ENXIO, f"{req.device}: Device not configured (devices are {self._device_range()})")
-            async with self.lock:
-                if req.device in self.snaps:
-                    raise ControlError(errno.EBUSY, f"{req.device}: Device busy")
-                vol = self.host.find_volume(req.path)
-                if vol is None:
-                    raise ControlError(errno.ENOENT, f"{req.path}: no such volume (give a volume name, its mountpoint or its image path)")
-                if vol.worker is None or not vol.worker.alive:
-                    raise ControlError(errno.EAGAIN, f"{vol.section.name}: volume worker is not running; try again")
-                if len(getattr(vol, "workers", ())) > 1:  # until the barrier drains every process
-                    raise ControlError(errno.EOPNOTSUPP, f"{vol.section.name}: snapshots of a volume served by several processes are not supported yet")
-                store = backing.check_store(fds[0], req.backup, uid, vol.section.mountpoint, self.host.freeze_mounts(), self._taken())
-                store = store._replace(unlink_now=req.unlink, dirfd=fds[1] if req.nfds == 2 else -1, name=req.name)
-                fds = []  # the store's now
-                self.host.record_made(store)  # from now on a kill must not leave the file behind
-                try:
-                    return await self._configure(req, vol, vol.section.name, store)
-                except BaseException:
-                    # fssconfig removes a file it made for a failed configure
-                    await self.host.offload(backing.discard, store, True)
-                    self.host.record_made(None)
-                    raise
+            claimed, fds = fds, []
+            out = await self._configure_many([req], [claimed], uid, "")
         finally:
             for fd in fds:
                 os.close(fd)
+        snap = out.snaps[0]
+        return control.Configured(self.info(req.device), out.held_us, out.window_ms,
+                                  snap.window_ms if snap.consistency == "file-system" and snap.suspended else None)
+
+    async def configure_set(self, req: control.ConfigureSet, fds: list[int], uid: int) -> control.ConfiguredSet:
+        """Several snapshots of one instant (a snapshot set): one VSS freeze or one suspend for
+        all their volumes, one barrier across their volume workers; all configured, or none."""
+        try:
+            members = req.members
+            if not 2 <= len(members) <= len(self.devices()) or any(
+                    m.nfds not in (1, 2) or (m.nfds == 2) != bool(m.name) or "/" in m.name for m in members) \
+                    or len(fds) != sum(m.nfds for m in members):
+                raise ControlError(errno.EINVAL, "a snapshot set is 2 or more members, each with its backing store's descriptor "
+                                                 f"(fssconfig opens them; devices are {self._device_range()})")
+            fdsets, at = [], 0
+            for m in members:
+                fdsets.append(fds[at:at + m.nfds])
+                at += m.nfds
+            fds = []
+            reqs = [control.Configure(device=m.device, path=m.path, backup=m.backup, cluster=m.cluster, size=m.size,
+                                      unconfig_on_close=req.unconfig_on_close, unlink=m.unlink, consistent=req.consistent,
+                                      timeout=req.timeout, no_suspend=req.no_suspend, name=m.name, nfds=m.nfds) for m in members]
+            out = await self._configure_many(reqs, fdsets, uid, sf.new_id()[:12])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        s0 = out.snaps[0]
+        suspended = next((s.window_ms for s in out.snaps if s.consistency == "file-system" and s.suspended), None)
+        return control.ConfiguredSet([self.info(s.device) for s in out.snaps], s0.set_id, out.held_us, out.window_ms, suspended)
+
+    async def _configure_many(self, reqs: list[control.Configure], fdsets: list[list[int]], uid: int, set_id: str) -> "_Outcome":
+        """Check every member, then configure them all (or none). Consumes every fd in `fdsets`."""
+        try:
+            for r in reqs:
+                if r.device not in self.devices():
+                    raise ControlError(errno.ENXIO, f"{r.device}: Device not configured (devices are {self._device_range()})")
+            if len({r.device for r in reqs}) != len(reqs):
+                raise ControlError(errno.EINVAL, "a snapshot set names the same device twice")
+            async with self.lock:
+                vols = []
+                for r in reqs:
+                    if r.device in self.snaps:
+                        raise ControlError(errno.EBUSY, f"{r.device}: Device busy")
+                    vol = self.host.find_volume(r.path)
+                    if vol is None:
+                        raise ControlError(errno.ENOENT, f"{r.path}: no such volume (give a volume name, its mountpoint or its image path)")
+                    if any(v is vol for v in vols):
+                        raise ControlError(errno.EINVAL, f"{r.path}: volume {vol.section.name} twice in one snapshot set")
+                    if not _processes(vol) or not all(w.alive for w in _processes(vol)):
+                        raise ControlError(errno.EAGAIN, f"{vol.section.name}: volume worker is not running; try again")
+                    vols.append(vol)
+                stores: list[backing.BackingStore] = []
+                try:
+                    for i, (r, vol) in enumerate(zip(reqs, vols)):
+                        fds = fdsets[i]
+                        store = backing.check_store(fds[0], r.backup, uid, vol.section.mountpoint, self.host.freeze_mounts(),
+                                                    self._taken(stores))
+                        store = store._replace(unlink_now=r.unlink, dirfd=fds[1] if r.nfds == 2 else -1, name=r.name)
+                        fdsets[i] = []  # the store's now
+                        stores.append(store)
+                        self.host.record_made(stores)  # from now on a kill must not leave the file behind
+                    return await self._configure(reqs, vols, stores, set_id)
+                except BaseException:
+                    # fssconfig removes a file it made for a failed configure
+                    for store in stores:
+                        await self.host.offload(backing.discard, store, True)
+                    self.host.record_made([])
+                    raise
+        finally:
+            for fds in fdsets:
+                for fd in fds:
+                    os.close(fd)
 
     def _device_range(self) -> str:
         d = self.host.devices
         return f"{d[0]}..{d[-1]}" if d else "none"
 
-    def _taken(self) -> dict[tuple, str]:
-        """Storage that must never become a backing store: every volume's data, every store in use."""
+    def _taken(self, configuring: list[backing.BackingStore] = ()) -> dict[tuple, str]:
+        """Storage that must never become a backing store: every volume's data, every store in
+        use, and the stores of the set being configured."""
         taken: dict[tuple, str] = {}
         for v in self.host.volumes().values():
             try:
@@ -200,14 +273,16 @@ class SnapshotManager:
                     taken[ident] = f"the image of volume {v.section.name}"
             except OSError:
                 pass
-        for d, snap in self.snaps.items():
-            if snap.store.fd < 0:  # came back invalid without its store
+        stores = [(d, snap.store) for d, snap in self.snaps.items()] + [("another member of this set", s) for s in configuring]
+        for d, store in stores:
+            if store.fd < 0:  # came back invalid without its store
                 continue
-            for ident in backing.store_identities(snap.store.fd, os.fstat(snap.store.fd)):
-                taken.setdefault(ident, f"the backing store of {d}")
+            for ident in backing.store_identities(store.fd, os.fstat(store.fd)):
+                taken.setdefault(ident, d if d.startswith("another") else f"the backing store of {d}")
         return taken
 
-    async def _configure(self, req: control.Configure, vol, name: str, store: backing.BackingStore) -> control.Configured:
+    async def _prepare(self, req: control.Configure, vol, store: backing.BackingStore, durability: str) -> "_Member":
+        """The member's table in its store and its all-clear map: everything before the barrier."""
         try:
             csize = choose_cluster_size(req.cluster, vol.size, store.block_size)
             backing.check_cluster(req.cluster, csize, vol.size)
@@ -216,7 +291,6 @@ class SnapshotManager:
         count = (vol.size + csize - 1) // csize
         tclusters = table_clusters(count, csize)
         limit = backing.limit_clusters(store, req.size, csize, count, tclusters)
-        durability = self.host.durability()
         try:
             vst = os.stat(vol.section.path)
             header = sf.StoreHeader(
@@ -234,50 +308,104 @@ class SnapshotManager:
             cmap = ClusterMap.create(map_name, csize, vol.size, limit, flags)
         except ValueError as e:
             raise ControlError(errno.EINVAL, f"{req.device}: {e}") from None
-        snap = Snapshot(req.device, name, store, cmap, req.unconfig_on_close)
+        return _Member(req, vol, Snapshot(req.device, vol.section.name, store, cmap, req.unconfig_on_close), header, vst)
+
+    async def _configure(self, reqs: list[control.Configure], vols: list, stores: list[backing.BackingStore], set_id: str) -> "_Outcome":
+        req = reqs[0]  # the options common to every member
+        durability = self.host.durability()
+        members: list[_Member] = []
         window_ms = None
         try:
+            for r, vol, store in zip(reqs, vols, stores):
+                members.append(await self._prepare(r, vol, store, durability))
+            if set_id:
+                for m in members:
+                    m.snap.set_id, m.snap.set_members = set_id, [x.snap.device for x in members]
             if req.consistent:
-                held, window_ms = await self._consistent_barrier(vol, snap, req.timeout)
-                snap.consistency, snap.window_ms = "application", window_ms
+                held, window_ms = await self._consistent_barrier(members, req.timeout)
+                for m in members:
+                    m.snap.consistency, m.snap.window_ms = "application", window_ms
             elif req.no_suspend:
-                held = await self._barrier(vol.worker, snap)
-                snap.note = f"{name} taken with --no-suspend: snapshot is crash-consistent"
+                held = await self._barrier(members)
+                for m in members:
+                    m.snap.note = f"{m.snap.volume} taken with --no-suspend: snapshot is crash-consistent"
             else:
-                held = await self._suspended_barrier(vol, snap)
-            self.snaps[req.device] = snap
-            await self._start_worker(snap)
-            snap.durability = durability
+                held = await self._suspended_barrier(members)
+            for m in members:
+                self.snaps[m.snap.device] = m.snap
+            for m in members:
+                await self._start_worker(m.snap)
+                m.snap.durability = durability
             if durability != "none" and self.host.state is not None:
-                # Only now: a crash before this leaves a store no record names (removed at the
-                # next start), never a record of a snapshot that was not taken.
-                snap.record = self._record(snap, vol, header, vst)
-                try:
-                    await self.host.offload(self.host.state.save, snap.record)
-                except OSError as e:
-                    snap.record = None
-                    raise ControlError(e.errno or errno.EIO, f"{req.device}: cannot record the snapshot in {self.host.state.path}: {e.strerror or e}") from None
+                await self._save_records(members)
         except BaseException:
-            self.snaps.pop(req.device, None)
-            await self._detach(vol.worker, req.device)
-            cmap.close()
-            ClusterMap.unlink(map_name)
-            self._close_listener(snap)
+            for m in members:
+                await self._undo(m)
             raise
-        if window_ms is not None:
-            how = f", freeze window {window_ms:.1f} ms"
-        elif snap.suspended:
-            how = f", suspended {', '.join(snap.suspended)} for {snap.window_ms:.1f} ms"
-        else:
-            how = ""
-        log.info(
-            "%s: snapshot of %s created (barrier %d us%s), %d clusters of %d, backing store %s",
-            req.device, name, held, how, count, csize, snap.backup_shown,
-        )
-        if snap.note:
-            log.info("%s: %s", req.device, snap.note)
+        for m in members:
+            snap = m.snap
+            if window_ms is not None:
+                how = f", freeze window {window_ms:.1f} ms"
+            elif snap.suspended:
+                how = f", suspended {', '.join(snap.suspended)} for {snap.window_ms:.1f} ms"
+            else:
+                how = ""
+            log.info(
+                "%s: snapshot of %s created (barrier %d us%s)%s, %d clusters of %d, backing store %s",
+                snap.device, snap.volume, held, how, f", set {set_id} with {', '.join(snap.set_members)}" if set_id else "",
+                snap.map.cluster_count, snap.map.cluster_size, snap.backup_shown,
+            )
+            if snap.note:
+                log.info("%s: %s", snap.device, snap.note)
         self.host.changed()
-        return control.Configured(self.info(req.device), held, window_ms, snap.window_ms if snap.consistency == "file-system" and snap.suspended else None)
+        return _Outcome([m.snap for m in members], held, window_ms)
+
+    async def _save_records(self, members: list["_Member"]) -> None:
+        """Only now, after the barrier: a crash before this leaves a store no record names
+        (removed at the next start), never a record of a snapshot that was not taken. A set's
+        records are written "not done" first, then rewritten "done": a start-up that finds a
+        set none of whose records is done removes them all (daemon.statedir.unfinished_sets),
+        so no snapshot ever claims to belong to a set that was not completely configured."""
+        state = self.host.state
+        for m in members:
+            snap = m.snap
+            snap.record = self._record(snap, m.vol, m.header, m.vst)
+            if snap.set_id:
+                snap.record = msgspec.structs.replace(snap.record, set_id=snap.set_id, set_members=snap.set_members, set_done=False)
+            try:
+                await self.host.offload(state.save, snap.record)
+            except OSError as e:
+                snap.record = None
+                raise ControlError(e.errno or errno.EIO, f"{snap.device}: cannot record the snapshot in {state.path}: {e.strerror or e}") from None
+        if members[0].snap.set_id:
+            for m in members:
+                done = msgspec.structs.replace(m.snap.record, set_done=True)
+                try:
+                    await self.host.offload(state.save, done)
+                except OSError as e:
+                    raise ControlError(e.errno or errno.EIO, f"{m.snap.device}: cannot record the snapshot set in {state.path}: "
+                                                             f"{e.strerror or e}") from None
+                m.snap.record = done
+
+    async def _undo(self, m: "_Member") -> None:
+        """A member of a configure that failed: as if it had never been asked for (its store is
+        discarded by the caller)."""
+        snap = m.snap
+        if snap.record is not None and self.host.state is not None:
+            try:
+                await self.host.offload(self.host.state.remove, snap.device)
+            except OSError as e:
+                log.error("%s: could not remove its record: %s", snap.device, e)
+            snap.record = None
+        if self.snaps.get(snap.device) is snap:
+            self.snaps.pop(snap.device)
+        if snap.worker is not None and snap.worker.alive:
+            await snap.worker.stop()
+        await self._detach(m.vol, snap.device)
+        name = snap.map.name
+        snap.map.close()
+        ClusterMap.unlink(name)
+        self._close_listener(snap)
 
     def _record(self, snap: Snapshot, vol, header: sf.StoreHeader, vst: os.stat_result) -> statedir.SnapshotRecord:
         store = snap.store
@@ -293,65 +421,69 @@ class SnapshotManager:
             made=store.dirfd >= 0 and bool(store.name), owner=store.owner,
         )
 
-    async def _barrier(self, worker: Worker, snap: Snapshot) -> int:
-        msg = workermsg.AttachSnapshot(snap.device, snap.map.name, worker.next_req())
-        try:
-            reply = await worker.call(msg, [snap.store.fd], ATTACH_TIMEOUT)
-        except asyncio.TimeoutError:
-            # Whether the barrier happened is unknown: restart the worker, which re-attaches only
-            # snapshots that are ACTIVE (this one is still CREATING), so the state is known again.
-            log.error("%s: volume worker %s did not answer the barrier in %.0f s; restarting it", snap.device, worker.key, ATTACH_TIMEOUT)
-            worker.kill()
-            raise ControlError(errno.EIO, f"{snap.device}: volume worker did not take the snapshot in time") from None
-        except WorkerGone as e:
-            raise ControlError(errno.EIO, f"{snap.device}: volume worker did not take the snapshot: {e}") from None
-        if isinstance(reply, workermsg.Refused):
-            raise ControlError(reply.errno, f"{snap.device}: {reply.reason}")
-        if not isinstance(reply, workermsg.Attached):
-            raise ControlError(errno.EIO, f"{snap.device}: unexpected answer {type(reply).__name__} to the barrier")
-        return reply.barrier_us
+    async def _barrier(self, members: list["_Member"]) -> int:
+        """One barrier across the members' volume workers (daemon.barrier)."""
+        got = await barrier.run(
+            # Every process serving each volume: all drained before any resumes.
+            [barrier.Member(w, workermsg.AttachSnapshot(m.snap.device, m.snap.map.name), [m.snap.store.fd])
+             for m in members for w in _processes(m.vol)],
+            sync=self.host.durability() == "power", timeout=ATTACH_TIMEOUT)
+        return got.held_us
 
-    async def _suspended_barrier(self, vol, snap: Snapshot, exclude: frozenset[int] | None = None) -> int:
-        """FIFREEZE the volume's file systems, barrier, FITHAW (fss's suspend); the barrier alone when
-        nothing is mounted from the volume. `exclude` (with -C): file systems the broker holds frozen
-        already; then this runs inside the broker's window and logs nothing."""
+    async def _suspended_barrier(self, members: list["_Member"], exclude: frozenset[int] | None = None) -> int:
+        """FIFREEZE the volumes' file systems (all in one suspend), barrier, FITHAW (fss's
+        suspend); the barrier alone when nothing is mounted from the volumes. `exclude` (with
+        -C): file systems the broker holds frozen already; then this runs inside the broker's
+        window and logs nothing."""
         under_vss = exclude is not None
         host = self.host
-        name = vol.section.name
-        stores = [snap.store.fd, *(s.store.fd for s in self.snaps.values())]
+        stores = [*(m.snap.store.fd for m in members), *(s.store.fd for s in self.snaps.values())]
         images = {v.section.path: f"the image of volume {v.section.name}" for v in host.volumes().values()}
+        label = ", ".join(m.snap.device for m in members)
+        plans = []
         try:
             guarded = await asyncio.to_thread(suspend.guarded_devices, stores, images)
-            plan = await asyncio.to_thread(suspend.plan, name, vol.section.mountpoint, names.export_socket(host.rundir, name), guarded,
-                                     exclude or frozenset())
+            for m in members:
+                name = m.vol.section.name
+                plans.append(await asyncio.to_thread(suspend.plan, name, m.vol.section.mountpoint, names.export_socket(host.rundir, name),
+                                                     guarded, exclude or frozenset()))
         except suspend.SuspendError as e:
-            raise ControlError(e.errno, f"{snap.device}: {e}") from None
-        if not plan.targets:
-            if not under_vss:
-                snap.note = plan.note
-                if not plan.crash:
-                    snap.consistency = "file-system"  # mounted read-only: nothing can change under it
-            return await self._barrier(vol.worker, snap)
+            raise ControlError(e.errno, f"{label}: {e}") from None
+        targets = list({t.dev: t for p in plans for t in p.targets}.values())
+        if not under_vss:
+            for m, p in zip(members, plans):
+                if not p.targets:
+                    m.snap.note = p.note
+                    if not p.crash:
+                        m.snap.consistency = "file-system"  # mounted read-only: nothing can change under it
+        if not targets:
+            return await self._barrier(members)
         try:
-            r = await suspend.around(snap.device, plan.targets, host.freeze_max(), lambda: self._barrier(vol.worker, snap),
+            r = await suspend.around(label, targets, host.freeze_max(), lambda: self._barrier(members),
                                      host.flags.env, host.flags.debug, host.flags.use_syslog)
         except suspend.SuspendError as e:
             raise ControlError(e.errno, str(e)) from None
-        snap.suspended = [t.point for t in plan.targets if t.point not in r.already]
-        if r.already and not under_vss:
-            snap.note = f"{', '.join(r.already)} was frozen already (not by fssd): snapshot taken inside that freeze"
+        for m, p in zip(members, plans):
+            snap = m.snap
+            snap.suspended = [t.point for t in p.targets if t.point not in r.already]
+            mine = [t.point for t in p.targets if t.point in r.already]
+            if mine and not under_vss:
+                snap.note = f"{', '.join(mine)} was frozen already (not by fssd): snapshot taken inside that freeze"
+            if p.targets and not under_vss:
+                snap.consistency, snap.window_ms = "file-system", r.window_ms
         if not under_vss:
-            snap.consistency, snap.window_ms = "file-system", r.window_ms
-            log.debug("%s: synced %s in %.1f ms before the suspend", snap.device, ", ".join(snap.suspended), r.sync_ms)
+            log.debug("%s: synced %s in %.1f ms before the suspend", label, ", ".join(t.point for t in targets), r.sync_ms)
         return r.held_us
 
-    async def _consistent_barrier(self, vol, snap: Snapshot, timeout: float | None = None) -> tuple[int, float]:
-        """CHECK, FREEZE, barrier, THAW: the freeze window is the snapshot's instant. File systems on
-        the volume that the broker does not freeze are suspended inside its window."""
+    async def _consistent_barrier(self, members: list["_Member"], timeout: float | None = None) -> tuple[int, float]:
+        """CHECK, FREEZE, barrier, THAW, once for every member: the freeze window is the
+        snapshots' instant. File systems on the volumes that the broker does not freeze are
+        suspended inside its window."""
         gate = self.host.vss()
         if gate is None:
             raise ControlError(errno.EOPNOTSUPP, "application-consistent snapshot needs the VSS broker ([vss] enabled)")
         timeout = timeout or gate.timeout
+        label = ", ".join(m.snap.device for m in members)
 
         def ask(op: str):
             return gate.request(op, timeout)
@@ -367,15 +499,20 @@ class SnapshotManager:
                 await ask("thaw")
             raise ControlError(errno.EAGAIN, f"VSS FREEZE failed: {reason}")
         try:
-            held = await self._suspended_barrier(vol, snap, exclude=_devices(gate.mounts))
+            held = await self._suspended_barrier(members, exclude=_devices(gate.mounts))
         finally:
             ok, reason, _ = await ask("thaw")
             window = (time.perf_counter() - t0) * 1000
             if not ok:
-                log.error("%s: VSS THAW reported failure: %s", snap.device, reason)
+                log.error("%s: VSS THAW reported failure: %s", label, reason)
         return held, window
 
-    async def _detach(self, worker: Worker | None, device: str) -> None:
+    async def _detach(self, vol, device: str) -> None:
+        """Every process of the volume stops copying for `device` (before its store closes)."""
+        if vol is not None:
+            await asyncio.gather(*(self._detach_one(w, device) for w in _processes(vol)))
+
+    async def _detach_one(self, worker: Worker | None, device: str) -> None:
         if worker is None or not worker.alive:
             return
         try:
@@ -440,7 +577,7 @@ class SnapshotManager:
         if snap.worker:
             await snap.worker.stop()
         vol = self.host.volumes().get(snap.volume)
-        await self._detach(vol.worker if vol else None, snap.device)
+        await self._detach(vol, snap.device)
         self._close_listener(snap)
         self.snaps.pop(snap.device, None)
         name = snap.map.name
@@ -526,6 +663,7 @@ class SnapshotManager:
             snap.consistency = rec.consistency
             snap.durability = rec.durability
             snap.recovered = time.time()
+            snap.set_id, snap.set_members = rec.set_id, list(rec.set_members)
             snap.record = rec
             self.snaps[rec.device] = snap
             if isinstance(res, recovery.Invalid):
@@ -533,7 +671,8 @@ class SnapshotManager:
                 await self._persist_invalid(snap)  # never valid again, even if the cause goes away
                 continue
             # This boot, not (yet) stopped cleanly: what a crash from now on is checked against.
-            snap.record = msgspec.structs.replace(rec, boot_id=boot, clean=False, volume_at_stop=None)
+            # (A set member's record is "done" now: its set was complete, see statedir.unfinished_sets.)
+            snap.record = msgspec.structs.replace(rec, boot_id=boot, clean=False, volume_at_stop=None, set_done=True)
             try:
                 await self.host.offload(self.host.state.save, snap.record)
             except OSError as e:
@@ -646,6 +785,14 @@ class SnapshotManager:
         if snap.map.set_error(f"worker failed repeatedly ({worker.last_error})"):
             log.error("%s: snapshot invalid: worker failed repeatedly (%s)", snap.device, worker.last_error)
         self.host.changed()
+
+
+def _processes(vol) -> list[Worker]:
+    """The processes serving a volume (a host's volume may expose only one, as `worker`)."""
+    ws = getattr(vol, "workers", None)
+    if ws is None:
+        ws = [vol.worker] if vol.worker is not None else []
+    return list(ws)
 
 
 def _sync_and_stamp(store_fd: int, volume_path: str, state: statedir.StateDir, rec: statedir.SnapshotRecord) -> None:

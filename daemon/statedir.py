@@ -64,6 +64,21 @@ class SnapshotRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     invalid: str = ""  # why, once it became invalid: it never comes back valid
     made: bool = False  # fssconfig created the store file: unconfiguring removes it
     owner: int = -1  # the uid that asked for it (the removal checks the file is still theirs)
+    # A snapshot set (several snapshots of one instant): its id and devices. Its records are
+    # written with set_done false, then rewritten true once every member's is on disk.
+    set_id: str = ""
+    set_members: list[str] = []
+    set_done: bool = True
+
+
+def unfinished_sets(records: list[SnapshotRecord]) -> tuple[list[SnapshotRecord], list[SnapshotRecord]]:
+    """(kept, dropped): the records of a snapshot set none of whose records says done belong to
+    a configure that fssd stopped in the middle of (fssconfig was never answered), so they are
+    dropped, as a single snapshot's store without a record is. One done record is enough: done
+    is written only once every member's record is on disk."""
+    done = {r.set_id for r in records if r.set_id and r.set_done}
+    kept = [r for r in records if not r.set_id or r.set_id in done]
+    return kept, [r for r in records if r.set_id and r.set_id not in done]
 
 
 class StateDirError(Exception):

@@ -182,11 +182,11 @@ class Supervisor:
         self.record_made()
         return s
 
-    def record_made(self, configuring=None) -> None:
+    def record_made(self, configuring=()) -> None:
         """Write down the sockets and store files fssd made, for a successor to clean up after
-        a kill; `configuring` is the store of a snapshot being configured (not yet listed)."""
+        a kill; `configuring`: the stores of the snapshots being configured (not yet listed)."""
         made = [(p, "socket") for p in sorted(self._sockets)] + [(names.control_socket(self.rundir), "socket")]
-        stores = [s.store for s in self.snaps.snaps.values()] + ([configuring] if configuring else [])
+        stores = [s.store for s in self.snaps.snaps.values()] + list(configuring)
         # A file fssconfig made for us (it has its directory's descriptor): recorded by the
         # identity of our descriptor, never of whatever the path resolves to now.
         made += [(st.path, "store", st.fd) for st in stores if st.dirfd >= 0 and st.name and not st.unlink_now]
@@ -744,6 +744,13 @@ def main(argv: list[str] | None = None) -> int:
     records, bad = state.load()
     for line in bad:
         log.error("%s; left as it is", line)
+    records, unfinished = statedirmod.unfinished_sets(records)
+    for r in unfinished:  # as if never configured: the record goes, the store fssd made with it
+        log.error("%s: member of snapshot set %s, whose configure never finished (%s); removed", r.device, r.set_id, ", ".join(r.set_members))
+        try:
+            state.remove(r.device)
+        except OSError as e:
+            log.error("%s: could not remove its record: %s", r.device, e)
     # A store a record names comes back; one whose configure never finished is removed.
     leftovers.remove(cfg.daemon.rundir, frozenset((r.store_id.dev, r.store_id.ino) for r in records))
     sup = Supervisor(cfg, os.path.abspath(args.config), args.debug, args.syslog, state, records)

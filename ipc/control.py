@@ -50,6 +50,31 @@ class Configure(_Msg, tag="configure"):
     nfds: int = 1
 
 
+class SetMember(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One snapshot of a ConfigureSet: as Configure's per-snapshot fields."""
+
+    device: str
+    path: str
+    backup: str
+    cluster: int = 0
+    size: int | None = None
+    unlink: bool = False
+    name: str = ""
+    nfds: int = 1
+
+
+class ConfigureSet(_Msg, tag="configure-set"):
+    """A snapshot set: every member's snapshot of one instant (one VSS freeze or one suspend
+    for all their volumes, one barrier across their volume workers), all configured or none.
+    Descriptors: each member's, as for Configure, in member order."""
+
+    members: list[SetMember]
+    unconfig_on_close: bool = False
+    consistent: bool = False
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    no_suspend: bool = False
+
+
 class Unconfigure(_Msg, tag="unconfigure"):
     device: str
 
@@ -58,7 +83,7 @@ class Status(_Msg, tag="status"):
     pass
 
 
-Request = ListSnapshots | ListVolumes | Configure | Unconfigure | Status
+Request = ListSnapshots | ListVolumes | Configure | ConfigureSet | Unconfigure | Status
 
 
 # -- replies -----------------------------------------------------------------------
@@ -101,6 +126,8 @@ class SnapshotInfo(msgspec.Struct, frozen=True):
     recovered: float = 0.0  # seconds since the epoch when a start-up brought it back; 0 = never
     store_usage: float = 0.0  # percent of the room the store's limit leaves for copies
     usage_warning: int = 0  # the highest usage warning given: 0, 80 or 95 (percent)
+    set_id: str = ""  # a snapshot set's id ("" = taken alone): its members share one instant
+    set_members: list[str] = []  # the set's devices, as configured
 
 
 class VolumeInfo(msgspec.Struct, frozen=True):
@@ -151,6 +178,14 @@ class Configured(_Msg, tag="configured"):
     suspend_window_ms: float | None = None  # the file systems suspended (snapshot.suspended)
 
 
+class ConfiguredSet(_Msg, tag="configured-set"):
+    snapshots: list[SnapshotInfo]
+    set_id: str
+    barrier_us: int  # the longest any volume worker held its writes
+    freeze_window_ms: float | None = None  # -C
+    suspend_window_ms: float | None = None
+
+
 class Unconfigured(_Msg, tag="unconfigured"):
     device: str
 
@@ -166,4 +201,4 @@ class StatusReply(_Msg, tag="statusreply"):
     vss: VssInfo
 
 
-Reply = Error | Snapshots | Volumes | Configured | Unconfigured | StatusReply
+Reply = Error | Snapshots | Volumes | Configured | ConfiguredSet | Unconfigured | StatusReply

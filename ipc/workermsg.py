@@ -28,6 +28,24 @@ class AttachSnapshot(_Msg, tag="attach"):
     device: str
     map_name: str
     req: int = 0  # echoed in the reply, so a late reply is never taken for a newer request
+    hold: int = 0  # inside this Hold (its Held.token): attach without closing the gate again
+    when_ns: int = 0  # the instant to stamp (a set's one instant); 0 = now
+
+
+class Hold(_Msg, tag="hold"):
+    """Volume worker, first phase of a barrier across several workers (a snapshot set): close
+    the write gate and drain every write in flight; answered Held (or Refused). The gate
+    opens at Release, or by itself after the worker's bound (workers.cow.HOLD_MAX)."""
+
+    sync: bool = False  # fdatasync the volume before closing (durability "power")
+    req: int = 0
+
+
+class Release(_Msg, tag="release"):
+    """Volume worker: open the gate held under `token`; answered Released."""
+
+    token: int
+    req: int = 0
 
 
 class DetachSnapshot(_Msg, tag="detach"):
@@ -78,6 +96,19 @@ class Attached(_Msg, tag="attached"):
     req: int = 0
 
 
+class Held(_Msg, tag="held"):
+    token: int  # names the hold in AttachSnapshot.hold and Release
+    drain_us: int  # closing the gate until no write was in flight
+    req: int = 0
+
+
+class Released(_Msg, tag="released"):
+    token: int
+    held_us: int  # how long writes were held, gate closed to gate open
+    expired: bool = False  # it had opened by itself before the Release: the set did not hold
+    req: int = 0
+
+
 class Detached(_Msg, tag="detached"):
     device: str
     req: int = 0
@@ -121,5 +152,5 @@ class VssAnswer(_Msg, tag="vss-answer"):
     req: int = 0
 
 
-ToWorker = AttachSnapshot | DetachSnapshot | ListenUpdate | Stop | VssAsk | InvalidRecorded
-FromWorker = Ready | Attached | Detached | Refused | Invalidated | ClientsChanged | VssState | VssAnswer
+ToWorker = AttachSnapshot | Hold | Release | DetachSnapshot | ListenUpdate | Stop | VssAsk | InvalidRecorded
+FromWorker = Ready | Held | Released | Attached | Detached | Refused | Invalidated | ClientsChanged | VssState | VssAnswer

@@ -181,7 +181,7 @@ def test_configure_list_unconfigure(env):
     attach = env.volume.worker.got[0]
     assert isinstance(attach, workermsg.AttachSnapshot) and attach.device == "fss0"
     assert env.spawned[0].kind == "snapshot" and env.spawned[0].key == "fss0"
-    assert env.recorded and env.recorded[0].fd == fds[0] and env.changed == 1
+    assert env.recorded and env.recorded[0][0].fd == fds[0] and env.changed == 1
 
     asyncio.run(env.mgr.unconfigure("fss0"))
     assert not env.mgr.info("fss0").in_use

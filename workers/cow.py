@@ -65,6 +65,13 @@ SHARED_READ_MAX = 64 << 20
 # Copy-on-write for one request is done this much at a time (a multiple of every cluster size
 # below it; larger clusters simply span pieces, each copied whole by the first piece touching it).
 PROTECT_CHUNK = 64 << 20
+# The longest a held write gate stays closed without a release (a snapshot set's barrier
+# takes milliseconds; this bounds what a stuck or dead supervisor can cost the volume).
+HOLD_MAX = 5.0
+
+
+class HoldError(OSError):
+    """The two-phase barrier refused: already held, not held any more, writes did not drain."""
 
 
 class SnapshotTarget:
@@ -362,12 +369,19 @@ class WriteGate:
             with self._cond:
                 self._cond.notify_all()
 
-    def close(self) -> None:
-        """Hold new writes and wait until none is in flight."""
+    def close(self, timeout: float | None = None) -> None:
+        """Hold new writes and wait until none is in flight. With `timeout`: if the writes
+        in flight have not drained by then, open again and raise TimeoutError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._closed = True
             while any(s.n for s in list(self._slots)):
-                self._cond.wait()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    self._closed = False
+                    self._cond.notify_all()
+                    raise TimeoutError(f"writes in flight did not drain within {timeout:g} s")
+                self._cond.wait(left)
 
     def open(self) -> None:
         with self._cond:
@@ -397,6 +411,11 @@ class CopyOnWrite:
         self._local = threading.local()
         # Replaced (never mutated) at a barrier, so the hot path iterates without a lock.
         self.targets: tuple[SnapshotTarget, ...] = ()
+        # The two-phase barrier: (token, perf_counter_ns at close, expiry timer) while held.
+        self._hold_lock = threading.Lock()
+        self._hold: tuple[int, int, threading.Timer] | None = None
+        self._hold_seq = 0
+        self._expired = 0  # the last token whose hold opened by itself
 
     def writing(self, offset: int, length: int) -> "CopyOnWrite":
         """Refuse if orphaned, enter the gate, copy for the snapshots; use in a `with`."""
@@ -443,30 +462,100 @@ class CopyOnWrite:
         """A target re-attached at start-up, before any write is served (no barrier needed)."""
         self.targets = self.targets + (target,)
 
-    def attach(self, target: SnapshotTarget) -> int:
-        """The snapshot barrier: drain writes, attach, stamp the time, resume. Returns µs held."""
-        power = target.journal.power
-        if power:  # the instant must be on disk: most of it now, the rest inside the gate
+    # The barrier in two phases (a snapshot set: every volume drained before any resumes):
+    # hold() closes the gate and drains, attach() while held adds a snapshot without closing
+    # it again, release() opens it. A held gate never stays held: it opens by itself after
+    # HOLD_MAX seconds (the supervisor then learns from release() that the hold expired),
+    # and a supervisor that dies ends this process (EOF on its channel).
+
+    def hold(self, sync: bool = False, hold_max: float = HOLD_MAX) -> tuple[int, int]:
+        """Close the gate and drain every write in flight. Returns (token, µs to drain); the
+        token names this hold in attach() and release(). `sync`: fdatasync the volume first
+        (under "power" the instant must be on disk: most of it now, the rest in attach())."""
+        if sync:
             os.fdatasync(self.fd)
-        t0 = time.perf_counter_ns()
-        self._gate.close()
-        try:
-            if power:
-                os.fdatasync(self.fd)
-            target.map.activate()
-            target.active = target.map.usable
-            self.targets = self.targets + (target,)
-        finally:
+        with self._hold_lock:
+            if self._hold:
+                raise HoldError(errno.EBUSY, "the write gate is held already")
+            t0 = time.perf_counter_ns()
+            try:
+                self._gate.close(hold_max)
+            except TimeoutError as e:
+                raise HoldError(errno.ETIMEDOUT, str(e)) from None
+            self._hold_seq += 1
+            token = self._hold_seq
+            timer = threading.Timer(hold_max, self._expire, (token,))
+            timer.daemon = True
+            self._hold = (token, t0, timer)
+            timer.start()
+        return token, (time.perf_counter_ns() - t0) // 1000
+
+    def held(self) -> bool:
+        return self._hold is not None
+
+    def _expire(self, token: int) -> None:
+        with self._hold_lock:
+            if self._hold is None or self._hold[0] != token:
+                return  # released in time
+            t0 = self._hold[1]
+            self._hold = None
+            self._expired = token
             self._gate.open()
-        return (time.perf_counter_ns() - t0) // 1000
+        log.warning("write gate held %.1f s without a release: opened by itself", (time.perf_counter_ns() - t0) / 1e9)
+
+    def release(self, token: int) -> tuple[int, bool]:
+        """Open the gate held under `token`. Returns (µs it was held, expired): expired when it
+        had opened by itself before this (the supervisor must not count the snapshots taken)."""
+        with self._hold_lock:
+            if self._hold is None or self._hold[0] != token:
+                return 0, True
+            _tok, t0, timer = self._hold
+            self._hold = None
+            timer.cancel()
+            self._gate.open()
+        return (time.perf_counter_ns() - t0) // 1000, False
+
+    def attach(self, target: SnapshotTarget, token: int = 0, when_ns: int | None = None) -> int:
+        """Attach a snapshot at the barrier, stamped `when_ns` (default now). With `token`:
+        inside that hold (HoldError if it has ended); returns 0. Without: the whole barrier
+        here (hold, attach, release); returns the µs writes were held."""
+        if token:
+            with self._hold_lock:
+                if self._hold is None or self._hold[0] != token:
+                    raise HoldError(errno.ETIMEDOUT, "the write gate is no longer held (it opened by itself after "
+                                                     f"{HOLD_MAX:g} s)" if self._expired == token else "the write gate is not held")
+                self._activate(target, when_ns)
+            return 0
+        power = target.journal.power
+        token, _drain = self.hold(sync=power)
+        try:
+            self._activate(target, when_ns)
+        finally:
+            held, _expired = self.release(token)
+        return held
+
+    def _activate(self, target: SnapshotTarget, when_ns: int | None) -> None:
+        """Inside the closed gate: no write is in flight."""
+        if target.journal.power:
+            os.fdatasync(self.fd)
+        target.map.activate(when_ns)
+        target.active = target.map.usable
+        self.targets = self.targets + (target,)
 
     def detach(self, device: str) -> SnapshotTarget | None:
+        """Inside a hold (a set rolled back), without closing the gate again; else a barrier of its own."""
+        with self._hold_lock:
+            if self._hold is not None:
+                return self._remove(device)
         self._gate.close()
         try:
-            found = [t for t in self.targets if t.device == device]
-            self.targets = tuple(t for t in self.targets if t.device != device)
+            return self._remove(device)
         finally:
             self._gate.open()
+
+    def _remove(self, device: str) -> SnapshotTarget | None:
+        found = [t for t in self.targets if t.device == device]
+        self.targets = tuple(t for t in self.targets if t.device != device)
         return found[0] if found else None
 
     # -- copying -----------------------------------------------------------------

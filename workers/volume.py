@@ -22,7 +22,7 @@ from ipc.channel import Channel
 from ipc.clustermap import ClusterMap
 from ipc.cowshare import CowShare
 from workers import fileio
-from workers.cow import CopyOnWrite, SnapshotTarget
+from workers.cow import CopyOnWrite, HoldError, SnapshotTarget
 from workers.storejournal import mark_invalid
 from workers import spawned
 from workers.nbdserve import Server
@@ -239,14 +239,32 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
                 chan.send(workermsg.Refused(msg.device, getattr(e, "errno", None) or errno.EINVAL, str(e), msg.req))
                 continue
             try:
-                held = backend.attach(target)
+                held = backend.cow.attach(target, msg.hold, msg.when_ns or None)
+            except HoldError as e:  # the hold this attach belonged to has ended
+                target.map.close()
+                os.close(fds[0])
+                chan.send(workermsg.Refused(msg.device, e.errno, e.strerror, msg.req))
+                continue
             except OSError as e:  # "power": the instant could not be synced to the volume
                 target.map.close()
                 os.close(fds[0])
                 chan.send(workermsg.Refused(msg.device, e.errno or errno.EIO, f"could not sync the volume for the snapshot: {e.strerror or e}", msg.req))
                 continue
-            log.info("%s: snapshot barrier held writes for %d us", msg.device, held)
+            if not msg.hold:  # inside a hold the supervisor reports the held time (Released)
+                log.info("%s: snapshot barrier held writes for %d us", msg.device, held)
             chan.send(workermsg.Attached(msg.device, held, msg.req))
+        elif isinstance(msg, workermsg.Hold):
+            try:
+                token, drain_us = backend.cow.hold(msg.sync)
+            except OSError as e:  # HoldError, or the volume's sync failed
+                chan.send(workermsg.Refused("", e.errno or errno.EIO, f"cannot hold the write gate: {e.strerror or e}", msg.req))
+                continue
+            chan.send(workermsg.Held(token, drain_us, msg.req))
+        elif isinstance(msg, workermsg.Release):
+            held_us, expired = backend.cow.release(msg.token)
+            if not expired:
+                log.info("write gate held for %d us (two-phase barrier)", held_us)
+            chan.send(workermsg.Released(msg.token, held_us, expired, msg.req))
         elif isinstance(msg, workermsg.InvalidRecorded):
             recorder.answered(msg)
         elif isinstance(msg, workermsg.DetachSnapshot):
