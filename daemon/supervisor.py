@@ -84,12 +84,11 @@ class FrontState:
         self.worker: Worker | None = None
 
 
-def nbd_limits(d: configmod.DaemonSection, processes: int = 1) -> nbdserve.Limits:
-    """[daemon] nbd_* for the workers (they read it from their environment). An export served
-    by several processes gives each its share of the connection caps (rounded up)."""
+def nbd_limits(d: configmod.DaemonSection) -> nbdserve.Limits:
+    """[daemon] nbd_* for the workers (they read it from their environment)."""
     return nbdserve.Limits(
-        max_connections=-(-d.nbd_max_connections // processes),
-        max_connections_per_uid=-(-d.nbd_max_connections_per_uid // processes),
+        max_connections=d.nbd_max_connections,
+        max_connections_per_uid=d.nbd_max_connections_per_uid,
         handshake_timeout=d.nbd_handshake_timeout,
         idle_timeout=d.nbd_idle_timeout,
         request_timeout=d.nbd_request_timeout,
@@ -204,10 +203,6 @@ class Supervisor:
         st = VolumeState(section, size, self._listen(section.name), n)
         self.volumes[section.name] = st
         st.cow_fd = cowshare.create(n)
-        env = self.env
-        if n > 1:  # the export's connection caps are split between its processes
-            env = dict(self.env)
-            env[nbdserve.LIMITS_ENV] = msgspec.json.encode(nbd_limits(self.cfg.daemon, n)).decode()
 
         def spawner(index: int):
             def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
@@ -229,9 +224,7 @@ class Supervisor:
 
         for i in range(n):
             key = section.name if n == 1 else f"{section.name} [{i + 1}/{n}]"
-            w = self._worker("volume", key, spawner(i))
-            w.env = env
-            st.workers.append(w)
+            st.workers.append(self._worker("volume", key, spawner(i)))
         # All at once: each re-attaches the recovered snapshots before it serves a write.
         await asyncio.gather(*(w.start() for w in st.workers))
         log.info("volume %s: serving %s (%d bytes) at %s (%s)", section.name, section.path, size, names.nbd_uri(self.rundir, section.name),
