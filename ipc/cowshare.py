@@ -16,9 +16,9 @@ They write the same snapshots' maps, so three things must hold across them:
 * a killed process loses nothing and leaks nothing: every process records the store
   clusters it has reserved and not yet published in its own slot here (written
   under the map's allocation lock, removed once published and counted). A restarted
-  process takes its predecessor's slot (the same index), so what the dead one had in
-  flight is exactly what no live slot names and no entry publishes: reconcile()
-  (workers/cow.py) reclaims that and never another live process's reservation.
+  process takes its predecessor's slot (the same index) and finds there exactly
+  what the dead one had in flight: reconcile() (workers/cow.py) reclaims that, and
+  never another live process's reservation.
   Under durability "power" each slot also says, per snapshot, the lowest store
   cluster it has reserved and not yet written: the commit record's watermark is
   the lowest over every process.
@@ -100,7 +100,17 @@ class CowShare:
         self._mine = (SLOT_BASE + index * SLOT_SIZE) // 4
         self._lock = threading.Lock()  # this process's threads, for its free entries
         self._free: list[int] = []
-        self.reset()
+        # What a killed predecessor in this slot had in flight, per device: its successor
+        # reclaims exactly that (workers/cow.py reconcile()), then takes the slot (reset()).
+        # Until then the slot stays as the dead one left it, so the others' watermark still
+        # sees its reservations.
+        self.predecessor: dict[int, list[tuple[int, int, int]]] = {}
+        u = self._u32
+        e0 = self._mine + ENTRY_BASE // 4
+        for j, tag in enumerate(u[e0 : e0 + 4 * ENTRIES : 4]):
+            if tag:
+                i = e0 + 4 * j
+                self.predecessor.setdefault(tag - 1, []).append((u[i + 1], u[i + 2], u[i + 3]))
 
     def close(self) -> None:
         try:
@@ -124,8 +134,8 @@ class CowShare:
     # -- this process's slot ----------------------------------------------------------
 
     def reset(self) -> None:
-        """A (re)started process: its predecessor's records in this slot are void (its
-        reservations become reclaimable: reconcile() finds them named by no one)."""
+        """Take the slot, once the predecessor's reservations are reclaimed: its records go,
+        this process's start (nothing reserved until then: add() refuses before this)."""
         u = self._u32
         base = self._mine
         u[base] = os.getpid()

@@ -32,15 +32,21 @@ def child(vol: str, map_name: str, store: str, cow_fd: int, index: int, mode: st
     """One volume process: attach the map like workers/volume.py, then act on `mode`."""
     import threading
 
+    from ipc.storeformat import Durability
     from workers import cow as cowmod
+    from workers.storejournal import StoreJournal
 
     share = cowshare.CowShare(cow_fd, index)
     vfd = os.open(vol, os.O_RDWR)
     bfd = os.open(store, os.O_RDWR)
     m = ClusterMap.attach(map_name)
     cw = cowmod.CopyOnWrite(vfd, COUNT * CS, share)
-    t = cowmod.SnapshotTarget("fss0", m, bfd, vfd, share=share)
-    reclaimed, _took = t.reconcile()
+    power = mode.endswith("-power")
+    mode = mode.removesuffix("-power")
+    journal = StoreJournal(bfd, Durability.POWER if power else Durability.NONE, m.table_clusters)
+    t = cowmod.SnapshotTarget("fss0", m, bfd, vfd, journal=journal, share=share)
+    reclaimed, _took = t.reconcile(share.predecessor.get(0, []), cw.cluster_locked(m.cluster_shift))
+    share.reset()
     cw.add(t)
     print(f"ready {reclaimed}", flush=True)
     if mode == "storm":
@@ -144,19 +150,31 @@ def test_two_processes_writing_the_same_clusters_copy_each_once_and_before_it_ch
     assert slots and m.bs_next == tc + len(slots)  # nothing reserved and left unused
 
 
-def test_a_process_killed_mid_copy_leaks_nothing_and_a_live_ones_reservation_is_never_reused(volume):
+@pytest.mark.parametrize("durability", ["none", "power"])
+def test_a_process_killed_mid_copy_leaks_nothing_and_a_live_ones_reservation_is_never_reused(volume, durability):
+    """Also under "power", where the dead one's reservation lies below the live one's: it is
+    handed out again (its store entry cleared first), not left unused."""
     m, tc, store, spawn = volume
-    # Process 1 (stays alive) and process 0 (killed) each stop with a reservation in flight.
-    live = spawn(1, "pause", 10)
-    live_runs = live.stdout.readline().split()[1:]
-    doomed = spawn(0, "pause", 20)
-    doomed_runs = doomed.stdout.readline().split()[1:]
-    assert doomed.reclaimed == 0  # its start-up reconcile left the live reservation alone
+    sfx = "-power" if durability == "power" else ""
+    # Process 1 (stays alive) and process 0 (killed) each stop with a reservation in flight;
+    # under "power" the dead one's is the lower (not the tail of the allocation).
+    if durability == "power":
+        doomed = spawn(0, "pause" + sfx, 20)
+        doomed_runs = doomed.stdout.readline().split()[1:]
+        live = spawn(1, "pause" + sfx, 10)
+        live_runs = live.stdout.readline().split()[1:]
+        assert live.reclaimed == 0  # its start-up reconcile left the other's reservation alone
+    else:
+        live = spawn(1, "pause" + sfx, 10)
+        live_runs = live.stdout.readline().split()[1:]
+        doomed = spawn(0, "pause" + sfx, 20)
+        doomed_runs = doomed.stdout.readline().split()[1:]
+        assert doomed.reclaimed == 0
     assert live_runs and doomed_runs and live_runs != doomed_runs
     os.kill(doomed.pid, signal.SIGKILL)
     doomed.wait(10)
     # Its successor takes slot 0: it reclaims the dead one's two clusters, not the live one's.
-    succ = spawn(0, "all")
+    succ = spawn(0, "all" + sfx)
     assert succ.reclaimed == 2, succ.reclaimed
     # The live one finishes its copy while the successor overwrites the whole volume.
     live.stdin.write("go\n")

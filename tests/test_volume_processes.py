@@ -172,10 +172,11 @@ def test_a_snapshot_drains_writes_in_flight_in_every_process(fssd_factory, shmdi
 def test_sigkill_of_one_process_mid_copy_loses_nothing_and_leaks_no_store_space(fssd_factory, shmdir):
     """Issue 8's check with two processes: ten SIGKILLs (each of one process, the other serving
     on) under first-touch writes from four clients, then the whole volume overwritten: every
-    cluster finds room in a default-size store and the snapshot keeps its instant."""
+    cluster finds room in a default-size store and the snapshot keeps its instant. Under
+    "power": a killed process's reservations lie below the live one's, and are reused too."""
     size = 64 * MiB
     f = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "64M", "processes": 2}],
-                     extra='max_restarts = 100\ndurability = "process"')
+                     extra="max_restarts = 100")  # durability "power", the default
     base = shmdir / "base.img"
     with open(base, "wb") as fh:
         fh.write(os.urandom(size))

@@ -118,25 +118,46 @@ class SnapshotTarget:
     def _shared_low(self) -> int:
         """"power", just before a sync: every store cluster below this, in any process, is either
         not handed out or written (bs_next read under the allocation lock, so no reservation is
-        half made)."""
+        half made; free runs count as not written: they are handed out again)."""
         with self._allocating():
-            return min(self.map.bs_next, self.share.lowest(self._devno))
+            m = self.map
+            return min(m.bs_next, self.share.lowest(self._devno), *(f for f, _n in m.free_runs()))
 
-    def reconcile(self) -> tuple[int, float]:
+    def reconcile(self, dead: list[tuple[int, int, int]] = (), locked: Callable[[int], object] | None = None) -> tuple[int, float]:
         """A restarted volume worker, before serving: make the allocation what is published.
 
-        The copy count becomes the number of entries set (less those another live process
-        published and has yet to count), the next free cluster follows the last one in use
-        or reserved by a live process, and clusters below it that no entry names and no live
-        process has reserved (reserved by a process killed mid-copy) are handed out again
-        first. Returns (clusters reclaimed, seconds)."""
+        `dead`: what the killed process this one succeeds had reserved and not published
+        (first store cluster, count, first volume cluster: its slot in the shared segment);
+        `locked(c)`: a context holding volume cluster c's stripe lock.
+
+        Store entries the dead process wrote for those clusters (never published) are
+        cleared first, under the stripe lock (a live writer of the cluster may be writing
+        its own entry), and under "power" synced, so no entry ever names a cluster that is
+        handed out again. Then the copy count becomes the number of entries set (less
+        those another live process published and has yet to count), and the clusters no
+        entry publishes and no live process has in flight are handed out again first: under
+        "process"/"none" every such gap below the last cluster in use (the next free
+        cluster follows it), under "power" only the dead process's own reservations (other
+        gaps may lie below the commit record's watermark on disk, where recovery trusts a
+        copy without re-reading it; the next free cluster stays). Returns (clusters
+        reclaimed, seconds)."""
         t0 = time.monotonic()
         m = self.map
         t = m.table
         tc = m.table_clusters
+        power = self.journal.power
+        cleared = 0
+        for first, n, c0 in dead:
+            for i in range(n):
+                with locked(c0 + i) if locked is not None else contextlib.nullcontext():
+                    if not t[c0 + i] and self.journal.clear_stale(c0 + i, first + i):
+                        cleared += 1
+        if cleared and power:
+            os.fdatasync(self.bs_fd)  # before any of them can be handed out again
         with self._allocating():
             before = m.bs_next
-            free_before = sum(n for _s, n in m.free_runs())
+            free = m.free_runs()
+            free_before = sum(n for _s, n in free)
             # The others' reservations first, then the table: a reservation published and
             # dropped meanwhile is then seen in the table.
             others = self.share.in_flight(self._devno) if self.share is not None else []
@@ -146,21 +167,34 @@ class SnapshotTarget:
             if used and (min(used) < tc or (m.bs_limit and top > m.bs_limit)):
                 raise ValueError("cluster map names backing-store clusters outside the store")
             holes: list[list[int]] = []
-            if len(used) != top - tc:  # gaps below the last copy: find them
-                taken = bytearray(top - tc)
+            if power:
+                top = before
+                if dead:
+                    taken = set(used)
+                    for first, n, _c in others:
+                        taken.update(range(first, first + n))
+                    for f, n in free:
+                        taken.update(range(f, f + n))
+                    back = sorted(k for first, n, _c in dead for k in range(first, first + n) if tc <= k < before and k not in taken)
+                    holes = [list(r) for r in free]
+                    for k in back:
+                        if holes and holes[-1][0] + holes[-1][1] == k:
+                            holes[-1][1] += 1
+                        else:
+                            holes.append([k, 1])
+                else:
+                    holes = free
+            elif len(used) != top - tc:  # gaps below the last copy: find them
+                taken_b = bytearray(top - tc)
                 for k in used:
-                    taken[k - tc] = 1
+                    taken_b[k - tc] = 1
                 for first, n, _c in others:
-                    taken[first - tc : first - tc + n] = b"\1" * n
-                pos = taken.find(0)
+                    taken_b[first - tc : first - tc + n] = b"\1" * n
+                pos = taken_b.find(0)
                 while pos >= 0:
-                    end = taken.find(1, pos)
+                    end = taken_b.find(1, pos)
                     holes.append([tc + pos, end - pos])
-                    pos = taken.find(0, end)
-            if self.journal.power:
-                # Never reused under "power": they may lie below the commit record's watermark on
-                # disk, where recovery trusts a copy without re-reading it.
-                holes = []
+                    pos = taken_b.find(0, end)
             lost = m.set_free_runs(holes)
             if lost:
                 log.warning("%s: %d reclaimed backing-store clusters in too many runs stay unused", self.device, lost)
@@ -590,6 +624,10 @@ class CopyOnWrite:
         for t in needing:
             with self._stripe_locks(t.map.cluster_shift, offset, length):
                 t.copy(offset, length)
+
+    def cluster_locked(self, cluster_shift: int) -> Callable[[int], object]:
+        """c -> a context holding volume cluster c's stripe lock (for reconcile())."""
+        return lambda c: self._stripe_locks(cluster_shift, c << cluster_shift, 1 << cluster_shift)
 
     @contextlib.contextmanager
     def _stripe_locks(self, cluster_shift: int, offset: int, length: int):

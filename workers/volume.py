@@ -194,7 +194,7 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
     fd = os.open(settings.path, os.O_RDWR | os.O_CLOEXEC)
     share = None
     if settings.cow_fd >= 0:
-        # Taking this process's slot voids a killed predecessor's records in it, before reconcile().
+        # This process's slot still holds what a killed predecessor had in flight: reconcile() below.
         share = CowShare(settings.cow_fd, settings.index)
         os.close(settings.cow_fd)
     backend = VolumeBackend(fd, settings.size, share)
@@ -213,9 +213,13 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
                 log.critical("%s: the invalid state is recorded nowhere on disk; the volume is served regardless", s.device)
             lost.append(workermsg.Refused(s.device, getattr(e, "errno", None) or errno.EIO, why))
             continue
-        reclaimed, took = t.reconcile()  # what a killed predecessor reserved but never published
+        # What a killed predecessor reserved but never published (its records in our slot).
+        dead = share.predecessor.get(t._devno, []) if share is not None else []
+        reclaimed, took = t.reconcile(dead, backend.cow.cluster_locked(t.map.cluster_shift))
         backend.cow.add(t)
         log.info("%s: re-attached (%d clusters copied so far, %d reserved but unused reclaimed, %.0f ms)", s.device, t.map.copies, reclaimed, took * 1000)
+    if share is not None:
+        share.reset()  # the predecessor's reservations are reclaimed: the slot is ours now
     listener = socket.socket(fileno=settings.listen_fd)
     server = Server(listener, nbd.Export(settings.name, settings.size, False, f"fssd volume {settings.name}"), backend)
     if settings.processes > 1:
