@@ -24,7 +24,7 @@ import asyncio
 import errno
 import logging
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import msgspec
 
@@ -41,24 +41,34 @@ class Member(NamedTuple):
     worker: Worker
     attach: workermsg.AttachSnapshot  # req, hold and when_ns are filled in here
     fds: list[int]  # travel with the attach (the backing store's descriptor)
+    # Told how this member's attach went, whatever then happens to the barrier: the worker's
+    # Attached or Refused, or None when the outcome is unknown (no answer, worker gone).
+    on_attach: Callable[[workermsg.Attached | workermsg.Refused | None], None] | None = None
 
 
 class Result(NamedTuple):
     held_us: int  # the longest any worker held its writes
-    instant_ns: int  # the instant stamped on every map
+    instant_ns: int  # the instant stamped on every map (0: one member, stamped by its worker)
 
 
-async def _call(worker: Worker, msg, fds: list[int], what: str, timeout: float):
+async def _call(worker: Worker, msg, fds: list[int], what: str, timeout: float, told=None):
     """One answer, or ControlError. A worker that does not answer is restarted: whether it
-    acted is unknown, and a restarted one re-attaches only snapshots that are ACTIVE."""
+    acted is unknown, and a restarted one re-attaches only snapshots that are ACTIVE.
+    `told`: a Member's on_attach, given the outcome."""
     try:
         reply = await worker.call(msg, fds, timeout)
     except asyncio.TimeoutError:
+        if told:
+            told(None)
         log.error("%s: volume worker %s did not answer the barrier in %.0f s; restarting it", what, worker.key, timeout)
         worker.kill()
         raise ControlError(errno.EIO, f"{what}: volume worker {worker.key} did not answer in time") from None
     except WorkerGone as e:
+        if told:
+            told(None)
         raise ControlError(errno.EIO, f"{what}: volume worker {worker.key} is gone: {e}") from None
+    if told and isinstance(reply, (workermsg.Attached, workermsg.Refused)):
+        told(reply)
     if isinstance(reply, workermsg.Refused):
         raise ControlError(reply.errno, f"{what}: {reply.reason}")
     return reply
@@ -76,14 +86,13 @@ async def _gather(calls) -> tuple[list, ControlError | None]:
 async def run(members: list[Member], sync: bool = False, timeout: float = TIMEOUT) -> Result:
     """The barrier across `members` (at least one). `sync`: fdatasync each volume at the hold
     (durability "power"). Raises ControlError with nothing attached and every gate open."""
-    if len(members) == 1:
+    if len(members) == 1:  # the worker stamps the instant inside its own barrier
         m = members[0]
-        when = time.time_ns()
-        msg = msgspec.structs.replace(m.attach, req=m.worker.next_req(), when_ns=when)
-        reply = await _call(m.worker, msg, m.fds, m.attach.device, timeout)
+        msg = msgspec.structs.replace(m.attach, req=m.worker.next_req())
+        reply = await _call(m.worker, msg, m.fds, m.attach.device, timeout, m.on_attach)
         if not isinstance(reply, workermsg.Attached):
             raise ControlError(errno.EIO, f"{m.attach.device}: unexpected answer {type(reply).__name__} to the barrier")
-        return Result(reply.barrier_us, when)
+        return Result(reply.barrier_us, 0)
     workers = list({id(m.worker): m.worker for m in members}.values())  # one hold per process
     label = ", ".join(m.attach.device for m in members)
     held, failed = await _gather(_call(w, workermsg.Hold(sync, w.next_req()), [], label, timeout) for w in workers)
@@ -94,7 +103,7 @@ async def run(members: list[Member], sync: bool = False, timeout: float = TIMEOU
         if failed is None:
             replies, failed = await _gather(
                 _call(m.worker, msgspec.structs.replace(m.attach, req=m.worker.next_req(), hold=tokens[id(m.worker)], when_ns=when),
-                      m.fds, m.attach.device, timeout)
+                      m.fds, m.attach.device, timeout, m.on_attach)
                 for m in members)
             attached = [m for m, r in zip(members, replies) if isinstance(r, workermsg.Attached)]
         if failed is not None:
@@ -113,7 +122,10 @@ async def run(members: list[Member], sync: bool = False, timeout: float = TIMEOU
             raise release_failed
         raise ControlError(errno.ETIMEDOUT, f"{label}: the write gate of {', '.join(expired)} opened by itself before the barrier "
                                             "was complete; snapshots not taken, try again")
-    return Result(max(r.held_us for r in released), when)
+    held_us = max(r.held_us for r in released)
+    log.debug("%s: barrier across %d volume worker(s): drains took up to %d us, writes held up to %d us", label, len(workers),
+              max(h.drain_us for h in held), held_us)
+    return Result(held_us, when)
 
 
 async def _detach(members: list[Member]) -> None:

@@ -47,7 +47,7 @@ RESERVED = 16  # of MAX_CONNECTIONS, only for root
 MAX_PER_UID = 8  # any one uid but root
 FRAME_TIMEOUT = 5.0
 IDLE_TIMEOUT = 60.0
-MAX_FDS = 2  # per request (a Configure: the store and its directory)
+MAX_FDS = 2 * control.SET_MAX  # per request (a Configure: the store and its directory; a ConfigureSet: each member's)
 _RECV = 65536
 
 
@@ -281,7 +281,7 @@ class ControlServer:
                 if was_idle and codec.buffered and not first:
                     deadline = time.monotonic() + lim.frame_timeout  # a request has begun: it must finish soon
                 for req in msgs:
-                    n = getattr(req, "nfds", 0) if isinstance(req, control.Configure) else 0
+                    n = control.declared_fds(req)
                     claimed, rest = fds[:n], fds[n:]
                     fds = []
                     for fd in rest:  # descriptors no request declared

@@ -5,6 +5,11 @@ create the all-clear map in shared memory, suspend the volume's file systems
 (daemon.suspend: FIFREEZE, as fss suspends; with -C, CHECK + FREEZE through
 the VSS broker instead), ask the volume worker for the barrier, thaw, then
 start the `fssN` worker that serves the snapshot.
+
+A snapshot set (several volumes, one instant) is the same with several
+members: each store checked and its table and map made, then one freeze or
+suspend for all their volumes and one barrier across their volume workers
+(daemon.barrier), all configured or none. A single snapshot is a set of one.
 """
 
 from __future__ import annotations
@@ -195,7 +200,7 @@ class SnapshotManager:
         all their volumes, one barrier across their volume workers; all configured, or none."""
         try:
             members = req.members
-            if not 2 <= len(members) <= len(self.devices()) or any(
+            if not 2 <= len(members) <= min(len(self.devices()), control.SET_MAX) or any(
                     m.nfds not in (1, 2) or (m.nfds == 2) != bool(m.name) or "/" in m.name for m in members) \
                     or len(fds) != sum(m.nfds for m in members):
                 raise ControlError(errno.EINVAL, "a snapshot set is 2 or more members, each with its backing store's descriptor "
@@ -664,6 +669,14 @@ class SnapshotManager:
             snap.durability = rec.durability
             snap.recovered = time.time()
             snap.set_id, snap.set_members = rec.set_id, list(rec.set_members)
+            if rec.set_id and not rec.set_done:
+                # Its set is complete (statedir.unfinished_sets kept it): say so on disk too, so
+                # that unconfiguring the member that was marked done never drops this one.
+                rec = msgspec.structs.replace(rec, set_done=True)
+                try:
+                    await self.host.offload(self.host.state.save, rec)
+                except OSError as e:
+                    log.error("%s: cannot update its record (%s)", rec.device, e)
             snap.record = rec
             self.snaps[rec.device] = snap
             if isinstance(res, recovery.Invalid):

@@ -63,12 +63,15 @@ class SetMember(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     nfds: int = 1
 
 
+SET_MAX = 32  # members of one snapshot set at most
+
+
 class ConfigureSet(_Msg, tag="configure-set"):
     """A snapshot set: every member's snapshot of one instant (one VSS freeze or one suspend
     for all their volumes, one barrier across their volume workers), all configured or none.
     Descriptors: each member's, as for Configure, in member order."""
 
-    members: list[SetMember]
+    members: Annotated[list[SetMember], msgspec.Meta(max_length=SET_MAX)]
     unconfig_on_close: bool = False
     consistent: bool = False
     timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
@@ -81,6 +84,15 @@ class Unconfigure(_Msg, tag="unconfigure"):
 
 class Status(_Msg, tag="status"):
     pass
+
+
+def declared_fds(req) -> int:
+    """How many descriptors a request says it carries (the control server claims that many)."""
+    if isinstance(req, Configure):
+        return req.nfds
+    if isinstance(req, ConfigureSet):
+        return sum(m.nfds for m in req.members[:SET_MAX])
+    return 0
 
 
 Request = ListSnapshots | ListVolumes | Configure | ConfigureSet | Unconfigure | Status

@@ -511,17 +511,21 @@ class CopyOnWrite:
         with self._hold_lock:
             if self._hold:
                 raise HoldError(errno.EBUSY, "the write gate is held already")
+            token = self._hold_seq + 1
+            # Started before the gate closes: starting a thread can take milliseconds on a busy
+            # machine, and writes are not held meanwhile. It counts from here, so the gate is
+            # never closed longer than hold_max, the drain included.
+            timer = threading.Timer(hold_max, self._expire, (token,))
+            timer.daemon = True
+            timer.start()
             t0 = time.perf_counter_ns()
             try:
                 self._gate.close(hold_max)
             except TimeoutError as e:
+                timer.cancel()
                 raise HoldError(errno.ETIMEDOUT, str(e)) from None
-            self._hold_seq += 1
-            token = self._hold_seq
-            timer = threading.Timer(hold_max, self._expire, (token,))
-            timer.daemon = True
+            self._hold_seq = token
             self._hold = (token, t0, timer)
-            timer.start()
         return token, (time.perf_counter_ns() - t0) // 1000
 
     def held(self) -> bool:
@@ -560,13 +564,20 @@ class CopyOnWrite:
                                                      f"{HOLD_MAX:g} s)" if self._expired == token else "the write gate is not held")
                 self._activate(target, when_ns)
             return 0
+        # The whole barrier in this call: nothing to wait for in between, so no bound to keep.
         power = target.journal.power
-        token, _drain = self.hold(sync=power)
-        try:
-            self._activate(target, when_ns)
-        finally:
-            held, _expired = self.release(token)
-        return held
+        if power:  # the instant must be on disk: most of it now, the rest inside the gate
+            os.fdatasync(self.fd)
+        with self._hold_lock:
+            if self._hold:
+                raise HoldError(errno.EBUSY, "the write gate is held already")
+            t0 = time.perf_counter_ns()
+            self._gate.close()
+            try:
+                self._activate(target, when_ns)
+            finally:
+                self._gate.open()
+        return (time.perf_counter_ns() - t0) // 1000
 
     def _activate(self, target: SnapshotTarget, when_ns: int | None) -> None:
         """Inside the closed gate: no write is in flight."""

@@ -1,6 +1,7 @@
 """fssconfig: configure, unconfigure and list fssd snapshot devices, as NetBSD's fssconfig(8).
 
 usage: fssconfig [-Ccxv] [-t timeout] [--no-suspend] device path backup [cluster [size]]
+       fssconfig [-Ccxv] [-t timeout] [--no-suspend] device path backup device path backup ...
        fssconfig -u [-v] device
        fssconfig -l [-v] [--json] [device]
        fssconfig --volumes [-v] [--json]
@@ -26,6 +27,7 @@ from daemon.units import humanize, strsuftoll
 
 PROG = "fssconfig"
 USAGE = """usage: fssconfig [-Ccxv] [-t timeout] [--no-suspend] [-r rundir] device path backup [cluster [size]]
+       fssconfig [-Ccxv] [-t timeout] [--no-suspend] [-r rundir] device path backup device path backup ...
        fssconfig -u [-v] [-r rundir] device
        fssconfig -l [-v] [--json] [-r rundir] [device]
        fssconfig --volumes [-v] [--json] [-r rundir]"""
@@ -34,6 +36,9 @@ HELP = USAGE + """
 Configure, unconfigure and list fssd snapshot devices (fssN), as NetBSD's
 fssconfig(8). `path` is a volume name, mountpoint or image path; `backup` a
 file, a directory or a raw block device; `cluster` and `size` take k/M/G.
+Two or more `device path backup` triples take a snapshot set: one snapshot
+of each volume at one instant (one VSS freeze or suspend, one barrier), all
+configured or none; each with the default cluster size and store limit.
 
 options:
   -C                take the snapshot application-consistently (VSS CHECK,
@@ -75,6 +80,8 @@ def format_snapshot(s: control.SnapshotInfo, verbose: bool) -> str:
         if s.unconfig_on_close:
             line += ", unconfig on close"
         line += f", {s.cluster_count} cluster of {humanize(s.cluster_size)}, {humanize(s.bs_clusters * s.cluster_size)} backup"
+    if s.set_id:
+        line += f", set {s.set_id}"
     if s.state == "invalid":
         line += f", invalid: {s.error}"
     elif s.state != "active":
@@ -95,6 +102,8 @@ def format_snapshot(s: control.SnapshotInfo, verbose: bool) -> str:
         consistency = _consistency(s)
         if consistency:
             line += f"\n    {consistency}"
+        if s.set_id:
+            line += f"\n    snapshot set {s.set_id}: {', '.join(s.set_members)}, one instant"
     return line
 
 
@@ -229,7 +238,9 @@ def _main(argv: list[str]) -> int:
         return 0
 
     # configure (the default action)
-    if len(args) < 3 or len(args) > 5:
+    if len(args) >= 6:
+        return _configure_set(client, args, unlink, uoc, consistent, timeout, no_suspend, verbose)
+    if len(args) < 3:
         raise Usage("")
     device, path, backup = args[:3]
     cluster = strsuftoll("cluster size", args[3], 0, 2**31 - 1) if len(args) > 3 else 0
@@ -280,6 +291,68 @@ def _main(argv: list[str]) -> int:
         print(f"{device}: {snap.note}")
     if verbose:
         print(format_snapshot(reply.snapshot, True))
+    return 0
+
+
+def _configure_set(client: ControlClient, args: list[str], unlink: bool, uoc: bool, consistent: bool,
+                   timeout: float | None, no_suspend: bool, verbose: bool) -> int:
+    """Several `device path backup` triples: one snapshot set. Every store is opened (or made)
+    here before fssd is asked; any trouble removes what was made and configures nothing."""
+    if len(args) % 3:
+        raise Usage(f"{len(args)} arguments: a snapshot set is `device path backup` triples "
+                    "(cluster and size only with a single device)")
+    triples = [args[i:i + 3] for i in range(0, len(args), 3)]
+    if len(triples) > control.SET_MAX:
+        raise Usage(f"a snapshot set has at most {control.SET_MAX} members")
+    devices = [t[0] for t in triples]
+    for d in devices:
+        if devices.count(d) > 1:
+            raise Usage(f"{d} twice in one snapshot set")
+    paths = [os.path.abspath(t[1]) if "/" in t[1] else t[1] for t in triples]
+    for p in paths:
+        if paths.count(p) > 1:
+            raise Usage(f"{p} twice in one snapshot set (one snapshot per volume)")
+    sock = client.connect()
+    stores: list = []
+    ok = False
+    try:
+        for _device, _path, backup in triples:
+            try:
+                stores.append(storeopen.open_store(backup))
+            except storeopen.StoreError as e:
+                return _die(str(e))
+        members, fds = [], []
+        for (device, _p, backup), path, store in zip(triples, paths, stores):
+            keep_name = store.created and not store.nameless and not unlink
+            members.append(control.SetMember(device=device, path=path, backup=os.path.abspath(backup), unlink=unlink or store.nameless,
+                                             name=store.name if keep_name else "", nfds=2 if keep_name else 1))
+            fds += [store.fd, store.dirfd] if keep_name else [store.fd]
+        req = control.ConfigureSet(members=members, unconfig_on_close=uoc, consistent=consistent, timeout=timeout, no_suspend=no_suspend)
+        reply = _expect(client.request(req, fds, sock), control.ConfiguredSet)
+        ok = True
+        if unlink:
+            for (_d, _p, backup), store in zip(triples, stores):
+                storeopen.unlink_name(store, backup)
+    finally:
+        for store in stores:
+            if not ok:
+                storeopen.remove_created(store)  # files made for a set that was not configured
+            storeopen.close(store)
+        sock.close()
+    devs = ", ".join(s.device for s in reply.snapshots)
+    if consistent:
+        how = f"application-consistent snapshot set, freeze window {reply.freeze_window_ms:.1f} ms"
+    elif reply.suspend_window_ms is not None:
+        mounts = [m for s in reply.snapshots for m in s.suspended]
+        how = f"file-system-consistent snapshot set, suspended {', '.join(mounts)} for {reply.suspend_window_ms:.1f} ms"
+    else:
+        how = "snapshot set"
+    print(f"set {reply.set_id}: {devs}: {how}, barrier {reply.barrier_us} us")
+    for s in reply.snapshots:
+        if verbose and s.note:
+            print(f"{s.device}: {s.note}")
+        if verbose:
+            print(format_snapshot(s, True))
     return 0
 
 
