@@ -69,11 +69,6 @@ class VolumeState:
         """The first process (its pid stands for the volume where one number is shown)."""
         return self.workers[0] if self.workers else None
 
-    @property
-    def alive(self) -> bool:
-        """Every process is up: a barrier needs all of them."""
-        return bool(self.workers) and all(w.alive for w in self.workers)
-
 
 class FrontState:
     """A [[listen]] table: the TCP listening socket (kept here across restarts) and its front worker."""

@@ -51,6 +51,7 @@ SLOT_SIZE = 32 * 1024
 LOWS = 1023  # devices fss0..fss1022 (the config allows 64)
 ENTRY_BASE = 4096  # within a slot
 ENTRIES = (SLOT_SIZE - ENTRY_BASE) // 16
+RUNS_MAX = 4  # store runs one reservation may take (reclaimed runs, then the end): entries claimed per copy
 NONE = 0xFFFFFFFF
 LOCK_BASE = 1 << 40  # lock bytes far past the data: a lock range never meets the mapping
 MAX_PROCESSES = 256
@@ -100,6 +101,7 @@ class CowShare:
         self._mine = (SLOT_BASE + index * SLOT_SIZE) // 4
         self._lock = threading.Lock()  # this process's threads, for its free entries
         self._free: list[int] = []
+        self._has_room = threading.Condition(self._lock)
         # What a killed predecessor in this slot had in flight, per device: its successor
         # reclaims exactly that (workers/cow.py reconcile()), then takes the slot (reset()).
         # Until then the slot stays as the dead one left it, so the others' watermark still
@@ -145,14 +147,20 @@ class CowShare:
         with self._lock:
             self._free = list(range(ENTRIES - 1, -1, -1))
 
-    def add(self, device: int, first: int, count: int, c0: int) -> int:
-        """Record a reservation (the caller holds the map's allocation lock); its handle, or -1
-        when ENTRIES reservations are in flight already (more threads than that copying at once:
-        never waits under the allocation lock; such a reservation is only lost to a kill)."""
+    def claim(self, k: int) -> list[int]:
+        """k free entries for reservations about to be made, waiting while this process has
+        ENTRIES in flight already (called before the allocation lock, never under it: a
+        reservation must always be recorded, or another process's reconcile() would take its
+        clusters for a killed process's)."""
         with self._lock:
-            if not self._free:
-                return -1
-            slot = self._free.pop()
+            while len(self._free) < k:
+                self._has_room.wait()
+            got = self._free[-k:]
+            del self._free[-k:]
+            return got
+
+    def add(self, slot: int, device: int, first: int, count: int, c0: int) -> int:
+        """Record a reservation in a claimed entry (the caller holds the map's allocation lock)."""
         i = self._mine + ENTRY_BASE // 4 + 4 * slot
         u = self._u32
         u[i + 1], u[i + 2], u[i + 3] = first, count, c0
@@ -160,12 +168,12 @@ class CowShare:
         return slot
 
     def remove(self, slot: int) -> None:
-        """The reservation is published and counted (the caller holds the allocation lock)."""
-        if slot < 0:
-            return
+        """The reservation is published and counted (the caller holds the allocation lock), or a
+        claimed entry was not needed."""
         self._u32[self._mine + ENTRY_BASE // 4 + 4 * slot] = 0
         with self._lock:
             self._free.append(slot)
+            self._has_room.notify_all()
 
     def in_flight(self, device: int, others_only: bool = True) -> list[tuple[int, int, int]]:
         """(first store cluster, count, first volume cluster) reserved and not yet published by

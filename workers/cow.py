@@ -48,7 +48,7 @@ from typing import Callable
 
 from ipc import storeformat
 from ipc.clustermap import ClusterMap, span
-from ipc.cowshare import CowShare, device_number
+from ipc.cowshare import RUNS_MAX, CowShare, device_number
 from workers import fileio, spawned
 from workers.storejournal import StoreJournal
 
@@ -210,7 +210,7 @@ class SnapshotTarget:
         runs: list[tuple[int, int]] = []
         holes = m.free_runs() if n else []
         if holes:
-            while n and holes:
+            while n and holes and len(runs) < RUNS_MAX - 1:  # the end takes the rest: at most RUNS_MAX
                 start, count = holes[-1]
                 take = min(count, n)
                 runs.append((start, take))
@@ -256,15 +256,18 @@ class SnapshotTarget:
                 c += 1
             n = c - start
             held: list[int] = []
+            claimed = self.share.claim(RUNS_MAX) if self.share is not None else []
             with self._allocating():
                 runs = self._reserve(n)
                 if runs is not None:
                     first = start
                     for dest, k in runs:
                         journal.reserved(dest, k)
-                        if self.share is not None:  # recorded before anyone else can look
-                            held.append(self.share.add(self._devno, dest, k, first))
+                        if claimed:  # recorded before anyone else can look
+                            held.append(self.share.add(claimed.pop(), self._devno, dest, k, first))
                         first += k
+                for e in claimed:  # not needed
+                    self.share.remove(e)
             if runs is None:
                 self.invalidate("backing store full")
                 return
