@@ -74,6 +74,9 @@ def create(processes: int) -> int:
     os.ftruncate(fd, size_for(processes))  # sparse: untouched slots cost nothing
     mm = mmap.mmap(fd, size_for(processes))
     HEADER.pack_into(mm, 0, MAGIC, VERSION, processes)
+    for p in range(processes):  # nothing open yet in any slot (a zero would hold the watermark at 0)
+        off = SLOT_BASE + p * SLOT_SIZE + 4
+        mm[off : off + 4 * LOWS] = b"\xff" * (4 * LOWS)
     mm.close()
     return fd
 

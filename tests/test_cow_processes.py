@@ -187,3 +187,35 @@ def test_a_process_killed_mid_copy_leaks_nothing_and_a_live_ones_reservation_is_
     # Every cluster copied, each into its own store cluster, none left over: nothing leaked.
     assert len(slots) == COUNT and m.bs_next == tc + COUNT, (len(slots), m.bs_next)
     assert m.free_runs() == []
+
+
+def test_a_fresh_segment_holds_no_reservation_and_no_watermark():
+    """Slots of processes not started yet name nothing and hold no watermark down."""
+    fd = cowshare.create(3)
+    try:
+        share = cowshare.CowShare(fd, 1)
+        try:
+            assert share.predecessor == {}
+            assert share.lowest(0) == cowshare.NONE and share.in_flight(0) == []
+            share.reset()
+            e = share.claim(1)[0]
+            share.add(e, 0, 40, 2, 7)
+            share.set_low(0, 40)
+            other = cowshare.CowShare(fd, 2)
+            try:
+                assert other.in_flight(0) == [(40, 2, 7)] and other.lowest(0) == 40
+                assert other.in_flight(1) == [] and other.lowest(1) == cowshare.NONE
+            finally:
+                other.close()
+            share.remove(e)
+            share.set_low(0, None)
+            assert share.in_flight(0, others_only=False) == [] and share.lowest(0) == cowshare.NONE
+        finally:
+            share.close()
+        again = cowshare.CowShare(fd, 1)  # a successor finds nothing left over
+        try:
+            assert again.predecessor == {}
+        finally:
+            again.close()
+    finally:
+        os.close(fd)
