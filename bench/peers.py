@@ -125,14 +125,14 @@ class Fssd:
     """fssd on a generated config; volumes = [(name, path, size_or_None)]."""
 
     def __init__(self, scratch: Scratch, volumes: list[tuple[str, str, str | None]], devices: int = 4, tag: str = "fssd",
-                 env: dict | None = None):
+                 env: dict | None = None, daemon_extra: str = ""):
         self.env = {**os.environ, **(env or {})}  # e.g. PYTHONPATH of a patched tree, for A/B experiments
         self.dir = scratch.tmp / tag
         self.dir.mkdir()
         self.rundir = self.dir / "run"
         self.config = self.dir / "fssd.toml"
         self.log = self.dir / "fssd.log"
-        lines = ["[daemon]", f'rundir = "{self.rundir}"', f'statedir = "{self.dir / "state"}"', f"devices = {devices}", ""]
+        lines = ["[daemon]", f'rundir = "{self.rundir}"', f'statedir = "{self.dir / "state"}"', f"devices = {devices}", daemon_extra, ""]
         for name, path, size in volumes:
             lines += ["[[volume]]", f'name = "{name}"', f'path = "{path}"']
             if size:

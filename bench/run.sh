@@ -4,6 +4,7 @@
 #   bash bench/run.sh [--quick]        (--quick: 1 run each, 3 barrier runs)
 #
 #   bench_nbd.py   issue 2: fssd volume export vs nbdkit file (same 1 GiB image)
+#   bench_clients.py  issue 15: 4 and 64 clients x QD8, fssd (1 and nproc volume processes) vs nbdkit file
 #   bench_snap.py  issue 3: writes with 0/1/4 snapshots vs qemu-storage-daemon
 #                  (copy-before-write + snapshot-access), snapshot reads, barrier
 #   bench_vss.py   VSS freeze window and queue round trip (its own output)
@@ -76,6 +77,8 @@ t0=$(date +%s)
 echo "fssd bench on $(nproc) vCPUs, $(uname -r); $(nbdkit --version 2>/dev/null | head -1); $(qemu-storage-daemon --version | head -1); $(fio --version)"
 step "issue 2: volume export vs nbdkit file (median of $RUNS)" \
     "$PY" bench/bench_nbd.py --runs "$RUNS"
+step "issue 15: many clients vs nbdkit file, 1 and $(nproc) volume processes (median of $RUNS)" \
+    "$PY" bench/bench_clients.py --runs "$RUNS"
 step "issue 3: snapshots vs qemu-storage-daemon (median of $RUNS; barrier $BARRIER_RUNS)" \
     "$PY" bench/bench_snap.py --runs "$RUNS" --barrier-runs "$BARRIER_RUNS"
 if [ -f bench/bench_vss.py ]; then

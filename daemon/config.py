@@ -16,6 +16,7 @@ from ipc.listenpolicy import ListenSection, parse_address
 
 DEFAULT_CONFIG = "/etc/fssd/fssd.toml"
 MAX_DEVICES = 64
+MAX_PROCESSES = 64  # per volume
 MIN_NBD_BUFFER = 64 << 20
 
 
@@ -54,6 +55,9 @@ class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Change tracking: how many generation maps each tracked volume keeps (a snapshot can say
     # what changed since any of the last track_generations - 1 snapshots of its volume).
     track_generations: int = 64
+    # Processes serving each volume (all accept on its socket and share the copy-on-write
+    # locks and allocation); a volume's own `processes` overrides it.
+    volume_processes: int = 1
 
     def __post_init__(self):
         if not 1 <= self.devices <= MAX_DEVICES:
@@ -75,6 +79,8 @@ class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("nbd_request_timeout must be between 0 and 3600 seconds")
         if parse_size(self.nbd_buffer_limit) < MIN_NBD_BUFFER:
             raise ValueError("nbd_buffer_limit must be at least 64M (one 32 MiB WRITE and room to read ahead)")
+        if not 1 <= self.volume_processes <= MAX_PROCESSES:
+            raise ValueError(f"volume_processes must be between 1 and {MAX_PROCESSES}")
         # -- durability --
         if not os.path.isabs(self.statedir):
             raise ValueError("statedir must be an absolute path")
@@ -95,8 +101,12 @@ class VolumeSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     mountpoint: str | None = None
     # Changed-block tracking: every snapshot can say which clusters changed since an earlier one.
     track: bool = True
+    # Processes serving this volume; default [daemon] volume_processes.
+    processes: int | None = None
 
     def __post_init__(self):
+        if self.processes is not None and not 1 <= self.processes <= MAX_PROCESSES:
+            raise ValueError(f"processes must be between 1 and {MAX_PROCESSES}")
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name.startswith("fss"):
             raise ValueError("name must be letters, digits, '-', '_' or '.', and must not start with 'fss'")
         if not os.path.isabs(self.path):
@@ -151,6 +161,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         """What the broker may freeze: [vss] freeze, else every volume's mountpoint (never /)."""
         mounts = self.vss.freeze if self.vss.freeze is not None else [v.mountpoint for v in self.volume if v.mountpoint]
         return [m for m in mounts if os.path.realpath(m) != "/"]
+
+    def processes_for(self, vol: VolumeSection) -> int:
+        """How many processes serve this volume."""
+        return vol.processes if vol.processes is not None else self.daemon.volume_processes
 
 
 def _check_volumes(cfg: Config) -> None:

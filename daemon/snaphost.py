@@ -29,7 +29,8 @@ class VolumeSection(Protocol):
 
 
 class Volume(Protocol):
-    """A served volume as the manager sees it: its config, size and (live) worker."""
+    """A served volume as the manager sees it: its config, size and (live) worker; a volume
+    served by several processes also has `workers` (every one of them; `worker` is the first)."""
 
     section: VolumeSection
     size: int

@@ -245,7 +245,7 @@ class SnapshotManager:
                         raise ControlError(errno.ENOENT, f"{r.path}: no such volume (give a volume name, its mountpoint or its image path)")
                     if any(v is vol for v in vols):
                         raise ControlError(errno.EINVAL, f"{r.path}: volume {vol.section.name} twice in one snapshot set")
-                    if vol.worker is None or not vol.worker.alive:
+                    if not _processes(vol) or not all(w.alive for w in _processes(vol)):
                         raise ControlError(errno.EAGAIN, f"{vol.section.name}: volume worker is not running; try again")
                     vols.append(vol)
                 stores: list[backing.BackingStore] = []
@@ -427,7 +427,7 @@ class SnapshotManager:
             self.snaps.pop(snap.device)
         if snap.worker is not None and snap.worker.alive:
             await snap.worker.stop()
-        await self._detach(m.vol.worker, snap.device)
+        await self._detach(m.vol, snap.device)
         name = snap.map.name
         snap.map.close()
         ClusterMap.unlink(name)
@@ -448,33 +448,40 @@ class SnapshotManager:
         )
 
     async def _barrier(self, members: list["_Member"]) -> int:
-        """One barrier across the members' volume workers (daemon.barrier). A tracked volume's
-        next change map rides along with its attach and is swapped in at the barrier."""
-        got = await barrier.run([self._barrier_member(m) for m in members],
+        """One barrier across the members' volume workers (daemon.barrier), every process serving
+        each volume: all drained before any resumes. A tracked volume's next change map rides
+        along with each process's attach and is swapped in at the barrier."""
+        got = await barrier.run([b for m in members for b in self._barrier_members(m)],
                                 sync=self.host.durability() == "power", timeout=ATTACH_TIMEOUT)
         return got.held_us
 
-    def _barrier_member(self, m: "_Member") -> barrier.Member:
+    def _barrier_members(self, m: "_Member") -> list[barrier.Member]:
+        """One barrier member per process serving the snapshot's volume."""
         snap = m.snap
         nxt = snap.track_next
         fds = [snap.store.fd] + ([nxt[1]] if nxt else [])
         msg = workermsg.AttachSnapshot(snap.device, snap.map.name, track_gen=nxt[0] if nxt else 0, nfds=len(fds))
+        procs = _processes(m.vol)
+        outcomes: list = []
 
         def told(reply) -> None:
-            """The change history follows what the worker did with the map, whatever then
-            happens to the set: an Attached worker swapped it in (the generation moved on, even
-            if the set is rolled back), a Refused one did not, an unknown outcome is settled
-            by the worker's successor."""
-            if snap.track_next is None:
+            """The change history follows what the processes did with the map, whatever then
+            happens to the set. Every one Attached: each swapped it in, the generation moved on
+            (even if the set is rolled back). Every one Refused: none did (the map goes at undo).
+            Anything else (no answer, or some swapped and some not): the generation moves on
+            and the snapshot is handed no id; writes still marked in the old map are within
+            every later question's range, since that generation is nobody's base."""
+            outcomes.append(reply)
+            if len(outcomes) < len(procs) or snap.track_next is None:
                 return
-            if isinstance(reply, workermsg.Attached):
+            if all(isinstance(r, workermsg.Attached) for r in outcomes):
                 g, fd = snap.track_next
                 snap.track_next = None
                 snap.id = self.host.tracks()[snap.volume].advanced(g, fd, snap.map.created_ns)
-            elif reply is None:
+            elif not all(isinstance(r, workermsg.Refused) for r in outcomes):
                 self._track_unknown(snap)
 
-        return barrier.Member(m.vol.worker, msg, fds, told)
+        return [barrier.Member(w, msg, fds, told) for w in procs]
 
     def _track_unknown(self, snap: Snapshot) -> None:
         """The worker may or may not have swapped maps: its successor writes the new one."""
@@ -572,7 +579,12 @@ class SnapshotManager:
                 log.error("%s: VSS THAW reported failure: %s", label, reason)
         return held, window
 
-    async def _detach(self, worker: Worker | None, device: str) -> None:
+    async def _detach(self, vol, device: str) -> None:
+        """Every process of the volume stops copying for `device` (before its store closes)."""
+        if vol is not None:
+            await asyncio.gather(*(self._detach_one(w, device) for w in _processes(vol)))
+
+    async def _detach_one(self, worker: Worker | None, device: str) -> None:
         if worker is None or not worker.alive:
             return
         try:
@@ -690,7 +702,7 @@ class SnapshotManager:
         if snap.worker:
             await snap.worker.stop()
         vol = self.host.volumes().get(snap.volume)
-        await self._detach(vol.worker if vol else None, snap.device)
+        await self._detach(vol, snap.device)
         self._close_listener(snap)
         self.snaps.pop(snap.device, None)
         name = snap.map.name
@@ -907,6 +919,14 @@ class SnapshotManager:
         if snap.map.set_error(f"worker failed repeatedly ({worker.last_error})"):
             log.error("%s: snapshot invalid: worker failed repeatedly (%s)", snap.device, worker.last_error)
         self.host.changed()
+
+
+def _processes(vol) -> list[Worker]:
+    """The processes serving a volume (a host's volume may expose only one, as `worker`)."""
+    ws = getattr(vol, "workers", None)
+    if ws is None:
+        ws = [vol.worker] if vol.worker is not None else []
+    return list(ws)
 
 
 def _sync_and_stamp(store_fd: int, volume_path: str, state: statedir.StateDir, rec: statedir.SnapshotRecord) -> None:

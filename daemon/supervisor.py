@@ -38,7 +38,7 @@ from daemon.version import version
 from daemon.snapshots import SnapshotManager
 from daemon.spares import NO_SPARE_ENV, SparePool
 from daemon.vssgate import ChannelVssGate
-from ipc import control, names, workermsg
+from ipc import control, cowshare, names, workermsg
 from workers import logfmt
 from ipc.control import VolumeInfo, VssInfo, WorkerInfo
 from ipc.listenpolicy import ListenSection
@@ -55,12 +55,21 @@ LOCK_WAIT = 10.0
 
 
 class VolumeState:
-    def __init__(self, section: configmod.VolumeSection, size: int, listener: socket.socket):
+    def __init__(self, section: configmod.VolumeSection, size: int, listener: socket.socket, processes: int = 1):
         self.section = section
         self.size = size
         self.listener = listener
-        self.worker: Worker | None = None
+        self.processes = processes
+        # The processes serving it, all accepting on `listener` (index i is `[i+1/N]`).
+        self.workers: list[Worker] = []
+        # Their shared copy-on-write segment (ipc/cowshare.py): stripe locks, in-flight reservations.
+        self.cow_fd = -1
         self.failed = False  # gave up restarting
+
+    @property
+    def worker(self) -> Worker | None:
+        """The first process (its pid stands for the volume where one number is shown)."""
+        return self.workers[0] if self.workers else None
 
 
 class FrontState:
@@ -200,30 +209,41 @@ class Supervisor:
             finally:
                 os.close(fd)
         await self._open_track(section, size)
-        st = VolumeState(section, size, self._listen(section.name))
+        n = self.cfg.processes_for(section)
+        st = VolumeState(section, size, self._listen(section.name), n)
         self.volumes[section.name] = st
+        st.cow_fd = cowshare.create(n)
 
-        def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
-            attached = self.snaps.attached_for(section.name)
-            tr = self.tracks.get(section.name)  # its current map, read when the worker (re)starts
-            settings = VolumeSettings(
-                name=section.name,
-                path=section.path,
-                size=st.size,
-                listen_fd=st.listener.fileno(),
-                snapshots=[AttachedSnapshot(d, m, fd) for d, m, fd in attached],
-                track_fd=tr.cur_fd if tr else -1,
-                track_gen=tr.state.current if tr else 0,
-                track_sync=self.cfg.daemon.durability == "power",
-                debug=self.debug,
-                use_syslog=self.use_syslog,
-            )
-            fds = [st.listener.fileno(), *(a[2] for a in attached)] + ([tr.cur_fd] if tr else [])
-            return "workers.volume", msgspec.json.encode(settings).decode(), fds
+        def spawner(index: int):
+            def spawn_args(chan_fd: int) -> tuple[str, str, list[int]]:
+                attached = self.snaps.attached_for(section.name)
+                tr = self.tracks.get(section.name)  # its current map, read when the worker (re)starts
+                settings = VolumeSettings(
+                    name=section.name,
+                    path=section.path,
+                    size=st.size,
+                    listen_fd=st.listener.fileno(),
+                    snapshots=[AttachedSnapshot(d, m, fd) for d, m, fd in attached],
+                    track_fd=tr.cur_fd if tr else -1,
+                    track_gen=tr.state.current if tr else 0,
+                    track_sync=self.cfg.daemon.durability == "power",
+                    index=index,
+                    processes=n,
+                    cow_fd=st.cow_fd,
+                    debug=self.debug,
+                    use_syslog=self.use_syslog,
+                )
+                fds = [st.listener.fileno(), st.cow_fd, *(a[2] for a in attached)] + ([tr.cur_fd] if tr else [])
+                return "workers.volume", msgspec.json.encode(settings).decode(), fds
+            return spawn_args
 
-        st.worker = self._worker("volume", section.name, spawn_args)
-        await st.worker.start()
-        log.info("volume %s: serving %s (%d bytes) at %s (pid %d)", section.name, section.path, size, names.nbd_uri(self.rundir, section.name), st.worker.pid)
+        for i in range(n):
+            key = section.name if n == 1 else f"{section.name} [{i + 1}/{n}]"
+            st.workers.append(self._worker("volume", key, spawner(i)))
+        # All at once: each re-attaches the recovered snapshots before it serves a write.
+        await asyncio.gather(*(w.start() for w in st.workers))
+        log.info("volume %s: serving %s (%d bytes) at %s (%s)", section.name, section.path, size, names.nbd_uri(self.rundir, section.name),
+                 ", ".join(f"pid {w.pid}" for w in st.workers))
 
     async def _open_track(self, section: configmod.VolumeSection, size: int) -> None:
         """The volume's change history, before its worker serves a write (restart rules applied).
@@ -246,8 +266,10 @@ class Supervisor:
 
     async def stop_volume(self, name: str) -> None:
         st = self.volumes.pop(name)
-        if st.worker:
-            await st.worker.stop(STOP_TIMEOUT)
+        await asyncio.gather(*(w.stop(STOP_TIMEOUT) for w in st.workers))
+        if st.cow_fd >= 0:
+            os.close(st.cow_fd)
+            st.cow_fd = -1
         tr = self.tracks.pop(name, None)
         if tr is not None:
             try:  # every map and the volume on disk, then lineage.json says the stop was clean
@@ -423,7 +445,7 @@ class Supervisor:
     # -- status --------------------------------------------------------------------------
 
     def volume_info(self, st: VolumeState) -> VolumeInfo:
-        w = st.worker
+        w = next((x for x in st.workers if x.alive), st.worker)
         return VolumeInfo(
             name=st.section.name,
             path=st.section.path,
@@ -432,13 +454,15 @@ class Supervisor:
             mountpoint=st.section.mountpoint,
             pid=w.pid if w and w.alive else 0,
             uptime=time.monotonic() - w.started if w and w.alive else 0.0,
-            restarts=w.restarts if w else 0,
-            last_error=w.last_error if w else "",
+            restarts=sum(x.restarts for x in st.workers),
+            last_error=next((x.last_error for x in st.workers if x.last_error), ""),
             snapshots=self.snaps.devices_of(st.section.name),
+            processes=st.processes,
+            pids=[x.pid if x.alive else 0 for x in st.workers],
         )
 
     def worker_infos(self) -> list[WorkerInfo]:
-        ws = [st.worker for st in self.volumes.values() if st.worker]
+        ws = [w for st in self.volumes.values() for w in st.workers]
         ws += self.snaps.workers()
         ws += self.spares.workers()
         ws += self.front_workers()

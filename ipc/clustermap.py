@@ -14,7 +14,8 @@ Who writes what (everyone else only reads):
   ------------------  ----------------------------------------------------------
   magic ... bs_limit  the supervisor, once, in create() (fixed from then on)
   table entries       the volume worker (copy-on-write), each entry once
-  bs_next, copies     the volume worker (allocation; reconcile() after a restart)
+  bs_next, copies,    the volume worker processes (allocation; reconcile() after a
+  free runs           restart), under the allocation lock (lock_alloc())
   created_ns, state   the volume worker at the barrier (activate(): ACTIVE);
                       the supervisor sets DESTROYING when it unconfigures
   flags ERROR, error  the volume worker (backing store full / write error) and
@@ -30,6 +31,11 @@ error precisely when the volume worker is dead or failing, so it cannot ask
 that worker to do it; why OFD and not a futex or flock: Python has neither an
 atomic compare-and-set on mmap nor futexes, and the kernel drops an OFD lock
 when its holder dies (SIGKILL included), so a killed writer never wedges it.
+
+A volume served by several processes hands out backing-store clusters from
+the same header: the allocation (bs_next, copies and the free runs a killed
+process left, at FREE_OFFSET) changes only under the allocation lock, an OFD
+lock on another byte range of the segment, held only to hand out clusters.
 """
 
 from __future__ import annotations
@@ -53,6 +59,11 @@ VERSION = 1
 HEADER_SIZE = 4096  # a page, so the table is page aligned
 ERROR_OFFSET = 256
 ERROR_MAX = 256
+# Free runs below bs_next (reserved by a killed process, never published): u32 count, then
+# (first, count) u32 pairs; handed out again first (workers/cow.py reconcile()).
+FREE_OFFSET = 1024
+FREE_MAX = (HEADER_SIZE - FREE_OFFSET - 8) // 8
+ALLOC_LOCK_OFFSET = 8  # the lock byte of the allocation lock (a lock range only: the magic is not written)
 # fss(4)'s FSS_CLUSTER_MAX: the cluster size grows so a map never exceeds 64 MiB.
 CLUSTER_MAX = 1 << 24
 DEFAULT_CLUSTER = 64 * 1024  # fss: MAXPHYS on amd64
@@ -268,6 +279,30 @@ class ClusterMap:
         if self._fd < 0:
             raise ValueError(f"{self.name}: mapped read-only (or closed); cannot set an error")
         fcntl.fcntl(self._fd, _F_OFD_SETLKW, _FLOCK.pack(kind, os.SEEK_SET, ERROR_OFFSET, ERROR_MAX, 0))
+
+    def lock_alloc(self) -> None:
+        """The allocation lock across processes (threads of one process hold their own lock first)."""
+        if self._fd < 0:
+            raise ValueError(f"{self.name}: mapped read-only (or closed); cannot allocate")
+        fcntl.fcntl(self._fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, ALLOC_LOCK_OFFSET, 1, 0))
+
+    def unlock_alloc(self) -> None:
+        fcntl.fcntl(self._fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, ALLOC_LOCK_OFFSET, 1, 0))
+
+    def free_runs(self) -> list[list[int]]:
+        """The free runs [first, count] below bs_next (under the allocation lock)."""
+        n = _U32.unpack_from(self._mm, FREE_OFFSET)[0]
+        raw = struct.unpack_from(f"<{2 * n}I", self._mm, FREE_OFFSET + 8)
+        return [[raw[2 * i], raw[2 * i + 1]] for i in range(n)]
+
+    def set_free_runs(self, runs: list[list[int]]) -> int:
+        """Replace the free runs (under the allocation lock); returns how many clusters did not fit."""
+        kept = runs[-FREE_MAX:]  # room for FREE_MAX runs; more (never seen) stay unused, and are counted
+        lost = sum(c for _f, c in runs[: len(runs) - len(kept)])
+        flat = [x for run in kept for x in run]
+        struct.pack_into(f"<{len(flat)}I", self._mm, FREE_OFFSET + 8, *flat)
+        _U32.pack_into(self._mm, FREE_OFFSET, len(kept))
+        return lost
 
     @property
     def bs_next(self) -> int:

@@ -168,6 +168,8 @@ class VolumeInfo(msgspec.Struct, frozen=True):
     restarts: int = 0
     last_error: str = ""
     snapshots: list[str] = []
+    processes: int = 1  # how many processes serve it
+    pids: list[int] = []  # theirs, in order (0: that one is down)
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):

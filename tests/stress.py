@@ -297,8 +297,9 @@ class Snap:
 
 class Stress:
     def __init__(self, workdir: Path, seed: int, size: int, writers: int, vss: bool, log=print, env: dict | None = None, kinds: tuple = KINDS,
-                 pace: float = 1.0):
+                 pace: float = 1.0, processes: int = 1):
         self.seed = seed
+        self.processes = processes  # volume worker processes serving `data`
         self.pace = pace  # scales the storm's random waits (a short CI slice runs more rounds)
         self.rng = random.Random(seed)
         self.size = size
@@ -311,7 +312,10 @@ class Stress:
         with open(self.image, "wb") as fh:  # version 0 everywhere
             for b in range(self.nblocks):
                 fh.write(block_bytes(0, b))
-        self.f = Fssd(workdir / "fssd", [{"name": "data", "path": str(self.image), "size": size}],
+        vol = {"name": "data", "path": str(self.image), "size": size}
+        if processes > 1:
+            vol["processes"] = processes
+        self.f = Fssd(workdir / "fssd", [vol],
                       # Short VSS timeouts: a broker killed mid-FREEZE costs a round seconds, not a minute.
                       vss={"enabled": vss, "freeze": [], "timeout": 2} if vss else {"enabled": False}, devices=4,
                       extra="max_restarts = 1000")
@@ -471,6 +475,8 @@ class Stress:
             self.after_restart(cut_short)
             return f"{'supervisor' if kind == 'supervisor' else f'all {len(pids)} processes'} (pid {pid})"
         key = {"volume": "data", "broker": None, "snapshot": None, "spare": None}[kind]
+        if kind == "volume" and self.processes > 1:  # one of the volume's processes
+            key = f"data [{self.rng.randrange(self.processes) + 1}/{self.processes}]"
         if kind == "snapshot":
             if not self.snaps:
                 return "snapshot: none configured"
@@ -612,10 +618,10 @@ class Stress:
 
 
 def run_stress(seed: int, rounds: int, writers: int = 6, size: int = 16 << 20, vss: bool = True, log=print, env: dict | None = None, kinds: tuple = KINDS,
-               pace: float = 1.0) -> dict:
+               pace: float = 1.0, processes: int = 1) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fssd-stress-", dir="/dev/shm"))
     try:
-        return Stress(work, seed, size, writers, vss, log, env, kinds, pace).run(rounds)
+        return Stress(work, seed, size, writers, vss, log, env, kinds, pace, processes).run(rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -627,11 +633,12 @@ def main() -> int:
     ap.add_argument("--writers", type=int, default=6)
     ap.add_argument("--size", default="16M", help="volume size (K/M suffix)")
     ap.add_argument("--no-vss", action="store_true", help="no VSS broker (so no broker kills)")
+    ap.add_argument("--processes", type=int, default=1, help="volume worker processes serving the volume")
     args = ap.parse_args()
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     size = int(args.size[:-1]) * mult[args.size[-1].upper()] if args.size[-1].isalpha() else int(args.size)
     t0 = time.monotonic()
-    s = run_stress(args.seed, args.rounds, args.writers, size, not args.no_vss, log=lambda m: print(m, flush=True))
+    s = run_stress(args.seed, args.rounds, args.writers, size, not args.no_vss, log=lambda m: print(m, flush=True), processes=args.processes)
     print(f"seed {s['seed']}: {s['rounds']} rounds in {time.monotonic() - t0:.0f} s; kills: "
           + ", ".join(f"{k} {n}" for k, n in sorted(s["kills"].items())))
     print(f"writes answered {s['writes answered']}, unanswered {s['writes unanswered (connection killed)']}, errors {s['write errors']}; "

@@ -61,3 +61,13 @@ def test_the_check_catches_workers_that_outlive_their_supervisor(tmp_path):
     s = run_stress(seed=5, rounds=1, writers=4, vss=False, env=env, kinds=("supervisor",), log=print)
     assert "a write queued before the supervisor was killed was executed afterwards" in s["loss details"], s["loss details"]
     assert any(d.startswith("volume block 0: holds") for d in s["loss details"]), s["loss details"]
+
+
+def test_a_volume_served_by_two_processes_loses_nothing_when_either_is_killed():
+    """The same storm with the volume's writes spread over two processes: SIGKILLs of either
+    (the other serving on), of a snapshot worker and of the supervisor; every snapshot taken
+    meanwhile is as at its instant, the live volume as acknowledged."""
+    s = run_stress(seed=3, rounds=4, writers=6, vss=False, kinds=("volume", "snapshot", "supervisor"), processes=2, log=print)
+    assert s["losses"] == 0, s["loss details"]
+    assert s["kills"]["volume"] >= 1 and s["kills"]["supervisor"] >= 1, s["kills"]
+    assert s["writes answered"] > 1000 and s["snapshots taken"] >= 1

@@ -12,9 +12,12 @@ Lock contract, all taken here and nowhere else, always in this order:
    barrier (attach/detach) closes it and waits for the writes to drain, so a
    write lands entirely before or entirely after the snapshot's instant;
 2. the stripe locks covering the touched clusters, in index order, only when a
-   snapshot still needs a cluster copied (writers of one cluster queue here);
-3. a target's allocation lock (SnapshotTarget._alloc), held only to hand out
-   backing-store clusters, never across I/O;
+   snapshot still needs a cluster copied (writers of one cluster queue here):
+   a thread lock, then, when other processes serve the volume too, the same
+   stripe's byte lock in the volume's shared segment (ipc/cowshare.py);
+3. a target's allocation lock (SnapshotTarget._alloc, then the map's
+   lock_alloc() across processes), held only to hand out backing-store
+   clusters and count copies, never across I/O;
 4. the map's error lock (ClusterMap.set_error), innermost.
 With no snapshot attached a write costs the gate's counter and, on a tracked volume, one byte
 read of the change map (workers/changemap.py; a granule's first write in a generation marks it,
@@ -28,7 +31,8 @@ fails the live write (fss_error: only the first error acts, logged once).
 
 A volume worker killed between reserving store clusters and publishing them
 leaves those clusters reserved but unused: a restarted worker reconciles the
-allocation with the entries actually published (reconcile()) and reuses them,
+allocation with the entries actually published and the reservations the
+volume's other live processes have in flight (reconcile()) and reuses them,
 so kills never make a snapshot with room for every cluster run out of room.
 """
 
@@ -47,6 +51,7 @@ from typing import Callable
 from ipc import storeformat
 from ipc.clustermap import ClusterMap, span
 from ipc.trackmap import GRANULE_SHIFT as TRACK_SHIFT
+from ipc.cowshare import RUNS_MAX, CowShare, device_number
 from workers import fileio, spawned
 from workers.changemap import ChangeMap
 from workers.storejournal import StoreJournal
@@ -76,7 +81,8 @@ class HoldError(OSError):
 class SnapshotTarget:
     """One attached snapshot as the volume worker sees it."""
 
-    def __init__(self, device: str, cmap: ClusterMap, bs_fd: int, volume_fd: int, journal: StoreJournal | None = None):
+    def __init__(self, device: str, cmap: ClusterMap, bs_fd: int, volume_fd: int, journal: StoreJournal | None = None,
+                 share: CowShare | None = None):
         self.device = device
         self.map = cmap
         self.bs_fd = bs_fd
@@ -85,67 +91,144 @@ class SnapshotTarget:
         self.journal = journal if journal is not None else StoreJournal.for_store(bs_fd, cmap.table_clusters)
         # Local mirror of "usable", so the hot path reads no header.
         self.active = cmap.usable
-        # Backing-store slots are handed out under this lock; the copies run outside it.
+        # Backing-store slots are handed out under this lock (and, when other processes serve
+        # the volume too, the map's allocation lock); the copies run outside it.
         self._alloc = threading.Lock()
-        # Free runs [start, count) below bs_next, left by a killed worker (see reconcile()).
-        self._holes: list[list[int]] = []
+        # The volume's other processes: their in-flight reservations, and where ours are recorded.
+        self.share = share
+        self._devno = device_number(device) if share is not None else -1
+        self._xproc = share is not None and share.processes > 1
+        if share is not None and self.journal.power:
+            # The commit record's watermark must cover every process's open reservations.
+            self.journal.watermark.on_change = lambda low: share.set_low(self._devno, low)
+            if self.journal.group is not None:
+                self.journal.group._before = self._shared_low
         # (device, reason) -> True once the supervisor has the reason on disk; set by the
         # volume worker. Used only when the store's own header can't be flagged.
         self.record_invalid: Callable[[str, str], bool] | None = None
 
-    def reconcile(self) -> tuple[int, float]:
+    @contextlib.contextmanager
+    def _allocating(self):
+        with self._alloc:
+            if not self._xproc:
+                yield
+                return
+            self.map.lock_alloc()
+            try:
+                yield
+            finally:
+                self.map.unlock_alloc()
+
+    def _shared_low(self) -> int:
+        """"power", just before a sync: every store cluster below this, in any process, is either
+        not handed out or written (bs_next read under the allocation lock, so no reservation is
+        half made; free runs count as not written: they are handed out again)."""
+        with self._allocating():
+            m = self.map
+            return min(m.bs_next, self.share.lowest(self._devno), *(f for f, _n in m.free_runs()))
+
+    def reconcile(self, dead: list[tuple[int, int, int]] = (), locked: Callable[[int], object] | None = None) -> tuple[int, float]:
         """A restarted volume worker, before serving: make the allocation what is published.
 
-        The copy count becomes the number of entries set, the next free cluster follows the
-        last one in use, and clusters below it that no entry names (reserved by a worker
-        killed mid-copy) are handed out again first. Returns (clusters reclaimed, seconds)."""
+        `dead`: what the killed process this one succeeds had reserved and not published
+        (first store cluster, count, first volume cluster: its slot in the shared segment);
+        `locked(c)`: a context holding volume cluster c's stripe lock.
+
+        Store entries the dead process wrote for those clusters (never published) are
+        cleared first, under the stripe lock (a live writer of the cluster may be writing
+        its own entry), and under "power" synced, so no entry ever names a cluster that is
+        handed out again. Then the copy count becomes the number of entries set (less
+        those another live process published and has yet to count), and the clusters no
+        entry publishes and no live process has in flight are handed out again first: under
+        "process"/"none" every such gap below the last cluster in use (the next free
+        cluster follows it), under "power" only the dead process's own reservations (other
+        gaps may lie below the commit record's watermark on disk, where recovery trusts a
+        copy without re-reading it; the next free cluster stays). Returns (clusters
+        reclaimed, seconds)."""
         t0 = time.monotonic()
         m = self.map
+        t = m.table
         tc = m.table_clusters
-        before = m.bs_next
-        used = m.published()
-        top = max(used, default=tc - 1) + 1
-        if used and (min(used) < tc or (m.bs_limit and top > m.bs_limit)):
-            raise ValueError("cluster map names backing-store clusters outside the store")
-        holes: list[list[int]] = []
-        if len(used) != top - tc:  # gaps below the last copy: find them
-            taken = bytearray(top - tc)
-            for k in used:
-                taken[k - tc] = 1
-            pos = taken.find(0)
-            while pos >= 0:
-                end = taken.find(1, pos)
-                holes.append([tc + pos, end - pos])
-                pos = taken.find(0, end)
-        if self.journal.power:
-            # Never reused under "power": they may lie below the commit record's watermark on
-            # disk, where recovery trusts a copy without re-reading it.
-            holes = []
-        with self._alloc:
-            self._holes = holes
+        power = self.journal.power
+        cleared = 0
+        for first, n, c0 in dead:
+            for i in range(n):
+                with locked(c0 + i) if locked is not None else contextlib.nullcontext():
+                    if not t[c0 + i] and self.journal.clear_stale(c0 + i, first + i):
+                        cleared += 1
+        if cleared and power:
+            os.fdatasync(self.bs_fd)  # before any of them can be handed out again
+        with self._allocating():
+            before = m.bs_next
+            free = m.free_runs()
+            free_before = sum(n for _s, n in free)
+            # The others' reservations first, then the table: a reservation published and
+            # dropped meanwhile is then seen in the table.
+            others = self.share.in_flight(self._devno) if self.share is not None else []
+            used = m.published()
+            uncounted = sum(1 for first, n, c0 in others for i in range(n) if t[c0 + i] == first + i)
+            top = max([*used, *(first + n - 1 for first, n, _c in others)], default=tc - 1) + 1
+            if used and (min(used) < tc or (m.bs_limit and top > m.bs_limit)):
+                raise ValueError("cluster map names backing-store clusters outside the store")
+            holes: list[list[int]] = []
+            if power:
+                top = before
+                if dead:
+                    taken = set(used)
+                    for first, n, _c in others:
+                        taken.update(range(first, first + n))
+                    for f, n in free:
+                        taken.update(range(f, f + n))
+                    back = sorted(k for first, n, _c in dead for k in range(first, first + n) if tc <= k < before and k not in taken)
+                    holes = [list(r) for r in free]
+                    for k in back:
+                        if holes and holes[-1][0] + holes[-1][1] == k:
+                            holes[-1][1] += 1
+                        else:
+                            holes.append([k, 1])
+                else:
+                    holes = free
+            elif len(used) != top - tc:  # gaps below the last copy: find them
+                taken_b = bytearray(top - tc)
+                for k in used:
+                    taken_b[k - tc] = 1
+                for first, n, _c in others:
+                    taken_b[first - tc : first - tc + n] = b"\1" * n
+                pos = taken_b.find(0)
+                while pos >= 0:
+                    end = taken_b.find(1, pos)
+                    holes.append([tc + pos, end - pos])
+                    pos = taken_b.find(0, end)
+            lost = m.set_free_runs(holes)
+            if lost:
+                log.warning("%s: %d reclaimed backing-store clusters in too many runs stay unused", self.device, lost)
             m.bs_next = top
-            m.copies = len(used)
-        reclaimed = before - top + sum(n for _s, n in holes)
+            m.copies = len(used) - uncounted
+        reclaimed = before - top + sum(n for _s, n in holes) - free_before
         return reclaimed, time.monotonic() - t0
 
     def _reserve(self, n: int) -> list[tuple[int, int]] | None:
         """n store clusters as runs (start, count), reclaimed ones first; None when full.
-        The caller holds self._alloc."""
+        The caller is _allocating()."""
         m = self.map
         runs: list[tuple[int, int]] = []
-        holes = self._holes
-        while n and holes:
-            start, count = holes[-1]
-            take = min(count, n)
-            runs.append((start, take))
-            if take == count:
-                holes.pop()
-            else:
-                holes[-1] = [start + take, count - take]
-            n -= take
+        holes = m.free_runs() if n else []
+        if holes:
+            while n and holes and len(runs) < RUNS_MAX - 1:  # the end takes the rest: at most RUNS_MAX
+                start, count = holes[-1]
+                take = min(count, n)
+                runs.append((start, take))
+                if take == count:
+                    holes.pop()
+                else:
+                    holes[-1] = [start + take, count - take]
+                n -= take
+            m.set_free_runs(holes)
         if n:
             dest = m.bs_next
             if m.bs_limit and dest + n > m.bs_limit:
+                if runs:  # not enough: give back what was taken
+                    m.set_free_runs(m.free_runs() + [list(r) for r in runs])
                 return None
             m.bs_next = dest + n
             runs.append((dest, n))
@@ -176,36 +259,53 @@ class SnapshotTarget:
             while c <= last and not t[c]:
                 c += 1
             n = c - start
-            with self._alloc:
+            held: list[int] = []
+            claimed = self.share.claim(RUNS_MAX) if self.share is not None else []
+            with self._allocating():
                 runs = self._reserve(n)
                 if runs is not None:
+                    first = start
                     for dest, k in runs:
                         journal.reserved(dest, k)
+                        if claimed:  # recorded before anyone else can look
+                            held.append(self.share.add(claimed.pop(), self._devno, dest, k, first))
+                        first += k
+                for e in claimed:  # not needed
+                    self.share.remove(e)
             if runs is None:
                 self.invalidate("backing store full")
                 return
             try:
-                self._copy_runs(start, runs, old, old_base)
-            except OSError as e:
-                self.invalidate("backing store full" if e.errno in _FULL else "write error on backing store", e)
-                return
+                try:
+                    self._copy_runs(start, runs, old, old_base)
+                except OSError as e:
+                    self.invalidate("backing store full" if e.errno in _FULL else "write error on backing store", e)
+                    return
+                finally:
+                    for dest, _k in runs:
+                        journal.written(dest)
+                try:
+                    journal.commit()  # "power": durable before anyone may write these clusters
+                except OSError as e:
+                    self.invalidate("sync of the backing store failed", e)
+                    return
+                # Publish only now: a reader that sees the entry finds the copy complete, and
+                # (under "power") a writer that sees it may overwrite the volume at once.
+                first = start
+                for dest, k in runs:
+                    for i in range(k):
+                        t[first + i] = dest + i
+                    first += k
+                with self._allocating():
+                    m.copies = m.copies + n
+                    for h in held:  # counted: no longer in flight (reconcile() relies on this order)
+                        self.share.remove(h)
+                    held = []
             finally:
-                for dest, _k in runs:
-                    journal.written(dest)
-            try:
-                journal.commit()  # "power": durable before anyone may write these clusters
-            except OSError as e:
-                self.invalidate("sync of the backing store failed", e)
-                return
-            # Publish only now: a reader that sees the entry finds the copy complete, and
-            # (under "power") a writer that sees it may overwrite the volume at once.
-            first = start
-            for dest, k in runs:
-                for i in range(k):
-                    t[first + i] = dest + i
-                first += k
-            with self._alloc:
-                m.copies = m.copies + n
+                if held:  # failed: the snapshot is invalid, the reservation is void
+                    with self._allocating():
+                        for h in held:
+                            self.share.remove(h)
 
     def _copy_runs(self, start: int, runs: list[tuple[int, int]], old: memoryview | None, old_base: int) -> None:
         """Copy volume clusters start.. into the reserved store runs, then write their table
@@ -339,9 +439,12 @@ class CopyOnWrite:
     writes the volume; leaving the block leaves the gate. writing() returns this
     object itself (no allocation per request), so it must be used in a `with`."""
 
-    def __init__(self, volume_fd: int, volume_size: int):
+    def __init__(self, volume_fd: int, volume_size: int, share: CowShare | None = None):
         self.fd = volume_fd
         self.size = volume_size
+        # The volume's shared segment: the stripe locks across processes, when there are others.
+        self.share = share
+        self._xproc = share is not None and share.processes > 1
         self._gate = WriteGate()
         # Writers racing on one cluster are serialised by the stripe that covers it;
         # copies of clusters in other stripes (other connections) go on in parallel.
@@ -550,20 +653,52 @@ class CopyOnWrite:
             with self._stripe_locks(t.map.cluster_shift, offset, length):
                 t.copy(offset, length)
 
+    def cluster_locked(self, cluster_shift: int) -> Callable[[int], object]:
+        """c -> a context holding volume cluster c's stripe lock (for reconcile())."""
+        return lambda c: self._stripe_locks(cluster_shift, c << cluster_shift, 1 << cluster_shift)
+
     @contextlib.contextmanager
     def _stripe_locks(self, cluster_shift: int, offset: int, length: int):
-        """The locks covering these clusters, taken in index order so writers can't deadlock."""
+        """The locks covering these clusters, taken in index order so writers can't deadlock
+        (thread locks, then the same stripes' locks across processes)."""
         first, last = span(cluster_shift + STRIPE_CLUSTERS_SHIFT, offset, length)
         if first == last:  # the common case: one stripe
-            with self._stripes[first % STRIPES]:
-                yield
+            s = first % STRIPES
+            with self._stripes[s]:
+                if not self._xproc:
+                    yield
+                    return
+                self.share.lock_stripes(s, 1)
+                try:
+                    yield
+                finally:
+                    self.share.unlock_stripes(s, 1)
             return
-        locks = [self._stripes[i] for i in sorted({s % STRIPES for s in range(first, min(last, first + STRIPES - 1) + 1)})]
+        order = sorted({s % STRIPES for s in range(first, min(last, first + STRIPES - 1) + 1)})
+        locks = [self._stripes[i] for i in order]
         for lock in locks:
             lock.acquire()
+        runs: list[tuple[int, int]] = []
         try:
+            if self._xproc:
+                for i in order:  # contiguous stripes in one call
+                    if runs and runs[-1][0] + runs[-1][1] == i:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                    else:
+                        runs.append((i, 1))
+                taken = []
+                try:
+                    for r in runs:
+                        self.share.lock_stripes(*r)
+                        taken.append(r)
+                except BaseException:
+                    runs = taken
+                    raise
             yield
         finally:
+            if self._xproc:
+                for r in runs:
+                    self.share.unlock_stripes(*r)
             for lock in locks:
                 lock.release()
 

@@ -84,11 +84,16 @@ class Watermark:
         self._lock = threading.Lock()
         self._open: dict[int, int] = {}  # first store cluster of a reservation -> how many reservations start there
         self._high = start  # the next cluster that would be handed out
+        # Told the lowest open reservation (None: none) after each change, under this lock:
+        # with several processes per volume, published in the process's slot (ipc/cowshare.py).
+        self.on_change: Callable[[int | None], None] | None = None
 
     def opened(self, first: int, n: int) -> None:
         with self._lock:
             self._open[first] = self._open.get(first, 0) + 1
             self._high = max(self._high, first + n)
+            if self.on_change is not None:
+                self.on_change(min(self._open))
 
     def closed(self, first: int) -> None:
         with self._lock:
@@ -97,6 +102,8 @@ class Watermark:
                 self._open[first] = left
             else:
                 self._open.pop(first, None)
+            if self.on_change is not None:
+                self.on_change(min(self._open, default=None))
 
     def low(self) -> int:
         """Every store cluster below this is either not handed out or written and closed."""

@@ -177,6 +177,9 @@ class Server:
         self.requests = 0
         self.errors = 0
         self._warn_accept = RateLimited(log, WARN_EVERY)
+        # Connections taken per wake-up. Processes sharing one listening socket set 1, so a
+        # burst of clients is spread between them instead of landing in whichever woke first.
+        self.accept_batch = 64
         self._warn_refuse = RateLimited(log, WARN_EVERY)
         self._warn_drop = RateLimited(log, 10.0)
         self._warn_budget = RateLimited(log, WARN_EVERY)
@@ -245,7 +248,7 @@ class Server:
 
     def _accept_some(self, backoff: float) -> float:
         """Accept what is waiting; the next back-off (0: none)."""
-        for _ in range(64):
+        for _ in range(self.accept_batch):
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):

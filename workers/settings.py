@@ -39,6 +39,11 @@ class VolumeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     track_fd: int = -1
     track_gen: int = 0
     track_sync: bool = False
+    # Several processes may serve one volume, all accepting on listen_fd: this one's index
+    # (0-based), how many, and the volume's shared copy-on-write segment (ipc/cowshare.py).
+    index: int = 0
+    processes: int = 1
+    cow_fd: int = -1
     debug: bool = False
     use_syslog: bool = False
 

@@ -71,6 +71,19 @@ class StoreJournal:
             n = os.pwrite(self.fd, view, off)
             view, off = view[n:], off + n
 
+    def clear_stale(self, c: int, store_cluster: int) -> bool:
+        """A killed process's reservation is reclaimed: if the store's entry for volume cluster c
+        still names that store cluster (written before the kill, never published), clear it, so
+        no entry names the cluster when it is handed out again. The caller holds c's stripe lock."""
+        if not self.keeps:
+            return False
+        off = sf.entry_offset(c)
+        raw = os.pread(self.fd, sf.ENTRY_SIZE, off)
+        if len(raw) != sf.ENTRY_SIZE or int.from_bytes(raw[:4], "little") != store_cluster:
+            return False
+        os.pwrite(self.fd, bytes(sf.ENTRY_SIZE), off)
+        return True
+
     def written(self, first: int) -> None:
         if self.power:
             self.watermark.closed(first)

@@ -20,6 +20,7 @@ import posix_ipc
 from ipc import nbd, workermsg
 from ipc.channel import Channel
 from ipc.clustermap import ClusterMap
+from ipc.cowshare import CowShare
 from workers import fileio
 from workers.changemap import ChangeMap
 from workers.cow import CopyOnWrite, HoldError, SnapshotTarget
@@ -36,7 +37,7 @@ class VolumeBackend:
 
     read_only = False
 
-    def __init__(self, fd: int, size: int):
+    def __init__(self, fd: int, size: int, share: CowShare | None = None):
         self.fd = fd
         self.size = size
         # Can this volume zero fast (punch holes)? Asked once, past the end, where nothing is touched.
@@ -45,7 +46,8 @@ class VolumeBackend:
         except OSError:
             self.can_punch = False
         # Every change to the volume goes through here (gate, stripe locks, snapshots).
-        self.cow = CopyOnWrite(fd, size)
+        self.share = share
+        self.cow = CopyOnWrite(fd, size, share)
 
     @property
     def targets(self) -> tuple[SnapshotTarget, ...]:
@@ -166,7 +168,7 @@ class InvalidRecorder:
 
 def _attach_target(backend: VolumeBackend, device: str, map_name: str, bs_fd: int, recorder: InvalidRecorder) -> SnapshotTarget:
     cmap = ClusterMap.attach(map_name, writable=True)
-    t = SnapshotTarget(device, cmap, bs_fd, backend.fd)
+    t = SnapshotTarget(device, cmap, bs_fd, backend.fd, share=backend.share)
     t.record_invalid = recorder
     return t
 
@@ -191,7 +193,12 @@ def _recorded_before_serving(chan: Channel, device: str, reason: str) -> bool:
 
 def run(settings: VolumeSettings, chan: Channel) -> int:
     fd = os.open(settings.path, os.O_RDWR | os.O_CLOEXEC)
-    backend = VolumeBackend(fd, settings.size)
+    share = None
+    if settings.cow_fd >= 0:
+        # This process's slot still holds what a killed predecessor had in flight: reconcile() below.
+        share = CowShare(settings.cow_fd, settings.index)
+        os.close(settings.cow_fd)
+    backend = VolumeBackend(fd, settings.size, share)
     # A restart: the snapshots that were active stay active, with their maps as they are.
     lost: list[workermsg.Refused] = []
     recorder = InvalidRecorder(chan)
@@ -207,9 +214,12 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
                 log.critical("%s: the invalid state is recorded nowhere on disk; the volume is served regardless", s.device)
             lost.append(workermsg.Refused(s.device, getattr(e, "errno", None) or errno.EIO, why))
             continue
-        reclaimed, took = t.reconcile()  # what a killed predecessor reserved but never published
+        # What a killed predecessor reserved but never published (its records in our slot).
+        dead = share.predecessor.get(t._devno, []) if share is not None else []
+        reclaimed, took = t.reconcile(dead, backend.cow.cluster_locked(t.map.cluster_shift))
         backend.cow.add(t)
         log.info("%s: re-attached (%d clusters copied so far, %d reserved but unused reclaimed, %.0f ms)", s.device, t.map.copies, reclaimed, took * 1000)
+
     def track_failed(reason: str) -> None:
         chan.send(workermsg.TrackFailed(reason))
 
@@ -217,8 +227,12 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
         # Before the first request: every write is marked in the current generation's map.
         backend.cow.track = ChangeMap(settings.track_fd, settings.track_gen, settings.size, settings.track_sync)
         backend.cow.track.on_failure = track_failed
+    if share is not None:
+        share.reset()  # the predecessor's reservations are reclaimed: the slot is ours now
     listener = socket.socket(fileno=settings.listen_fd)
     server = Server(listener, nbd.Export(settings.name, settings.size, False, f"fssd volume {settings.name}"), backend)
+    if settings.processes > 1:
+        server.accept_batch = 1
     acceptor = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     acceptor.start()
     chan.send(workermsg.Ready(kind="volume", pid=os.getpid()))
@@ -305,8 +319,12 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(*spawned.bootstrap("workers.volume", VolumeSettings, argv,
-                                  title=lambda s: f"volume {s.name}", log_name=lambda s: f"volume {s.name}"))
+    return run(*spawned.bootstrap("workers.volume", VolumeSettings, argv, title=volume_title, log_name=volume_title))
+
+
+def volume_title(s: VolumeSettings) -> str:
+    """`volume data`, or `volume data [2/4]` when several processes serve it."""
+    return f"volume {s.name}" if s.processes <= 1 else f"volume {s.name} [{s.index + 1}/{s.processes}]"
 
 
 if __name__ == "__main__":

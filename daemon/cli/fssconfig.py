@@ -235,7 +235,11 @@ def _main(argv: list[str]) -> int:
                 if verbose:
                     err = f", last error: {v.last_error}" if v.last_error else ""
                     snaps = ", ".join(v.snapshots) or "none"
-                    print(f"    pid {v.pid or '-'}, up {_duration(v.uptime)}, {v.restarts} restart(s){err}; snapshots: {snaps}")
+                    if v.processes > 1:  # "pids 101, 102 (2 processes)"; "-" for one that is down
+                        who = f"pids {', '.join(str(p) if p else '-' for p in v.pids)} ({v.processes} processes)"
+                    else:
+                        who = f"pid {v.pid or '-'}"
+                    print(f"    {who}, up {_duration(v.uptime)}, {v.restarts} restart(s){err}; snapshots: {snaps}")
         return 0
 
     if action == "-l":
