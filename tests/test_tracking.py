@@ -368,10 +368,13 @@ def _fill(f: Fssd, seed: int) -> None:
     src.unlink()
 
 
-def test_reported_set_is_every_write_trim_and_zero_over_several_connections(shm):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_reported_set_is_every_write_trim_and_zero_over_several_connections(shm, processes):
+    """Also with the volume served by two processes: each marks the map its barrier swapped in."""
     rng = random.Random(12)
-    f = _fssd(shm)
+    f = _fssd(shm, extra=f"volume_processes = {processes}")
     with running(f):
+        assert sum(w["kind"] == "volume" and w["alive"] for w in f.status()["workers"]) == processes
         _fill(f, 1)
         m = _snap(f, "fss0")
         batches = [_ops(rng, 60) for _ in range(3)]
