@@ -4,7 +4,7 @@
 
 One fssd, two 1 GiB volumes of incompressible data in /dev/shm: `on` (tracked,
 the default) and `off` (`track = false`), plus a 1 TiB sparse tracked volume,
-under the default `durability = "power"` (the first mark in each 4 MiB region is
+under the default `durability = "power"` (the first mark in each 16 MiB region is
 fdatasync'ed before the volume write); the write figures again from a second fssd with
 `durability = "process"` (no syncs).
 Before each write measurement a snapshot is taken and dropped on both volumes,

@@ -155,7 +155,7 @@ def test_change_map_marks_whole_granules_and_never_fails_the_write(tmp_path, syn
             pass
     n = trackmap.map_len(size)
     assert path.read_bytes()[:n] == bytes([1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1])
-    # "power": the one coarse region (4 MiB) marked and synced once; "process": never touched.
+    # "power": the one coarse region (16 MiB) marked and synced once; "process": never touched.
     assert path.read_bytes()[n:] == (b"\x01\x00" if sync else b"\x00\x00")
     assert bytes(cm.seen) == path.read_bytes()[:n]  # under "power" set only after the sync
     if sync:
@@ -229,12 +229,13 @@ def test_unsealed_maps_are_expanded_only_after_a_host_crash(tmp_path, stop):
     expanded (then it is sealed, but for the current map); after a process crash (same boot)
     or a clean stop the exact marks stand."""
     per = trackmap.COARSE // G
+    size = 3 * trackmap.COARSE
     vol = tmp_path / "vol.img"
-    vol.write_bytes(bytes(SIZE))
+    vol.write_bytes(bytes(size))
     (tmp_path / "state").mkdir(mode=0o700)
-    tr = tracking.open_track(str(tmp_path / "state"), "v", str(vol), SIZE, "power", "b1")
-    n = trackmap.map_len(SIZE)
-    assert os.fstat(tr.cur_fd).st_size == trackmap.file_len(SIZE)
+    tr = tracking.open_track(str(tmp_path / "state"), "v", str(vol), size, "power", "b1")
+    n = trackmap.map_len(size)
+    assert os.fstat(tr.cur_fd).st_size == trackmap.file_len(size)
     base = tr.advanced(*tr.prepare(), 0)  # generation 1 handed out; 2 collects writes
     os.pwrite(tr.cur_fd, b"\x01", per + 3)
     os.pwrite(tr.cur_fd, b"\x01", n + 1)  # its coarse region
@@ -246,20 +247,20 @@ def test_unsealed_maps_are_expanded_only_after_a_host_crash(tmp_path, stop):
     if stop == "clean":
         tr.stop_clean(str(vol))
     tr.close()
-    tr = tracking.open_track(str(tmp_path / "state"), "v", str(vol), SIZE, "power", "b2" if stop == "host crash" else "b1")
+    tr = tracking.open_track(str(tmp_path / "state"), "v", str(vol), size, "power", "b2" if stop == "host crash" else "b1")
     try:
         lin = tr.state.uuid
         got = _granules(tr.changed(*tr.check_base(base, lin, 2, lambda _l: "")))
-        cur = os.pread(tr.cur_fd, trackmap.file_len(SIZE), 0)
+        cur = os.pread(tr.cur_fd, trackmap.file_len(size), 0)
         if stop == "host crash":
             assert got == set(range(per, 2 * per))
             assert {g for g, b in enumerate(cur[:n]) if b} == set(range(2 * per, 3 * per))
         else:
             assert got == {per + 3}
             assert {g for g, b in enumerate(cur[:n]) if b} == {2 * per}
-        assert not trackmap.sealed(cur, SIZE)  # still to be written
+        assert not trackmap.sealed(cur, size)  # still to be written
         with open(os.path.join(tr.path, trackmap.map_name(2)), "rb") as fh:
-            assert trackmap.sealed(fh.read(), SIZE)
+            assert trackmap.sealed(fh.read(), size)
         assert trackmap.parse_id(snap)[1] == 2
     finally:
         tr.close()
@@ -606,7 +607,7 @@ def test_power_supervisor_killed_reports_every_write_within_its_coarse_regions(s
     """Under "power", writes, then SIGKILL of the supervisor. Restarted in the same boot (a
     process crash: the page cache kept every exact mark) the report is exact; as after a host
     crash (the recorded boot id differs) the open generation is expanded: every granule of
-    each 4 MiB region written, nothing outside those regions."""
+    each 16 MiB region written, nothing outside those regions."""
     per = trackmap.COARSE // G
     f = _fssd(shm)
     try:
@@ -615,7 +616,7 @@ def test_power_supervisor_killed_reports_every_write_within_its_coarse_regions(s
         gen1 = shm / "state" / "track" / "data" / trackmap.map_name(1)
         # The map the barrier swapped out is synced and sealed by the volume worker, off the write path.
         wait_for(lambda: trackmap.sealed(gen1.read_bytes(), SIZE), 30, "generation 1's map to be sealed")
-        ops = _ops(random.Random(21), 30, size=12 << 20)  # regions 0..2 of 8
+        ops = _ops(random.Random(21), 30, size=12 << 20)  # inside region 0 of 2
         _finish([_qemu_io(f, ops, 3)])
         os.kill(f.proc.pid, signal.SIGKILL)
         f.proc.wait(30)
@@ -681,13 +682,13 @@ def _power_rig(tmp_path, skip_sync: frozenset[str]):
     from workers.changemap import ChangeMap
     from workers.volume import VolumeBackend
 
-    vsize = 128 * G + 1536
+    vsize = trackmap.COARSE + 64 * G + 1536  # 2 coarse regions, the second one 4 MiB + 1536 bytes
     rng = random.Random(4)
     vol = tmp_path / "vol"
     vol.write_bytes(rng.randbytes(vsize))
     vfd = os.open(vol, os.O_RDWR)
     mfd = os.open(tmp_path / "gen-2.map", os.O_RDWR | os.O_CREAT, 0o600)
-    os.ftruncate(mfd, trackmap.file_len(vsize))  # 3 coarse regions, the last one 1536 bytes
+    os.ftruncate(mfd, trackmap.file_len(vsize))
     backend = VolumeBackend(vfd, vsize)
     backend.cow.track = ChangeMap(mfd, 2, vsize, sync=True, fresh=True)
     base = {"vol": vol.read_bytes(), "map": bytes(trackmap.file_len(vsize))}

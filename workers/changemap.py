@@ -9,7 +9,7 @@ barrier it precedes.
 
 Marking an already-marked granule costs one byte read; a new mark is one pwrite of the map.
 Under durability "power" two levels (ipc/trackmap.py): the exact byte is written without a
-sync, and the granule's 4 MiB coarse region, if not yet durably marked in this generation, is
+sync, and the granule's 16 MiB coarse region, if not yet durably marked in this generation, is
 marked in the file's coarse section and made durable by one group-commit fdatasync (shared by
 concurrent writers, workers/groupcommit.py) before the volume write is issued: one sync per
 coarse region per generation. Only then is the granule recorded in `seen`, the in-memory copy
