@@ -1,11 +1,11 @@
 """Issue 12 benchmark: changed-block tracking's cost on live writes, the barrier, incremental backups.
 
-    python bench/bench_track.py [--runs 3] [--results FILE]
+    python bench/bench_track.py [--runs 3] [--results FILE] [--writes-only] [--size MiB]
 
 One fssd, two 1 GiB volumes of incompressible data in /dev/shm: `on` (tracked,
 the default) and `off` (`track = false`), plus a 1 TiB sparse tracked volume,
-under the default `durability = "power"` (a new mark is fdatasync'ed before the
-volume write); the write figures again from a second fssd with
+under the default `durability = "power"` (the first mark in each 16 MiB region is
+fdatasync'ed before the volume write); the write figures again from a second fssd with
 `durability = "process"` (no syncs).
 Before each write measurement a snapshot is taken and dropped on both volumes,
 so a fresh generation begins and every granule's first mark is paid again
@@ -19,6 +19,9 @@ so a fresh generation begins and every granule's first mark is paid again
                                     `fssconfig --changes N --since M --json` + nbdcopy
                                     of the changed extents onto the full copy (timed,
                                     examples/incremental.py), checked sha256-equal to N
+
+--writes-only measures just the live-write rows (both durabilities), on volumes
+of --size MiB (default 1024) instead of 1 GiB: for a shared machine.
 
 Targets (issue 12): on/off >= 0.95x; barrier < 5 ms and flat (1 TiB <= 2x 1 GiB
 or within 0.5 ms); incremental time <= 0.1x the full copy.
@@ -110,9 +113,10 @@ class Bench:
         for i in range(self.args.runs):
             for vol in (("on", "off") if i % 2 == 0 else ("off", "on")):  # rotate the order
                 self.new_generation()
-                self.add(f"rand {vol}{tag}", fio_nbd(self.fssd.uri(vol), "randwrite", runtime=5, ramp=1, extra=[f"--randseed={i + 1}"]))
+                self.add(f"rand {vol}{tag}", fio_nbd(self.fssd.uri(vol), "randwrite", size=f"{self.args.size}M", runtime=5, ramp=1,
+                                                     extra=[f"--randseed={i + 1}"]))
                 self.new_generation()
-                self.add(f"seq {vol}{tag}", nbdcopy(str(self.src), self.fssd.uri(vol), GiB))
+                self.add(f"seq {vol}{tag}", nbdcopy(str(self.src), self.fssd.uri(vol), self.args.size * MiB))
             print(f"  writes run {i + 1}/{self.args.runs} done", flush=True)
 
     def barriers(self) -> None:
@@ -196,6 +200,9 @@ class Bench:
                 ratio = m[on] / m[off]
                 out.append(row(f"{label}, tracking on, {dur}", m[on], unit, r[on], "tracking off", m[off],
                                r[off], ratio, f">= {RATIO_TARGET:.2f}x", ratio >= RATIO_TARGET))
+        if self.args.writes_only:
+            self._print(out)
+            return
         for vol, label in (("on", "1 GiB"), ("big", "1 TiB")):
             out.append(row(f"barrier, tracked, {label}", m[f"barrier {vol}"], "us", r[f"barrier {vol}"], target=f"< {BARRIER_TARGET_US} us",
                            ok=m[f"barrier {vol}"] < BARRIER_TARGET_US))
@@ -213,13 +220,16 @@ class Bench:
                        [x * 1000 for x in r["incremental nbdinfo"]], "full nbdcopy", m["full"] * 1000, [x * 1000 for x in r["full"]],
                        ratio, f"<= {INCREMENTAL_TARGET:.1f}x", ratio <= INCREMENTAL_TARGET))
         out.append(row("    of which nbdinfo --map", m["map"] * 1000, "ms", [x * 1000 for x in r["map"]]))
+        self._print(out)
+        print(f"incremental: {median(self.moved) / MiB:.1f} MiB of changed extents moved per run, of a {GiB // MiB} MiB volume")
+
+    def _print(self, out: list[dict]) -> None:
         print(f"{'figure':44} {'fssd':>10} {'peer':>22} {'ratio':>6}  runs | peer runs")
         for x in out:
             peer = f"{x['peer']:.0f} {x['peer_name']}" if x["peer"] is not None else ""
             ratio_s = f"{x['ratio']:.2f}x" if x["ratio"] is not None else ""
             pr = fmt_runs(x["peer_runs"]) if x["peer_runs"] else ""
             print(f"{x['figure']:44} {x['value']:10.0f} {peer:>22} {ratio_s:>6}  {fmt_runs(x['runs'])} | {pr}  {x['unit']}")
-        print(f"incremental: {median(self.moved) / MiB:.1f} MiB of changed extents moved per run, of a {GiB // MiB} MiB volume")
         emit(self.args.results, out)
 
     def main(self) -> int:
@@ -227,16 +237,17 @@ class Bench:
             shm = self.scratch.shm
             on, off, self.src, big = shm / "on.img", shm / "off.img", shm / "src.img", shm / "big.img"
             for p in (on, off, self.src):
-                make_random_image(p, GiB)
+                make_random_image(p, self.args.size * MiB)
             with open(big, "wb") as f:  # sparse, never written
                 f.truncate(1 << 40)
             self.fssd = configured(Fssd(self.scratch, [("on", str(on), None), ("off", str(off), None), ("big", str(big), None)])).start()
             print('live writes, tracking on vs off, durability = "power":', flush=True)
             self.writes()
-            print("barriers:", flush=True)
-            self.barriers()
-            print("incremental backup:", flush=True)
-            self.incremental()
+            if not self.args.writes_only:
+                print("barriers:", flush=True)
+                self.barriers()
+                print("incremental backup:", flush=True)
+                self.incremental()
             self.fssd.stop()
             self.fssd = configured(Fssd(self.scratch, [("on", str(on), None), ("off", str(off), None)], tag="process"),
                                    'durability = "process"').start()
@@ -254,7 +265,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--results", default=os.environ.get("FSSD_BENCH_RESULTS"))
+    ap.add_argument("--writes-only", action="store_true", help="only the live-write rows")
+    ap.add_argument("--size", type=int, default=GiB // MiB, help="volume size in MiB (default 1024)")
     args = ap.parse_args()
+    if args.size != GiB // MiB and not args.writes_only:
+        ap.error("--size goes with --writes-only (the barrier and incremental rows are of 1 GiB)")
     install_signal_handlers()
     return Bench(args).main()
 

@@ -464,24 +464,34 @@ class SnapshotManager:
         procs = _processes(m.vol)
         outcomes: list = []
 
-        def told(reply) -> None:
+        def settle() -> None:
             """The change history follows what the processes did with the map, whatever then
             happens to the set. Every one Attached: each swapped it in, the generation moved on
             (even if the set is rolled back). Every one Refused: none did (the map goes at undo).
             Anything else (no answer, or some swapped and some not): the generation moves on
-            and the snapshot is handed no id; writes still marked in the old map are within
-            every later question's range, since that generation is nobody's base."""
-            outcomes.append(reply)
-            if len(outcomes) < len(procs) or snap.track_next is None:
+            without an id, and a process that refused is restarted, so that every process
+            marks the new map (the old one may be sealed by those that swapped)."""
+            if snap.track_next is None:
                 return
-            if all(isinstance(r, workermsg.Attached) for r in outcomes):
+            if all(isinstance(r, workermsg.Attached) for _w, r in outcomes):
                 g, fd = snap.track_next
                 snap.track_next = None
                 snap.id = self.host.tracks()[snap.volume].advanced(g, fd, snap.map.created_ns)
-            elif not all(isinstance(r, workermsg.Refused) for r in outcomes):
+            elif not all(isinstance(r, workermsg.Refused) for _w, r in outcomes):
                 self._track_unknown(snap)
+                for w, r in outcomes:
+                    if isinstance(r, workermsg.Refused) and w.alive:
+                        log.error("%s: volume worker %s kept the old change map while others swapped; restarting it", snap.device, w.key)
+                        w.kill()
 
-        return [barrier.Member(w, msg, fds, told) for w in procs]
+        def told_by(w: Worker):
+            def told(reply) -> None:
+                outcomes.append((w, reply))
+                if len(outcomes) == len(procs):
+                    settle()
+            return told
+
+        return [barrier.Member(w, msg, fds, told_by(w)) for w in procs]
 
     def _track_unknown(self, snap: Snapshot) -> None:
         """The worker may or may not have swapped maps: its successor writes the new one."""

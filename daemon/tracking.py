@@ -146,7 +146,7 @@ class VolumeTrack:
             pass
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd)
         try:
-            os.ftruncate(fd, trackmap.map_len(self.state.volume_size))
+            os.ftruncate(fd, trackmap.file_len(self.state.volume_size))
             os.fsync(fd)
             os.fsync(self.dir_fd)
         except BaseException:
@@ -182,25 +182,70 @@ class VolumeTrack:
         # A barrier that happened but was never recorded left a map above the current one:
         # writes may be in it, so go on after it (the generation in between has no snapshot).
         current = max([st.current, *gens])
+        if not reason and not st.clean:
+            # A host crash under "power" may have lost exact marks never synced: their coarse
+            # marks were (before any volume write they cover). After a process crash the page
+            # cache kept them all.
+            self._recover(gens, current, expand=st.durability == "power" and st.boot_id != boot_id)
         self.state = msgspec.structs.replace(st, durability=durability, boot_id=boot_id, clean=False, volume_at_stop=None,
                                              current=current)
         if current in gens:
             self.cur_fd = self._open_map(current)
-            if os.fstat(self.cur_fd).st_size < trackmap.map_len(size):
-                os.ftruncate(self.cur_fd, trackmap.map_len(size))
+            if os.fstat(self.cur_fd).st_size < trackmap.file_len(size):
+                os.ftruncate(self.cur_fd, trackmap.file_len(size))
         else:
             self.cur_fd = self._create_map(current)
         self._save()
 
+    def _recover(self, gens: list[int], current: int, expand: bool) -> None:
+        """After an unclean stop, before the volume is served: every unsealed map on disk, and
+        sealed unless it is the current one (still to be written). `expand`: a host crash
+        under "power" left it unsealed, so every granule of each coarse region marked in it
+        counts as written (ipc/trackmap.py): reported, never missed."""
+        size = self.state.volume_size
+        n = trackmap.map_len(size)
+        for g in gens:
+            try:
+                fd = self._open_map(g)
+            except FileNotFoundError:
+                continue
+            try:
+                if self._sealed(fd):
+                    continue
+                if expand:
+                    raw = os.pread(fd, trackmap.file_len(size), 0)
+                    wide = trackmap.expand(raw, size)
+                    added = raw[:n].count(0) - wide.count(0)
+                    if added > 0:
+                        os.pwrite(fd, wide, 0)
+                        log.warning("volume %s: generation %d was open at a host crash under durability = \"power\": "
+                                    "its changes are reported per %d MiB region (%d granules added)",
+                                    self.volume, g, trackmap.COARSE >> 20, added)
+                self._seal(fd, g != current)
+            finally:
+                os.close(fd)
+
+    def _sealed(self, fd: int) -> bool:
+        off = trackmap.seal_offset(self.state.volume_size)
+        return os.pread(fd, 1, off) == bytes([trackmap.SEALED])
+
+    def _seal(self, fd: int, seal: bool) -> None:
+        """The map's exact marks on disk, then (seal) its seal byte too."""
+        os.fsync(fd)
+        if seal:
+            os.pwrite(fd, bytes([trackmap.SEALED]), trackmap.seal_offset(self.state.volume_size))
+            os.fsync(fd)
+
     def stop_clean(self, volume_path: str) -> None:
-        """After the volume worker stopped: every map and the volume on disk, then "clean"."""
+        """After the volume worker stopped: every map on disk (sealed but the current one) and
+        the volume, then "clean"."""
         for g in self._map_gens():
             try:
                 fd = self._open_map(g)
             except FileNotFoundError:
                 continue
             try:
-                os.fsync(fd)
+                self._seal(fd, g != self.state.current and not self._sealed(fd))
             finally:
                 os.close(fd)
         fd = os.open(volume_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)

@@ -279,7 +279,7 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
                 chan.send(workermsg.Refused(msg.device, e.errno or errno.EIO, f"could not sync the volume for the snapshot: {e.strerror or e}", msg.req))
                 continue
             if nxt is not None and before is not None:
-                before.close()  # no write uses it any more (the gate drained); the supervisor keeps the file
+                before.retire()  # no write uses it any more (the gate drained): synced, sealed, closed; the supervisor keeps the file
             if not msg.hold:  # inside a hold the supervisor reports the held time (Released)
                 log.info("%s: snapshot barrier held writes for %d us", msg.device, held)
             chan.send(workermsg.Attached(msg.device, held, msg.req))
