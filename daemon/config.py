@@ -17,6 +17,7 @@ from ipc.listenpolicy import ListenSection, parse_address
 DEFAULT_CONFIG = "/etc/fssd/fssd.toml"
 MAX_DEVICES = 64
 MAX_PROCESSES = 64  # per volume
+AUTO_PROCESSES_MAX = 8  # volume_processes = 0: one per CPU fssd may use, at most this many
 MIN_NBD_BUFFER = 64 << 20
 
 
@@ -57,7 +58,7 @@ class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     track_generations: int = 64
     # Processes serving each volume (all accept on its socket and share the copy-on-write
     # locks and allocation); a volume's own `processes` overrides it.
-    volume_processes: int = 1
+    volume_processes: int = 0  # 0: one per CPU fssd may run on (at most AUTO_PROCESSES_MAX)
 
     def __post_init__(self):
         if not 1 <= self.devices <= MAX_DEVICES:
@@ -79,8 +80,8 @@ class DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("nbd_request_timeout must be between 0 and 3600 seconds")
         if parse_size(self.nbd_buffer_limit) < MIN_NBD_BUFFER:
             raise ValueError("nbd_buffer_limit must be at least 64M (one 32 MiB WRITE and room to read ahead)")
-        if not 1 <= self.volume_processes <= MAX_PROCESSES:
-            raise ValueError(f"volume_processes must be between 1 and {MAX_PROCESSES}")
+        if not 0 <= self.volume_processes <= MAX_PROCESSES:
+            raise ValueError(f"volume_processes must be between 1 and {MAX_PROCESSES}, or 0 for one per CPU")
         # -- durability --
         if not os.path.isabs(self.statedir):
             raise ValueError("statedir must be an absolute path")
@@ -164,7 +165,18 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def processes_for(self, vol: VolumeSection) -> int:
         """How many processes serve this volume."""
-        return vol.processes if vol.processes is not None else self.daemon.volume_processes
+        if vol.processes is not None:
+            return vol.processes
+        return self.daemon.volume_processes or auto_processes()
+
+
+def auto_processes() -> int:
+    """One volume process per CPU this daemon may run on (its affinity), at most AUTO_PROCESSES_MAX."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except OSError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, AUTO_PROCESSES_MAX))
 
 
 def _check_volumes(cfg: Config) -> None:

@@ -81,7 +81,9 @@ def test_stop_is_clean_and_instances_run_side_by_side(fssd_factory, shmdir):
     run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0 0 1M", b.uri("fss0"))
 
 
-def test_process_titles_and_status(fssd, shmdir):
+def test_process_titles_and_status(fssd_factory, shmdir):
+    # One volume process: its title is exactly "volume data" (tests/test_volume_processes.py: several).
+    fssd = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "64M"}], extra="volume_processes = 1")
     fssd.fssconfig("fss1", "data", shmdir / "bs1")
     st = fssd.status()
     titles = {w["kind"]: w["name"] for w in st["workers"]}

@@ -86,7 +86,8 @@ def tight(tmp_path_factory, users):
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """Room for a thousand connections (root's: not capped per uid), the default deadlines."""
-    f, shm = make_fssd(tmp_path_factory, "nbdwide", "nbd_max_connections = 1100")
+    # One volume process: the accept back-off test starves exactly that process of descriptors.
+    f, shm = make_fssd(tmp_path_factory, "nbdwide", "nbd_max_connections = 1100\nvolume_processes = 1")
     with running(f, shm):
         yield f
 

@@ -218,7 +218,9 @@ def test_backing_store_on_the_snapshotted_mount_is_refused(fssd_factory, shmdir)
     assert snapinfo(f, "fss0")["volume"] == "data"
 
 
-def test_dead_workers_lose_nothing(fssd, shmdir):
+def test_dead_workers_lose_nothing(fssd_factory, shmdir):
+    # One volume process, so killing it takes the whole volume down under the writers.
+    fssd = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "64M"}], extra="volume_processes = 1")
     base = fill_random(fssd, shmdir)
     moment = sha256_file(base)
     fssd.fssconfig("fss0", "data", shmdir / "bs0")

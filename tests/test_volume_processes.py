@@ -16,6 +16,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from fsshelp import run, sha256_file, wait_for
 from ipc import names, nbd
 from ipc.clustermap import ClusterMap
@@ -217,3 +219,22 @@ def test_sigkill_of_one_process_mid_copy_loses_nothing_and_leaks_no_store_space(
         assert sha256_file(out) == sha256_file(base)
     finally:
         m.close()
+
+
+def test_volume_processes_default_is_one_per_cpu(tmp_path, monkeypatch):
+    """0 (the default): one volume process per CPU fssd may run on, at most 8; a volume's own
+    `processes` and an explicit count win; a negative count is refused."""
+    from daemon import config
+
+    p = tmp_path / "fssd.toml"
+    p.write_text('[[volume]]\nname = "v"\npath = "/v"\n[[volume]]\nname = "w"\npath = "/w"\nprocesses = 3\n')
+    cfg = config.load(str(p))
+    assert cfg.daemon.volume_processes == 0
+    for cpus, want in ((1, 1), (2, 2), (32, config.AUTO_PROCESSES_MAX)):
+        monkeypatch.setattr(config.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert config.auto_processes() == want
+        assert [cfg.processes_for(v) for v in cfg.volumes] == [want, 3]
+    p.write_text("[daemon]\nvolume_processes = -1\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(p))
+    assert "volume_processes must be between 1 and 64, or 0 for one per CPU" in str(e.value)
