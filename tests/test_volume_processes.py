@@ -227,13 +227,15 @@ def test_volume_processes_default_is_one_per_cpu(tmp_path, monkeypatch):
     from daemon import config
 
     p = tmp_path / "fssd.toml"
-    p.write_text('[[volume]]\nname = "v"\npath = "/v"\n[[volume]]\nname = "w"\npath = "/w"\nprocesses = 3\n')
+    for name in ("v", "w"):
+        (tmp_path / f"{name}.img").write_bytes(bytes(4096))
+    p.write_text(f'[[volume]]\nname = "v"\npath = "{tmp_path}/v.img"\n[[volume]]\nname = "w"\npath = "{tmp_path}/w.img"\nprocesses = 3\n')
     cfg = config.load(str(p))
     assert cfg.daemon.volume_processes == 0
     for cpus, want in ((1, 1), (2, 2), (32, config.AUTO_PROCESSES_MAX)):
         monkeypatch.setattr(config.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
         assert config.auto_processes() == want
-        assert [cfg.processes_for(v) for v in cfg.volumes] == [want, 3]
+        assert [cfg.processes_for(v) for v in cfg.volume] == [want, 3]
     p.write_text("[daemon]\nvolume_processes = -1\n")
     with pytest.raises(config.ConfigError) as e:
         config.load(str(p))
