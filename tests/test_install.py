@@ -84,8 +84,10 @@ def test_make_install_serves_a_volume_and_uninstall_removes_exactly_what_it_adde
     original = conf.read_bytes()
     rundir, state = tmp_path / "run", tmp_path / "state"
     state.mkdir()
-    edited = original.decode().replace('"/run/fssd"', f'"{rundir}"').replace('"/var/lib/fssd/data.img"', f'"{state}/data.img"')
-    assert edited.count(str(tmp_path)) == 2
+    # The state directory too: never this machine's own /var/lib/fssd.
+    edited = (original.decode().replace('"/run/fssd"', f'"{rundir}"').replace('"/var/lib/fssd/data.img"', f'"{state}/data.img"')
+              .replace('statedir = "/var/lib/fssd"', f'statedir = "{state}"'))
+    assert edited.count(str(tmp_path)) == 3 and "/var/lib/fssd" not in edited
     conf.write_text(edited)
     log = open(tmp_path / "fssd.log", "wb")
     proc = subprocess.Popen([prefix / "sbin/fssd", "-c", conf], stdout=log, stderr=subprocess.STDOUT, cwd="/", env=clean_env())
