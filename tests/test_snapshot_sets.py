@@ -93,8 +93,10 @@ def test_hold_keeps_writes_out_until_release_and_attach_inside_it(tmp_path, volu
     assert not expired and held_us > 0
     assert done and done[0] >= released_at  # the write ran only once the gate opened
     assert not c.held()
+    late = _target(tmp_path, c, "fss1", fd)
+    made.append(late)  # its map is unlinked at teardown like the others
     with pytest.raises(HoldError):  # that hold is over
-        c.attach(_target(tmp_path, c, "fss1", fd), token)
+        c.attach(late, token)
 
 
 def test_held_gate_opens_by_itself_after_the_bound(tmp_path, volume):
