@@ -6,6 +6,7 @@ the snapshot worker, the VSS gate.
 """
 
 import asyncio
+import dataclasses
 import errno
 import os
 import secrets
@@ -297,3 +298,83 @@ def test_a_worker_that_could_not_flag_its_store_is_answered_only_once_the_record
     assert not bad and [r.invalid for r in recs] == ["write error on backing store"]
     assert errors == ["write error on backing store"] and env.changed == 1
     del env.mgr.snaps["fss0"]
+
+
+# -- change tracking across a volume's processes --------------------------------------------
+
+
+class FakeProcess(FakeVolumeWorker):
+    """One of several processes serving a volume: the two-phase barrier's Hold and Release too."""
+
+    def __init__(self, key, answer):
+        super().__init__(answer)
+        self.key = key
+
+    async def call(self, msg, fds=(), timeout=30.0):
+        if isinstance(msg, workermsg.Hold):
+            self.got.append(msg)
+            return workermsg.Held(1, 3, msg.req)
+        if isinstance(msg, workermsg.Release):
+            self.got.append(msg)
+            return workermsg.Released(msg.token, 5, False, msg.req)
+        return await super().call(msg, fds, timeout)
+
+
+class FakeTrack:
+    """What the manager tells a tracked volume's history, and the maps it hands out."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.calls: list[tuple] = []
+
+    def prepare(self):
+        return 2, os.open(self.tmp / "gen-2.map", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def advanced(self, gen, fd, created_ns):
+        self.calls.append(("advanced", gen))
+        return "ab" * 16 + "-1"
+
+    def unknown(self, gen, fd):
+        self.calls.append(("unknown", gen))
+
+    def abandoned(self, gen, fd):
+        self.calls.append(("abandoned", gen))
+        os.close(fd)
+
+    def persist(self):
+        self.calls.append(("persist",))
+
+
+@pytest.mark.parametrize("answers, history, killed", [
+    (("attached", "attached"), [("advanced", 2), ("persist",)], []),  # every process swapped
+    (("refused", "refused"), [("abandoned", 2)], []),  # none did: the prepared map goes
+    (("attached", "refused"), [("unknown", 2), ("persist",)], ["data [2/2]"]),  # mixed: the refuser restarts
+])
+def test_the_history_follows_every_process_of_the_volume(tmp_path, answers, history, killed):
+    """A volume served by two processes: the next change map rides with each one's attach; the
+    history advances only when both swapped, is left for undo when neither did, and otherwise
+    moves on without an id while the process that kept the old map is restarted onto the new."""
+    e = Env(tmp_path)
+    track = FakeTrack(tmp_path)
+    procs = [FakeProcess(f"data [{i + 1}/2]", a) for i, a in enumerate(answers)]
+    e.volume.workers = procs
+    e.host = dataclasses.replace(e.host, tracks=lambda: {"data": track})
+    e.mgr = SnapshotManager(e.host)
+    try:
+        if "refused" in answers:
+            with pytest.raises(ControlError):
+                e.configure()
+        else:
+            e.configure()
+            assert e.mgr.info("fss0").id == "ab" * 16 + "-1"
+        attaches = [m for p in procs for m in p.got if isinstance(m, workermsg.AttachSnapshot)]
+        assert len(attaches) == 2 and all(a.track_gen == 2 and a.nfds == 2 for a in attaches)
+        assert all(any(isinstance(m, workermsg.Hold) for m in p.got) for p in procs)  # both drained
+        for _ in range(50):  # _track_unknown persists in the background
+            if track.calls[-1:] == history[-1:]:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert track.calls == history
+        assert [p.key for p in procs if p.killed] == killed
+    finally:
+        e.cleanup()
