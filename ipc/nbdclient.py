@@ -52,6 +52,17 @@ def _name(name: str) -> bytes:
     return _U32.pack(len(raw)) + raw
 
 
+def _take_greeting(buf: bytearray) -> int | None:
+    """The server's handshake flags once its whole greeting is in `buf` (then removed), else None."""
+    if len(buf) < _GREETING.size:
+        return None
+    magic, ihaveopt, flags = _GREETING.unpack_from(buf)
+    if magic != nbd.NBDMAGIC or ihaveopt != nbd.IHAVEOPT or not flags & nbd.FLAG_FIXED_NEWSTYLE:
+        raise HandshakeFailed("the worker did not greet with fixed newstyle")
+    del buf[: _GREETING.size]
+    return flags
+
+
 class ClientHandshake:
     def __init__(self, export: str, opt: int, info: tuple[int, ...], structured: bool, meta: list[str], read_only: bool):
         if opt not in (nbd.OPT_INFO, nbd.OPT_GO):
@@ -85,12 +96,9 @@ class ClientHandshake:
         if len(self._buf) > MAX_REPLIES_BYTES + 20:
             raise HandshakeFailed("the worker's handshake replies are too long")
         if not self._greeted:
-            if len(self._buf) < _GREETING.size:
+            flags = _take_greeting(self._buf)
+            if flags is None:
                 return
-            magic, ihaveopt, flags = _GREETING.unpack_from(self._buf)
-            if magic != nbd.NBDMAGIC or ihaveopt != nbd.IHAVEOPT or not flags & nbd.FLAG_FIXED_NEWSTYLE:
-                raise HandshakeFailed("the worker did not greet with fixed newstyle")
-            del self._buf[: _GREETING.size]
             self._greeted = True
             self._send_options(flags & nbd.FLAG_NO_ZEROES)
         self._parse_replies()
@@ -189,12 +197,9 @@ class ContextList:
         if len(self._buf) > MAX_REPLIES_BYTES + 20:
             raise HandshakeFailed("the worker's meta context list is too long")
         if not self._greeted:
-            if len(self._buf) < _GREETING.size:
+            flags = _take_greeting(self._buf)
+            if flags is None:
                 return
-            magic, ihaveopt, flags = _GREETING.unpack_from(self._buf)
-            if magic != nbd.NBDMAGIC or ihaveopt != nbd.IHAVEOPT or not flags & nbd.FLAG_FIXED_NEWSTYLE:
-                raise HandshakeFailed("the worker did not greet with fixed newstyle")
-            del self._buf[: _GREETING.size]
             self._greeted = True
             self._out.append(_U32.pack(nbd.FLAG_FIXED_NEWSTYLE | (flags & nbd.FLAG_NO_ZEROES)))
             self._out.append(_option(nbd.OPT_STRUCTURED_REPLY))
