@@ -244,3 +244,34 @@ def test_a_store_that_takes_no_write_is_recorded_invalid_before_the_volume_is_wr
         os.close(bfd)
         cmap.close()
         ClusterMap.unlink(name)
+
+
+def test_quick_write_says_which_writes_would_wait(world, tmp_path):
+    """VolumeBackend.quick_write(): False while a snapshot still lacks a cluster of the
+    range, while a "power" change mark still needs its sync, and while a barrier holds the
+    gate; True once the write would go straight to the volume (the NBD loop then serves
+    it in its selector thread, workers/nbdserve.py)."""
+    from ipc import trackmap
+    from workers.changemap import ChangeMap
+    from workers.volume import VolumeBackend
+
+    backend = VolumeBackend(os.dup(world["vfd"]), SIZE)
+    assert backend.quick_write(0, SIZE)  # nothing attached, nothing tracked
+    backend.cow.add(world["target"])
+    assert not backend.quick_write(CS * 2, 10)
+    backend.write(CS * 2, memoryview(b"\x01" * 10), fua=False)  # copies cluster 2
+    assert backend.quick_write(CS * 2 + 100, 100) and not backend.quick_write(CS * 2, CS + 1)
+    mfd = os.open(tmp_path / "gen-1.map", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(mfd, trackmap.file_len(SIZE))
+    backend.cow.track = ChangeMap(mfd, 1, SIZE, sync=True, fresh=True)
+    assert not backend.quick_write(CS * 2, 10)  # the coarse region's mark is not durable yet
+    backend.write(CS * 2, memoryview(b"\x02" * 10), fua=False)
+    assert backend.quick_write(CS * 2 + 20, 10)
+    token, _ = backend.cow.hold()
+    try:
+        assert not backend.quick_write(CS * 2 + 20, 10)
+    finally:
+        backend.cow.release(token)
+    assert backend.quick_write(CS * 2 + 20, 10)
+    backend.cow.track.close()
+    os.close(backend.fd)

@@ -115,6 +115,18 @@ class ChangeMap:
         if self.group is not None:
             seen[g0 : g1 + 1] = ones
 
+    def would_wait(self, offset: int, length: int) -> bool:
+        """Would mark() wait for a sync: "power", and a coarse region of the range not yet
+        durably marked in this generation?"""
+        cseen = self.cseen
+        if cseen is None or length <= 0:
+            return False
+        c0 = offset >> CSHIFT
+        c1 = (offset + length - 1) >> CSHIFT
+        if c0 == c1:
+            return not cseen[c0]
+        return cseen.find(0, c0, c1 + 1) >= 0
+
     def _fail(self, reason: str) -> None:
         # The live write goes on regardless; the change history is then not to be trusted.
         if self.failed:

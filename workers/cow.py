@@ -460,6 +460,11 @@ class CopyOnWrite:
         self._hold_seq = 0
         self._expired = 0  # the last token whose hold opened by itself
 
+    @property
+    def gate_closed(self) -> bool:
+        """A barrier is pending: a write now would wait for it."""
+        return self._gate._closed
+
     def writing(self, offset: int, length: int) -> "CopyOnWrite":
         """Refuse if orphaned, enter the gate, copy for the snapshots; use in a `with`."""
         self.begin(offset, length)

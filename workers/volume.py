@@ -93,6 +93,21 @@ class VolumeBackend:
         finally:
             cow.end()
 
+    def quick_write(self, offset: int, length: int) -> bool:
+        """Will a write of this range go straight to the volume: no cluster to copy for a
+        snapshot, no change mark to make durable, no barrier pending? (The NBD loop then
+        serves it without a thread of its own; a stale answer only costs time: write()
+        does everything anyway.)"""
+        cow = self.cow
+        if cow.targets:
+            for t in cow.targets:
+                if t.needs_copy(offset, length):
+                    return False
+        if cow.gate_closed:
+            return False
+        track = cow.track
+        return track is None or not track.would_wait(offset, length)
+
     def flush(self) -> None:
         refuse_if_orphaned()
         os.fdatasync(self.fd)
