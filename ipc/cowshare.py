@@ -26,6 +26,7 @@ They write the same snapshots' maps, so three things must hold across them:
 Layout (a memfd the supervisor creates per volume, passed to each process):
 
     offset 0                header: magic "FSSDCOW1", version, process count
+    CLIENTS_BASE + 4*i      u32: process i's NBD connections (accept balancing)
     SLOT_BASE + i*SLOT_SIZE slot i: u32 pid, then LOWS u32 "lowest open" per device
                             (NONE: nothing open), then ENTRIES entries of 4 u32:
                             (device + 1 or 0 when free, first store cluster, count,
@@ -47,6 +48,7 @@ MAGIC = b"FSSDCOW1"
 VERSION = 1
 HEADER = struct.Struct("<8sII")
 SLOT_BASE = 4096
+CLIENTS_BASE = 64  # within the header page, before SLOT_BASE (MAX_PROCESSES u32s fit)
 SLOT_SIZE = 32 * 1024
 LOWS = 1023  # devices fss0..fss1022 (the config allows 64)
 ENTRY_BASE = 4096  # within a slot
@@ -205,6 +207,20 @@ class CowShare:
         """The lowest open reservation over every process (NONE if none)."""
         u = self._u32
         return min(u[(SLOT_BASE + p * SLOT_SIZE) // 4 + 1 + device] for p in range(self.processes))
+
+    # -- accept balancing --------------------------------------------------------------
+
+    def set_clients(self, n: int) -> None:
+        """This process now serves `n` connections (Server.on_clients)."""
+        self._u32[CLIENTS_BASE // 4 + self.index] = n
+
+    def busier(self) -> bool:
+        """Does this process serve more connections than another of the volume's? Then it
+        leaves the next one to that other (workers/nbdserve.py, Server.defer_accept)."""
+        u = self._u32
+        base = CLIENTS_BASE // 4
+        mine = u[base + self.index]
+        return any(u[base + p] < mine for p in range(self.processes) if p != self.index)
 
     def pid_of(self, index: int) -> int:
         return self._u32[(SLOT_BASE + index * SLOT_SIZE) // 4]

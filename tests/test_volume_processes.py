@@ -240,3 +240,37 @@ def test_volume_processes_default_is_one_per_cpu(tmp_path, monkeypatch):
     with pytest.raises(config.ConfigError) as e:
         config.load(str(p))
     assert "volume_processes must be between 1 and 64, or 0 for one per CPU" in str(e.value)
+
+
+def _sockets(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return n
+
+
+def test_new_clients_go_to_the_less_busy_process(fssd_factory, shmdir):
+    """Four clients connect while process 2 is stopped (all land in process 1, which takes
+    the later ones although it is the busier, since nobody else does); then four more
+    connect with both running: the busier process leaves them to the other (accept
+    balancing through the volume's shared segment), 4 and 4. Left to whichever process
+    woke first, all four would go to process 2 once in 16 runs."""
+    f = fssd_factory([{"name": "data", "path": str(shmdir / "data.img"), "size": "64M", "processes": 2}])
+    pids = _volume_pids(f)
+    base = {i: _sockets(p) for i, p in pids.items()}
+    socks = []
+    try:
+        with _only([pids[2]]):
+            for _ in range(4):
+                socks.append(nbd_connect(f.sock("data")))
+        assert {i: _sockets(p) - base[i] for i, p in pids.items()} == {1: 4, 2: 0}
+        for _ in range(4):
+            socks.append(nbd_connect(f.sock("data")))
+        wait_for(lambda: sum(_sockets(p) - base[i] for i, p in pids.items()) == 8, 10, "8 connections served")
+        assert {i: _sockets(p) - base[i] for i, p in pids.items()} == {1: 4, 2: 4}
+        for k, s in enumerate(socks):  # and every one of them is served
+            _write(s, k + 1, k * BLOCK, os.urandom(BLOCK))
+    finally:
+        for s in socks:
+            s.close()

@@ -34,6 +34,7 @@ import logging
 import mmap
 import os
 import resource
+import select
 import selectors
 import socket
 import struct
@@ -64,6 +65,8 @@ LINGER = 0.5
 # A serving thread whose client sent only quick requests (see Server._serve_inline) for
 # this many batches in a row hands it back to the selector thread.
 HANDBACK_STREAK = 64
+# How often a process sharing the listening socket with others rechecks whether it is the busier one.
+BALANCE_EVERY = 0.02
 # Connections over a cap are told so in the option phase (NBD_REP_ERR_POLICY),
 # up to this many at a time; beyond that they are closed at once.
 MAX_REFUSING = 16
@@ -188,6 +191,11 @@ class Server:
         # Connections taken per wake-up. Processes sharing one listening socket set 1, so a
         # burst of clients is spread between them instead of landing in whichever woke first.
         self.accept_batch = 64
+        # Processes sharing the socket: "am I serving more clients than another of them?" Then
+        # this one stops accepting (rechecked every BALANCE_EVERY s) so the next client goes
+        # to a less busy process; a client left waiting two checks in a row is taken anyway
+        # (the other may be stuck or restarting).
+        self.defer_accept: Callable[[], bool] | None = None
         self._warn_refuse = RateLimited(log, WARN_EVERY)
         self._warn_drop = RateLimited(log, 10.0)
         self._warn_budget = RateLimited(log, WARN_EVERY)
@@ -210,18 +218,35 @@ class Server:
         sel.register(self.listener, selectors.EVENT_READ, None)
         sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         listening, backoff, resume_at = True, 0.0, 0.0
+        balanced_out, waiting_seen, next_balance = False, False, 0.0
         timers = self._timers
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
+                if self.defer_accept is not None and now >= next_balance and (listening or balanced_out):
+                    next_balance = now + BALANCE_EVERY
+                    busier = self.defer_accept()
+                    if busier and listening:
+                        sel.unregister(self.listener)
+                        listening, balanced_out, waiting_seen, resume_at = False, True, False, _NEVER
+                    elif balanced_out and not busier:
+                        sel.register(self.listener, selectors.EVENT_READ, None)
+                        listening, balanced_out = True, False
+                    elif balanced_out:
+                        waiting = bool(select.select([self.listener], [], [], 0)[0])
+                        if waiting and waiting_seen:  # nobody else took it: this process does
+                            self._accept_some(0.0)
+                            waiting = False
+                        waiting_seen = waiting
                 timeout = max(0.0, timers[0][0] - now) if timers else None
                 if not listening:
-                    wait = max(0.0, resume_at - now)
+                    wait = max(0.0, (next_balance if balanced_out else resume_at) - now)
                     timeout = wait if timeout is None else min(timeout, wait)
                 for key, mask in sel.select(timeout):
                     data = key.data
                     if data is None:
                         backoff = self._accept_some(backoff)
+                        next_balance = 0.0  # one more client here: am I the busier one now?
                         if backoff:  # out of descriptors or memory: stop asking for a while
                             sel.unregister(self.listener)
                             listening, resume_at = False, time.monotonic() + backoff
@@ -234,7 +259,7 @@ class Server:
                             log.exception("%s: internal error; closing this connection", self.export.name)
                             self._drop(data)
                 now = time.monotonic()
-                if not listening and now >= resume_at:
+                if not listening and not balanced_out and now >= resume_at:
                     sel.register(self.listener, selectors.EVENT_READ, None)
                     listening = True
                 while timers and timers[0][0] <= now:

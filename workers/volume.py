@@ -245,9 +245,13 @@ def run(settings: VolumeSettings, chan: Channel) -> int:
     if share is not None:
         share.reset()  # the predecessor's reservations are reclaimed: the slot is ours now
     listener = socket.socket(fileno=settings.listen_fd)
-    server = Server(listener, nbd.Export(settings.name, settings.size, False, f"fssd volume {settings.name}"), backend)
+    server = Server(listener, nbd.Export(settings.name, settings.size, False, f"fssd volume {settings.name}"), backend,
+                    on_clients=share.set_clients if share is not None and settings.processes > 1 else None)
     if settings.processes > 1:
         server.accept_batch = 1
+        if share is not None:
+            share.set_clients(0)
+            server.defer_accept = share.busier
     acceptor = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     acceptor.start()
     chan.send(workermsg.Ready(kind="volume", pid=os.getpid()))
