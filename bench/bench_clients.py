@@ -52,7 +52,7 @@ def main() -> int:
         make_random_image(img, GiB)
         # 64 clients and fio's own: above the default cap of 64 connections per process.
         caps = "nbd_max_connections = 128"
-        one = Fssd(scratch, [("vol", str(img), None)], tag="fssd1", daemon_extra=caps).start()
+        one = Fssd(scratch, [("vol", str(img), None)], tag="fssd1", daemon_extra=f"{caps}\nvolume_processes = 1").start()
         started.append(one)
         many = Fssd(scratch, [("vol", str(img), None)], tag="fssdN", daemon_extra=f"{caps}\nvolume_processes = {args.processes}").start()
         started.append(many)
