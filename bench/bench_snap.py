@@ -17,7 +17,8 @@ write to every cluster since the snapshot.
       two live and two snapshot reads per run, ABBA (live snap snap live, then snap live live
       snap in the next run); the snapshot's median against all live reads, the second live
       read against the first as the noise (fssd against itself), and the CPU per GiB of the
-      serving processes (the snapshot worker; the volume's workers summed) beside the rates.
+      serving processes (the snapshot worker; the volume's workers summed) and nbdcopy's own
+      beside the rates (client and server share the 2 CPUs: the rate follows their sum).
       Fair by construction, since both sides pay for things the other does not when done
       naively: the configure takes the spare snapshot worker and its successor (a Python
       start, ~0.2 s of CPU on a 2-CPU box) starts at once, so the reads wait for it; the first
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import socket
 import sys
 import time
@@ -66,6 +68,12 @@ def _cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the waited-for children so far (nbdcopy)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _answer(path: str) -> None:
@@ -161,9 +169,10 @@ class Bench:
         seen = set()
         for which in order:
             uri, pids = (live, vol_pids) if which == "live" else (snap, snap_pids)
-            c0 = sum(map(_cpu, pids))
+            c0, k0 = sum(map(_cpu, pids)), _children_cpu()
             rate = nbdcopy(uri, "null:", GiB)
             cpu = sum(map(_cpu, pids)) - c0
+            self.add(f"{which} client cpu {phase}", _children_cpu() - k0)
             # The second live read of a run against the first is the noise (fssd against itself).
             key = f"{which} read {phase}" + (" again" if which == "live" and which in seen else "")
             seen.add(which)
@@ -270,6 +279,7 @@ class Bench:
                  f">= {READ_TARGET:.2f}x", ge(READ_TARGET))
             line("  noise: live read vs live read", f"live read {phase} again", "MiB/s", "fssd live", f"live read {phase}")
             line("  worker CPU per GiB, snapshot vs volume", f"snap cpu {phase}", "s/GiB", "volume workers", f"live cpu {phase}")
+            line("  nbdcopy's CPU per GiB, snapshot vs live", f"snap client cpu {phase}", "s/GiB", "live", f"live client cpu {phase}")
 
     def _print(self) -> None:
         out = self.rows
