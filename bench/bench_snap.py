@@ -177,10 +177,8 @@ class Bench:
             key = f"{which} read {phase}" + (" again" if which == "live" and which in seen else "")
             seen.add(which)
             self.add(key, rate)
-            if which == "snap" or key.endswith("again"):
-                self.add(f"{which} read {phase} all", rate)
-            else:
-                self.add(f"live read {phase} all", rate)
+            if which == "live":
+                self.add(f"live read {phase} all", rate)  # the peer of the snapshot's median
             self.add(f"{which} cpu {phase}", cpu)
 
     def _pids(self, key: str) -> list[int]:
