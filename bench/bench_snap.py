@@ -14,7 +14,17 @@ write to every cluster since the snapshot.
       (one pass over the 16384 64 KiB clusters of 1 GiB: every write a fresh cluster)
   snapshot read                     nbdcopy -C 4 -T 4 fss0 null:, vs the live volume
       fresh (every cluster still on the volume) and copied (every cluster in the backing store);
-      a second live read after the snapshot's measures the noise (fssd against itself)
+      two live and two snapshot reads per run, ABBA (live snap snap live, then snap live live
+      snap in the next run); the snapshot's median against all live reads, the second live
+      read against the first as the noise (fssd against itself), and the CPU per GiB of the
+      serving processes (the snapshot worker; the volume's workers summed) and nbdcopy's own
+      beside the rates (client and server share the 2 CPUs: the rate follows their sum).
+      Fair by construction, since both sides pay for things the other does not when done
+      naively: the configure takes the spare snapshot worker and its successor (a Python
+      start, ~0.2 s of CPU on a 2-CPU box) starts at once, so the reads wait for it; the first
+      two reads of a freshly written tmpfs image pay the page cache's LRU activation (~20%
+      more kernel time, whoever reads first), so run 1 reads the volume twice untimed first;
+      and the order alternates so neither side always follows a write or the other's read.
   snapshot creation                 `fssconfig fss0 VOL BACKUP` started to the export answering
       (its NBD greeting read), fssconfig end to end, and the barrier from the volume worker's
       log line; 1 GiB and 1 TiB (sparse) volumes, default durability; --barrier-runs each,
@@ -31,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import socket
 import sys
 import time
@@ -50,6 +61,19 @@ BARRIER_TARGET_US = 5000
 CLUSTERS_1G = GiB // 65536
 READY_TARGET_US = 50_000  # issue 15: `fssconfig fssN vol store` to the export answering, median
 SPARE_READY_RE = re.compile(r"spare snapshot (?:worker ready|: restarted) \(pid (\d+)\)")
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the waited-for children so far (nbdcopy)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _answer(path: str) -> None:
@@ -101,18 +125,12 @@ class Bench:
             for k in (1,) if reads_only else (0, 1, 4):
                 self.take(k)
                 if k == 1:
-                    # The snapshot read between two live reads: the second live read against
-                    # the first is the noise of this figure (fssd against itself).
-                    self.add("live read", nbdcopy(live, "null:", GiB))
-                    self.add("snap read fresh", nbdcopy(self.fssd.uri("fss0"), "null:", GiB))
-                    self.add("live read again", nbdcopy(live, "null:", GiB))
+                    self._reads("fresh", run)
                 self.add(f"seq1 fssd{k}", nbdcopy(src, live, GiB))
                 if not reads_only:
                     self.add(f"seq2 fssd{k}", nbdcopy(src, live, GiB))
                 if k == 1:
-                    self.add("live read after", nbdcopy(live, "null:", GiB))
-                    self.add("snap read copied", nbdcopy(self.fssd.uri("fss0"), "null:", GiB))
-                    self.add("live read after again", nbdcopy(live, "null:", GiB))
+                    self._reads("copied", run)
                 self.drop(k)
                 if reads_only:
                     continue
@@ -135,6 +153,39 @@ class Bench:
             self.add("rand1 qsd1", self._rand_first_touch(self.qsd.live_uri, run))
             self.qsd.drop()
             print(f"  run {run + 1}/{self.args.runs} done", flush=True)
+
+    def _reads(self, phase: str, run: int) -> None:
+        """Snapshot reads against live reads of the same volume, made fair (see the module doc):
+        nothing starting in the background, the volume's pages read twice before the first
+        timed read, the order alternated (ABBA), and the workers' CPU per GiB beside the rates."""
+        live, snap = self.fssd.uri("vol"), self.fssd.uri("fss0")
+        if not self.args.no_spare:  # the configure took the spare: its successor starts now
+            wait_for(self._spare_ready, 30, "a ready spare snapshot worker")
+        if phase == "fresh" and run == 0:
+            for _ in range(2):  # page-cache LRU activation of the image's fresh pages, untimed
+                nbdcopy(live, "null:", GiB)
+        vol_pids, snap_pids = self._pids("volume vol"), self._pids("fss0 ")
+        order = ("live", "snap", "snap", "live") if run % 2 == 0 else ("snap", "live", "live", "snap")
+        seen = set()
+        for which in order:
+            uri, pids = (live, vol_pids) if which == "live" else (snap, snap_pids)
+            c0, k0 = sum(map(_cpu, pids)), _children_cpu()
+            rate = nbdcopy(uri, "null:", GiB)
+            cpu = sum(map(_cpu, pids)) - c0
+            self.add(f"{which} client cpu {phase}", _children_cpu() - k0)
+            # The second live read of a run against the first is the noise (fssd against itself).
+            key = f"{which} read {phase}" + (" again" if which == "live" and which in seen else "")
+            seen.add(which)
+            self.add(key, rate)
+            if which == "live":
+                self.add(f"live read {phase} all", rate)  # the peer of the snapshot's median
+            self.add(f"{which} cpu {phase}", cpu)
+
+    def _pids(self, key: str) -> list[int]:
+        pids = [w["pid"] for w in self.fssd.status()["workers"] if key in w["name"] and w["alive"]]
+        if not pids:
+            raise RuntimeError(f"no live worker {key!r}")
+        return pids
 
     def _rand_first_touch(self, uri: str, run: int) -> float:
         return fio_nbd(uri, "randwrite", runtime=None, ramp=None,
@@ -221,19 +272,24 @@ class Bench:
         self._print()
 
     def _read_rows(self, line, ge) -> None:
-        line("snapshot read, fresh", "snap read fresh", "MiB/s", "fssd live", "live read", f">= {READ_TARGET:.2f}x", ge(READ_TARGET))
-        line("  noise: live read vs live read", "live read again", "MiB/s", "fssd live", "live read")
-        line("snapshot read, all copied", "snap read copied", "MiB/s", "fssd live", "live read after", f">= {READ_TARGET:.2f}x", ge(READ_TARGET))
-        line("  noise: live read vs live read", "live read after again", "MiB/s", "fssd live", "live read after")
+        for phase, label in (("fresh", "still on the volume"), ("copied", "all copied")):
+            line(f"snapshot read, {label}", f"snap read {phase}", "MiB/s", "fssd live", f"live read {phase} all",
+                 f">= {READ_TARGET:.2f}x", ge(READ_TARGET))
+            line("  noise: live read vs live read", f"live read {phase} again", "MiB/s", "fssd live", f"live read {phase}")
+            line("  worker CPU per GiB, snapshot vs volume", f"snap cpu {phase}", "s/GiB", "volume workers", f"live cpu {phase}")
+            line("  nbdcopy's CPU per GiB, snapshot vs live", f"snap client cpu {phase}", "s/GiB", "live", f"live client cpu {phase}")
 
     def _print(self) -> None:
         out = self.rows
         print(f"{'figure':40} {'fssd':>10} {'peer':>16} {'ratio':>6}  runs | peer runs")
         for x in out:
-            peer = f"{x['peer']:.0f} {x['peer_name']}" if x["peer"] is not None else ""
+            fine = x["unit"] == "s/GiB"  # CPU seconds: two decimals
+            num = (lambda v: f"{v:.2f}") if fine else (lambda v: f"{v:.0f}")
+            runs = (lambda xs: " ".join(map(num, xs))) if fine else fmt_runs
+            peer = f"{num(x['peer'])} {x['peer_name']}" if x["peer"] is not None else ""
             ratio = f"{x['ratio']:.2f}x" if x["ratio"] is not None else ""
-            pr = fmt_runs(x["peer_runs"]) if x["peer_runs"] else ""
-            print(f"{x['figure']:40} {x['value']:10.0f} {peer:>16} {ratio:>6}  {fmt_runs(x['runs'])} | {pr}  {x['unit']}")
+            pr = runs(x["peer_runs"]) if x["peer_runs"] else ""
+            print(f"{x['figure']:40} {num(x['value']):>10} {peer:>16} {ratio:>6}  {runs(x['runs'])} | {pr}  {x['unit']}")
         emit(self.args.results, out)
 
     # -- main -----------------------------------------------------------------------------
