@@ -11,8 +11,8 @@ between the servers so drift on the shared 2-vCPU box hits all alike. Figures
   sequential read    nbdcopy -C 4 -T 4 URI null:          MiB/s
   4k random write    fio --ioengine=nbd --iodepth=32      IOPS (time based)
   4k random read     fio --ioengine=nbd --iodepth=32      IOPS
-and fssd's volume worker CPU (user + system) per GiB or per request, which the
-box's load moves less than the rates.
+and fssd's volume workers' CPU (user + system, summed over the volume's
+processes) per GiB or per request, which the box's load moves less than the rates.
 Targets: fssd / nbdkit >= 1.05 on writes (issue 15), >= 1.0 on reads (issue 2).
 """
 
@@ -55,7 +55,8 @@ def main() -> int:
         nbdkit2 = Nbdkit(scratch, img, tag="nbdkit2")
         servers = {"fssd": fssd.uri("vol"), "nbdkit": nbdkit.uri, "nbdkit2": nbdkit2.uri}
 
-        worker = fssd.worker_pid("volume vol")
+        # Every process serving the volume (one per CPU by default): a client lands in any of them.
+        workers = [w["pid"] for w in fssd.status()["workers"] if w["kind"] == "volume" and w["alive"]]
         # fssd's volume worker CPU per unit of work (user + system): less at the mercy of
         # the box's load than the rates. nbdcopy: seconds per GiB; fio: us per request
         # (its ramp counted as running at the measured rate).
@@ -78,10 +79,10 @@ def main() -> int:
             for r in range(args.runs):
                 k = (r + i) % len(order)  # rotate who goes first
                 for server in order[k:] + order[:k]:
-                    c0 = _cpu(worker) if server == "fssd" else 0.0
+                    c0 = sum(map(_cpu, workers)) if server == "fssd" else 0.0
                     got[server].append(fn(servers[server]))
                     if server == "fssd":
-                        cpu.append(per(_cpu(worker) - c0, got[server][-1]))
+                        cpu.append(per(sum(map(_cpu, workers)) - c0, got[server][-1]))
             f, k1, k2 = median(got["fssd"]), median(got["nbdkit"]), median(got["nbdkit2"])
             ratio, noise = f / k1, k2 / k1
             print(f"{name:32} {f:9.0f} {k1:9.0f} {ratio:5.2f}x {noise:5.2f}x {median(cpu):7.2f} {cpu_unit:6}  "
