@@ -275,3 +275,25 @@ def test_quick_write_says_which_writes_would_wait(world, tmp_path):
     assert backend.quick_write(CS * 2 + 20, 10)
     backend.cow.track.close()
     os.close(backend.fd)
+
+
+def test_write_quick_writes_only_what_needs_nothing_first(world):
+    """VolumeBackend.write_quick(): a write whose cluster a snapshot still lacks is refused
+    untouched (no copy, no write, the gate left); one already copied goes straight in."""
+    from workers.volume import VolumeBackend
+
+    backend = VolumeBackend(os.dup(world["vfd"]), SIZE)
+    backend.cow.add(world["target"])
+    m = world["map"]
+    assert not backend.write_quick(CS * 5, memoryview(b"\x07" * 10))
+    assert m.copies == 0 and os.pread(world["vfd"], 10, CS * 5) == world["old"][CS * 5 : CS * 5 + 10]
+    backend.write(CS * 5, memoryview(b"\x08" * 10), fua=False)
+    assert backend.write_quick(CS * 5 + 10, memoryview(b"\x09" * 10))
+    assert os.pread(world["vfd"], 20, CS * 5) == b"\x08" * 10 + b"\x09" * 10 and m.copies == 1
+    token, _ = backend.cow.hold()  # a barrier pending: refused, without waiting for it
+    try:
+        assert not backend.write_quick(CS * 5, memoryview(b"\x0a" * 10))
+    finally:
+        backend.cow.release(token)
+    assert snap_read(world, 0, SIZE) == world["old"]
+    os.close(backend.fd)

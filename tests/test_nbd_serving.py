@@ -22,7 +22,8 @@ SIZE = 64 << 20
 
 
 class MemBackend:
-    """A 64 MiB volume in memory; `quick` is what quick_write() answers."""
+    """A 64 MiB volume in memory; `quick`: whether writes may go straight to it (quick_write,
+write_quick), as VolumeBackend says when no copy or sync must come first."""
 
     size = SIZE
     read_only = False
@@ -50,6 +51,12 @@ class MemBackend:
 
     def quick_write(self, offset: int, length: int) -> bool:
         return self.quick
+
+    def write_quick(self, offset: int, data) -> bool:
+        if not self.quick:
+            return False
+        self.write(offset, data, False)
+        return True
 
     def write(self, offset: int, data, fua: bool) -> None:
         self._note("write")

@@ -500,6 +500,33 @@ class CopyOnWrite:
             gate.leave()
             raise
 
+    def begin_quick(self, offset: int, length: int) -> bool:
+        """begin() for a caller that must not wait (the NBD selector thread): True, inside the
+        gate, when the write may go straight to the volume; False, having done nothing, when
+        it would wait first (orphaned, a barrier pending, a cluster to copy, a change mark
+        to make durable). Pair True with end()."""
+        if spawned.orphaned:
+            return False
+        gate = self._gate
+        slot = getattr(gate._local, "slot", None) or gate._slot()
+        slot.n += 1
+        if gate._closed:
+            gate._step_back(slot)
+            return False
+        for t in self.targets:  # inside the gate: the snapshots this write must respect
+            if t.active and not t.map.all_copied(offset, length):
+                gate._step_back(slot)
+                return False
+        track = self.track
+        if track is not None:
+            g = offset >> TRACK_SHIFT
+            if g != (offset + length - 1) >> TRACK_SHIFT or not track.seen[g]:
+                if track.would_wait(offset, length):
+                    gate._step_back(slot)
+                    return False
+                track.mark(offset, length)
+        return True
+
     def end(self) -> None:
         """Leave the gate (WriteGate.leave() inlined)."""
         gate = self._gate

@@ -459,8 +459,8 @@ class Server:
         queued = 0
         backend = self.backend
         read = getattr(backend, "read", None)  # (test doubles may lack one; a READ then fails as a bug does)
-        quick_write = getattr(backend, "quick_write", _never)  # a read-only export gets no WRITE Request anyway
-        Request, READ, WRITE, FUA = nbd.Request, nbd.CMD_READ, nbd.CMD_WRITE, nbd.CMD_FLAG_FUA
+        write_quick = getattr(backend, "write_quick", _never)  # a read-only export gets no WRITE Request anyway
+        Request, READ, WRITE, FUA, ok_reply = nbd.Request, nbd.CMD_READ, nbd.CMD_WRITE, nbd.CMD_FLAG_FUA, nbd.ok_reply
         for i, ev in enumerate(evs):
             cls = type(ev)
             if cls is Request:
@@ -474,14 +474,20 @@ class Server:
                         queued += ev.length
                     except OSError as e:
                         out.append(self._failed(conn, ev, e))
-                elif cmd == WRITE and ev.length < SENDFILE_MIN and not ev.flags & FUA and quick_write(ev.offset, ev.length):  # _inline_write(), inlined
-                    self.requests += 1
+                    continue_batch = True
+                elif cmd == WRITE and ev.length < SENDFILE_MIN and not ev.flags & FUA:
                     try:
-                        backend.write(ev.offset, ev.data, 0)
-                        out.append(nbd.ok_reply(ev.cookie))
+                        continue_batch = write_quick(ev.offset, ev.data)  # False: nothing done, it would wait
+                        if continue_batch:
+                            self.requests += 1
+                            out.append(ok_reply(ev.cookie))
                     except OSError as e:
+                        self.requests += 1
                         out.append(self._failed(conn, ev, e))
-                else:  # slow or large: a thread takes over from this request on
+                        continue_batch = True
+                else:
+                    continue_batch = False
+                if not continue_batch:  # slow or large: a thread takes over from this request on
                     if self._send_inline(c, out):
                         self._activate(c, evs[i:])
                     return
@@ -965,7 +971,7 @@ def _inline_write(req: nbd.Request, quick_write) -> bool:
     return req.length < SENDFILE_MIN and not req.flags & nbd.CMD_FLAG_FUA and quick_write(req.offset, req.length)
 
 
-def _never(_offset: int, _length: int) -> bool:
+def _never(_offset: int, _what) -> bool:
     return False
 
 

@@ -93,6 +93,20 @@ class VolumeBackend:
         finally:
             cow.end()
 
+    def write_quick(self, offset: int, data: memoryview) -> bool:
+        """write() if it can go straight to the volume (no FUA), else False and nothing done:
+        the NBD selector thread's path, which must not wait (cow.begin_quick)."""
+        cow = self.cow
+        if not cow.begin_quick(offset, len(data)):
+            return False
+        try:
+            n = os.pwrite(self.fd, data, offset)
+            if n != len(data):
+                fileio.pwrite_all(self.fd, memoryview(data)[n:], offset + n)
+        finally:
+            cow.end()
+        return True
+
     def quick_write(self, offset: int, length: int) -> bool:
         """Will a write of this range go straight to the volume: no cluster to copy for a
         snapshot, no change mark to make durable, no barrier pending? (The NBD loop then
