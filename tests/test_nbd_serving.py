@@ -196,3 +196,20 @@ def test_a_busy_connection_keeps_one_timer_and_still_expires_when_idle(served):
         assert time.monotonic() - started >= 0.3
     finally:
         c.close()
+
+
+def test_replies_before_a_disconnect_all_arrive_before_the_close(served):
+    """15 READs of 64 KiB (less than a batch sends at once, more than the socket takes) and
+    NBD_CMD_DISC in one send: every reply reaches the client, which reads them only
+    afterwards, and then the server closes."""
+    path, _srv, backend = served()
+    backend.buf[:4] = b"DATA"
+    c = client(path)
+    try:
+        c.send(b"".join(req(nbd.CMD_READ, i, 0, 65536) for i in range(15)) + req(nbd.CMD_DISC, 999))
+        for i in range(15):
+            err, data = c.reply(i, 65536, read=True)
+            assert err == 0 and data[:4] == b"DATA"
+        assert c.hung_up()
+    finally:
+        c.close()

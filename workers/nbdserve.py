@@ -495,10 +495,14 @@ class Server:
                 self.errors += 1
                 log.info("%s: refused %s: %s", self.export.name, nbd.CMD_NAMES.get(ev.cmd, ev.cmd), ev.reason)
                 out.append(conn.error_reply(ev.cookie, ev.errno, ev.reason))
-            else:
+            else:  # Disconnect or ProtocolError: the replies before it still go out
+                if not self._send_inline(c, out):
+                    return
+                if c.pending:  # a thread sends the rest, then ends the connection as it says
+                    self._activate(c, evs[i:])
+                    return
                 if cls is nbd.ProtocolError:
                     log.warning("%s: protocol error, disconnecting: %s", self.export.name, ev.reason)
-                self._send_inline(c, out)  # best effort: the client is leaving
                 self._drop(c)
                 return
             if len(out) > OUT_MAX_BUFFERS or queued > OUT_MAX_BYTES:
