@@ -213,3 +213,19 @@ def test_replies_before_a_disconnect_all_arrive_before_the_close(served):
         assert c.hung_up()
     finally:
         c.close()
+
+
+def test_a_long_burst_goes_to_a_thread_so_others_are_not_held_up(served):
+    """One receive holding more than INLINE_MAX requests (2000 pipelined 1-byte READs, 56 KB sent
+    at once) is served by the connection's own thread, so the selector thread stays free
+    for the other clients meanwhile; every reply arrives."""
+    path, _srv, backend = served()
+    c = client(path)
+    n = 2000
+    try:
+        c.send(b"".join(req(nbd.CMD_READ, i, (i % 256) * 4096, 1) for i in range(n)))  # replies fit the socket
+        for i in range(n):
+            assert c.reply(i, 1, read=True)[0] == 0
+    finally:
+        c.close()
+    assert "nbd-conn" in backend.names("read")

@@ -65,6 +65,9 @@ LINGER = 0.5
 # A serving thread whose client sent only quick requests (see Server._serve_inline) for
 # this many batches in a row hands it back to the selector thread.
 HANDBACK_STREAK = 64
+# The selector thread serves at most this many requests of one connection's receive itself
+# (a few ms): a longer burst goes to a thread, so one client can't hold up the others.
+INLINE_MAX = 256
 # How often a process sharing the listening socket with others rechecks whether it is the busier one.
 BALANCE_EVERY = 0.02
 # Connections over a cap are told so in the option phase (NBD_REP_ERR_POLICY),
@@ -455,6 +458,9 @@ class Server:
             return
         conn.received(n)
         evs = conn.events()
+        if len(evs) > INLINE_MAX:  # a burst this long would hold up every other client: a thread takes it
+            self._activate(c, evs)
+            return
         out: list = []
         queued = 0
         backend = self.backend
