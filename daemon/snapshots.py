@@ -351,14 +351,11 @@ class SnapshotManager:
             else:
                 held = await self._suspended_barrier(members)
             for m in members:
-                await self._track_persist(m.snap)
-            for m in members:
                 self.snaps[m.snap.device] = m.snap
-            for m in members:
-                await self._start_worker(m.snap)
                 m.snap.durability = durability
-            if durability != "none" and self.host.state is not None:
-                await self._save_records(members)
+            # The workers start (a spare is assigned) while the records go to disk, in their
+            # own order; the answer waits for both.
+            await _all(self._start_workers(members), self._persist(members, durability))
         except BaseException:
             for m in members:
                 await self._undo(m)
@@ -380,6 +377,17 @@ class SnapshotManager:
                 log.info("%s: %s", snap.device, snap.note)
         self.host.changed()
         return _Outcome([m.snap for m in members], held, window_ms)
+
+    async def _start_workers(self, members: list["_Member"]) -> None:
+        for m in members:
+            await self._start_worker(m.snap)
+
+    async def _persist(self, members: list["_Member"], durability: str) -> None:
+        """Change tracking's new generations, then the snapshots' records (fsynced, in this order)."""
+        for m in members:
+            await self._track_persist(m.snap)
+        if durability != "none" and self.host.state is not None:
+            await self._save_records(members)
 
     async def _save_records(self, members: list["_Member"]) -> None:
         """Only now, after the barrier: a crash before this leaves a store no record names
@@ -929,6 +937,15 @@ class SnapshotManager:
         if snap.map.set_error(f"worker failed repeatedly ({worker.last_error})"):
             log.error("%s: snapshot invalid: worker failed repeatedly (%s)", snap.device, worker.last_error)
         self.host.changed()
+
+
+async def _all(*aws) -> None:
+    """Run them together and wait for every one to end (no half-done step is left running
+    behind an undo), then raise the first failure."""
+    got = await asyncio.gather(*aws, return_exceptions=True)
+    for g in got:
+        if isinstance(g, BaseException):
+            raise g
 
 
 def _processes(vol) -> list[Worker]:
