@@ -12,17 +12,15 @@ common: -r RUNDIR (else $FSSD_RUNDIR, else /run/fssd)
 from __future__ import annotations
 
 import errno
-import getopt
 import os
 import sys
 import time
 
-import msgspec
-
-from daemon.cli import clitool
-from daemon.cli import storeopen
-from daemon.cli.client import ControlClient, NotRunning
-from ipc import control, names
+# Only what the configure path needs (daemon.cli.lightclient: a snapshot's creation is
+# mostly this program starting); the other requests import the typed client when used.
+from daemon.cli import clitool, lightclient, storeopen
+from daemon.cli.lightclient import NotRunning
+from ipc import names
 from daemon.units import humanize, strsuftoll
 
 PROG = "fssconfig"
@@ -134,7 +132,78 @@ def _duration(sec: float) -> str:
 
 
 def _json(obj) -> str:
+    import msgspec
+
     return msgspec.json.format(msgspec.json.encode(obj)).decode()
+
+
+SHORT_OPTS = "Cchlr:t:uvx"
+LONG_OPTS = ["json", "volumes", "rundir=", "help", "no-suspend", "version", "changes=", "since="]
+
+
+def _getopt(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """getopt.getopt(argv, SHORT_OPTS, LONG_OPTS) for the usual command lines, without importing
+    getopt (gettext, re: milliseconds of every snapshot's creation). Anything it does not
+    take as it is (an error, an abbreviated long option) goes to getopt itself, so results
+    and messages are getopt's."""
+    opts: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            i += 1
+            break
+        if not a.startswith("-") or a == "-":
+            break
+        if a.startswith("--"):
+            name, eq, val = a[2:].partition("=")
+            if name + "=" in LONG_OPTS:
+                if not eq:
+                    if i + 1 >= len(argv):
+                        return _real_getopt(argv)
+                    i += 1
+                    val = argv[i]
+                opts.append(("--" + name, val))
+            elif name in LONG_OPTS and not eq:
+                opts.append(("--" + name, ""))
+            else:
+                return _real_getopt(argv)
+        else:
+            j = 1
+            while j < len(a):
+                c = a[j]
+                k = SHORT_OPTS.find(c)
+                if c == ":" or k < 0:
+                    return _real_getopt(argv)
+                if SHORT_OPTS[k + 1:k + 2] == ":":
+                    val = a[j + 1:]
+                    if not val:
+                        if i + 1 >= len(argv):
+                            return _real_getopt(argv)
+                        i += 1
+                        val = argv[i]
+                    opts.append(("-" + c, val))
+                    break
+                opts.append(("-" + c, ""))
+                j += 1
+        i += 1
+    return opts, argv[i:]
+
+
+def _real_getopt(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    import getopt
+
+    try:
+        return getopt.getopt(argv, SHORT_OPTS, LONG_OPTS)
+    except getopt.GetoptError as e:
+        raise Usage(str(e)) from None
+
+
+def _client(rundir: str):
+    """The typed control client (msgspec): for every request but a configure."""
+    from daemon.cli.client import ControlClient
+
+    return ControlClient(rundir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +229,7 @@ def _run(argv: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    try:
-        opts, args = getopt.getopt(argv, "Cchlr:t:uvx", ["json", "volumes", "rundir=", "help", "no-suspend", "version", "changes=", "since="])
-    except getopt.GetoptError as e:
-        raise Usage(str(e)) from None
+    opts, args = _getopt(argv)
     action = None
     verbose = unlink = uoc = consistent = as_json = no_suspend = False
     rundir = None
@@ -207,7 +273,7 @@ def _main(argv: list[str]) -> int:
 
             print(f"{PROG} {version()}")
             return 0
-    client = ControlClient(names.resolve_rundir(rundir))
+    rundir = names.resolve_rundir(rundir)
     if action in ("-l", "-u", "--volumes", "--changes") and (unlink or uoc or consistent or no_suspend or timeout is not None):
         raise Usage("")
     if (since is None) != (action != "--changes"):
@@ -216,7 +282,7 @@ def _main(argv: list[str]) -> int:
     if action == "--changes":
         if args or verbose:
             raise Usage("")
-        return _changes(client, changes_of, since, as_json)
+        return _changes(_client(rundir), changes_of, since, as_json)
     if timeout is not None and not consistent:
         raise Usage("-t applies to -C (the VSS phases)")
     if consistent and no_suspend:
@@ -225,7 +291,9 @@ def _main(argv: list[str]) -> int:
     if action == "--volumes":
         if args:
             raise Usage("")
-        reply = _expect(client.request(control.ListVolumes()), control.Volumes)
+        from ipc import control
+
+        reply = _expect(_client(rundir).request(control.ListVolumes()), control.Volumes)
         if as_json:
             print(_json(reply.volumes))
         else:
@@ -245,7 +313,9 @@ def _main(argv: list[str]) -> int:
     if action == "-l":
         if len(args) > 1:
             raise Usage("")
-        reply = _expect(client.request(control.ListSnapshots(args[0] if args else None)), control.Snapshots)
+        from ipc import control
+
+        reply = _expect(_client(rundir).request(control.ListSnapshots(args[0] if args else None)), control.Snapshots)
         if as_json:
             print(_json(reply.snapshots))
         else:
@@ -257,6 +327,9 @@ def _main(argv: list[str]) -> int:
         if len(args) != 1:
             raise Usage("")
         device = args[0]
+        from ipc import control
+
+        client = _client(rundir)
         if verbose:
             listed = client.request(control.ListSnapshots(device))
             if isinstance(listed, control.Snapshots):
@@ -267,7 +340,7 @@ def _main(argv: list[str]) -> int:
 
     # configure (the default action)
     if len(args) >= 6:
-        return _configure_set(client, args, unlink, uoc, consistent, timeout, no_suspend, verbose)
+        return _configure_set(_client(rundir), args, unlink, uoc, consistent, timeout, no_suspend, verbose)
     if len(args) < 3:
         raise Usage("")
     device, path, backup = args[:3]
@@ -277,14 +350,14 @@ def _main(argv: list[str]) -> int:
         path = os.path.abspath(path)
     # The store is opened here, with the caller's own rights; fssd gets the descriptor.
     # Connected first: nothing is created for an fssd that isn't there or won't talk to us.
-    sock = client.connect()
+    sock = lightclient.connect(rundir)
     try:
         store = storeopen.open_store(backup)
     except storeopen.StoreError as e:
         sock.close()
         return _die(str(e))
     keep_name = store.created and not store.nameless and not unlink  # fssd removes it at unconfigure
-    req = control.Configure(
+    req = lightclient.configure_request(
         device=device,
         path=path,
         backup=os.path.abspath(backup),
@@ -300,30 +373,74 @@ def _main(argv: list[str]) -> int:
     )
     ok = False
     try:
-        reply = _expect(client.request(req, [store.fd, store.dirfd] if keep_name else [store.fd], sock), control.Configured, device)
+        reply, raw = lightclient.request(sock, req, [store.fd, store.dirfd] if keep_name else [store.fd])
+        lines = _configured_lines(device, consistent, verbose, reply, raw)
         ok = True
         if unlink:
             storeopen.unlink_name(store, backup)
     finally:
         if not ok:
-            storeopen.remove_created(store)  # a file made for a configure that failed
+            storeopen.remove_created(store)  # a file made for a configure that failed (or that got no sound answer)
         storeopen.close(store)
         sock.close()
-    snap = reply.snapshot
-    if consistent:
-        print(f"{device}: application-consistent snapshot, freeze window {reply.freeze_window_ms:.1f} ms, barrier {reply.barrier_us} us")
-    elif reply.suspend_window_ms is not None:
-        print(f"{device}: file-system-consistent snapshot, suspended {', '.join(snap.suspended)} for {reply.suspend_window_ms:.1f} ms, "
-              f"barrier {reply.barrier_us} us")
-    if verbose and snap.note:
-        print(f"{device}: {snap.note}")
-    if verbose:
-        print(format_snapshot(reply.snapshot, True))
+    for line in lines:
+        print(line)
     return 0
 
 
-def _changes(client: ControlClient, device: str, since: str, as_json: bool) -> int:
+def _configured_lines(device: str, consistent: bool, verbose: bool, reply: dict, raw: bytes) -> list[str]:
+    """What to print for fssd's answer to a configure (an error raises ValueError with its line,
+    a malformed answer NotRunning)."""
+    _expect_light(reply, "configured", device)
+    if verbose:  # the whole snapshot is printed: decoded as the typed Struct
+        import msgspec
+
+        from ipc import control
+
+        try:
+            typed = _expect(msgspec.msgpack.decode(raw, type=control.Reply), control.Configured, device)
+        except msgspec.DecodeError as e:
+            raise NotRunning(f"bad answer from fssd: {e}") from None
+        snap = typed.snapshot
+        lines = _summary(device, consistent, typed.freeze_window_ms, typed.suspend_window_ms, typed.barrier_us, snap.suspended)
+        return lines + ([f"{device}: {snap.note}"] if snap.note else []) + [format_snapshot(snap, True)]
+    get = lightclient.field
+    barrier_us = get(reply, "barrier_us", (int,), lightclient.REQUIRED)
+    freeze_ms = get(reply, "freeze_window_ms", (float, int))
+    suspend_ms = get(reply, "suspend_window_ms", (float, int))
+    snap = get(reply, "snapshot", (dict,), lightclient.REQUIRED)
+    suspended = get(snap, "suspended", (list,), [])
+    if not all(type(m) is str for m in suspended):
+        raise NotRunning("bad answer from fssd: suspended is not a list of mounts")
+    return _summary(device, consistent, freeze_ms, suspend_ms, barrier_us, suspended)
+
+
+def _summary(device: str, consistent: bool, freeze_ms, suspend_ms, barrier_us: int, suspended: list[str]) -> list[str]:
+    if consistent:
+        return [f"{device}: application-consistent snapshot, freeze window {freeze_ms:.1f} ms, barrier {barrier_us} us"]
+    if suspend_ms is not None:
+        return [f"{device}: file-system-consistent snapshot, suspended {', '.join(suspended)} for {suspend_ms:.1f} ms, "
+                f"barrier {barrier_us} us"]
+    return []
+
+
+def _expect_light(reply: dict, tag: str, device: str) -> None:
+    """_expect for an answer decoded by lightclient: fssd's error as the line to print."""
+    t = reply["t"]
+    if t == "error":
+        code = lightclient.field(reply, "errno", (int,), lightclient.REQUIRED)
+        msg = lightclient.field(reply, "message", (str,), lightclient.REQUIRED)
+        if device and not msg.startswith(device) and code == errno.EPERM:
+            msg = f"{device}: {msg}"
+        raise ValueError(msg)
+    if t != tag:
+        raise ValueError(f"unexpected answer from fssd: {lightclient.REPLY_NAMES[t]}")
+
+
+def _changes(client, device: str, since: str, as_json: bool) -> int:
     """Every page of the answer, then the extents (text or JSON) and, for text, a summary on stderr."""
+    from ipc import control
+
     extents: list[tuple[int, int]] = []
     while True:
         reply = _expect(client.request(control.Changes(device, since, len(extents))), control.ChangedExtents)
@@ -343,10 +460,12 @@ def _changes(client: ControlClient, device: str, since: str, as_json: bool) -> i
     return 0
 
 
-def _configure_set(client: ControlClient, args: list[str], unlink: bool, uoc: bool, consistent: bool,
+def _configure_set(client, args: list[str], unlink: bool, uoc: bool, consistent: bool,
                    timeout: float | None, no_suspend: bool, verbose: bool) -> int:
     """Several `device path backup` triples: one snapshot set. Every store is opened (or made)
     here before fssd is asked; any trouble removes what was made and configures nothing."""
+    from ipc import control
+
     if len(args) % 3:
         raise Usage(f"{len(args)} arguments: a snapshot set is `device path backup` triples "
                     "(cluster and size only with a single device)")
@@ -406,6 +525,8 @@ def _configure_set(client: ControlClient, args: list[str], unlink: bool, uoc: bo
 
 
 def _expect(reply, kind, device: str | None = None):
+    from ipc import control
+
     if isinstance(reply, control.Error):
         msg = reply.message
         if device and not msg.startswith(device) and reply.errno == errno.EPERM:
