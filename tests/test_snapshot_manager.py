@@ -423,3 +423,45 @@ def test_the_record_is_written_while_the_worker_starts(env, tmp_path, monkeypatc
     with pytest.raises(ControlError, match="cannot record the snapshot"):
         env.configure("fss1", fds=[env.store("bs1")])
     assert workers and workers[0].stopped and not env.mgr.info("fss1").in_use
+
+
+def test_the_next_change_map_is_made_while_the_table_is_laid_out(tmp_path, monkeypatch):
+    """Both are fsyncs (the store, the state directory) before the barrier: they overlap. A
+    table that can't be written leaves no prepared map behind (abandoned)."""
+    import threading
+
+    started = threading.Event()
+    overlapped = []
+
+    class SlowTrack(FakeTrack):
+        def prepare(self):
+            started.set()
+            return super().prepare()
+
+    real_write_table = snapshots.write_table
+
+    def write_table(store, header):
+        overlapped.append(started.wait(5))  # the map is being made while the table is written
+        real_write_table(store, header)
+
+    monkeypatch.setattr(snapshots, "write_table", write_table)
+    e = Env(tmp_path)
+    track = SlowTrack(tmp_path)
+    e.host = dataclasses.replace(e.host, tracks=lambda: {"data": track})
+    e.mgr = SnapshotManager(e.host)
+    try:
+        e.configure()
+        assert overlapped == [True] and track.calls == [("advanced", 2), ("persist",)]
+        assert e.mgr.info("fss0").id == "ab" * 16 + "-1"
+
+        def failing(store, header):
+            started.wait(5)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(snapshots, "write_table", failing)
+        track.calls.clear()
+        with pytest.raises(ControlError, match="backing store not writable"):
+            e.configure("fss1", fds=[e.store("bs1")])
+        assert track.calls == [("abandoned", 2)] and not e.mgr.info("fss1").in_use
+    finally:
+        e.cleanup()
