@@ -145,7 +145,7 @@ def test_fssconfig_loads_no_msgspec_typing_socket_or_getopt_to_configure():
 
     imported = modules("import daemon.cli.fssconfig") - modules("pass")  # less what site loads (an editable install's finder)
     heavy = {"msgspec", "typing", "socket", "getopt", "gettext", "signal", "select", "functools", "ipc.control", "ipc.framing",
-             "daemon.cli.client", "threading"}
+             "daemon.cli.client", "daemon.cli.fssquery", "threading"}
     assert "daemon.cli.lightclient" in imported and not imported & heavy, imported & heavy
 
 
