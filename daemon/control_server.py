@@ -103,10 +103,14 @@ def raise_fd_limit() -> int:
 
 
 class ControlServer:
-    def __init__(self, path: str, group: str, handler: Handler, limits: Limits = Limits()):
+    def __init__(self, path: str, group: str, handler: Handler, limits: Limits = Limits(),
+                 after_reply: Callable[[], None] | None = None):
         self.path = path
         self.group = group  # [daemon] group: may connect (socket mode) and configure
         self.handler = handler
+        # Called once each answer is sent (or could not be): background work a request made
+        # due (the next spare snapshot worker) then starts without delaying that answer.
+        self.after_reply = after_reply
         self.limits = limits
         self.codec = FrameCodec(control.Request)
         self.listener: socket.socket | None = None
@@ -293,6 +297,8 @@ class ControlServer:
                         await self._send(sock, self.codec.encode(reply))
                     finally:
                         self.busy.discard(me)
+                        if self.after_reply is not None and self.listener is not None:  # not when stopping
+                            self.after_reply()
                     if self.listener is None:
                         return  # stopping: answered, and no further requests
                 if msgs:

@@ -19,9 +19,26 @@ USAGE_STEPS = (80, 95)
 def write_layout(fd: int, is_device: bool, header: sf.StoreHeader) -> None:
     """At configure, before the barrier: the header page and the all-clear table, made durable.
     Writing it also proves the store takes writes (a "file" on /proc truncates without error)."""
-    if not is_device:
-        os.ftruncate(fd, 0)
     nbytes = header.table_clusters * header.cluster_size
+    if is_device:  # whatever the device held before: zeros written
+        _write_zeros(fd, nbytes)
+    else:
+        os.ftruncate(fd, 0)
+        try:
+            # The table's room reserved (a table write never finds the store full) and reading
+            # as zeros, made durable by the fsync below, without writing it: 128 MiB at 1 TiB,
+            # 50-100 ms of a configure even on tmpfs, and a full write-out on a disk.
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EIO):
+                raise
+            _write_zeros(fd, nbytes)  # a file system that allocates no other way
+    if os.pwrite(fd, sf.encode_header(header), sf.HEADER_OFFSET) != sf.SECTOR:
+        raise OSError(errno.EIO, "short write")
+    os.fsync(fd)
+
+
+def _write_zeros(fd: int, nbytes: int) -> None:
     zero = bytes(min(nbytes, 8 << 20))
     off = 0
     while off < nbytes:
@@ -29,9 +46,6 @@ def write_layout(fd: int, is_device: bool, header: sf.StoreHeader) -> None:
         if os.pwrite(fd, memoryview(zero)[:n], off) != n:
             raise OSError(errno.EIO, "short write")
         off += n
-    if os.pwrite(fd, sf.encode_header(header), sf.HEADER_OFFSET) != sf.SECTOR:
-        raise OSError(errno.EIO, "short write")
-    os.fsync(fd)
 
 
 def opened_path(fd: int) -> str:

@@ -302,6 +302,28 @@ class SnapshotManager:
         count = (vol.size + csize - 1) // csize
         tclusters = table_clusters(count, csize)
         limit = backing.limit_clusters(store, req.size, csize, count, tclusters)
+        tr = self.host.tracks().get(vol.section.name)
+        # A tracked volume's next change map (created and fsynced in the state directory) is
+        # made while the table is laid out in the store; before any suspend or freeze, so the
+        # barrier only swaps it in.
+        track = asyncio.ensure_future(self._next_change_map(tr, req.device)) if tr is not None else None
+        try:
+            return await self._prepare_store(req, vol, store, durability, csize, count, tclusters, limit, track)
+        except BaseException:
+            nxt = await track if track is not None else None
+            if nxt is not None:
+                tr.abandoned(*nxt)
+            raise
+
+    async def _next_change_map(self, tr, device: str) -> tuple[int, int] | None:
+        try:
+            return await self.host.offload(tr.prepare)
+        except OSError as e:
+            log.error("%s: cannot create the next change map (%s): this snapshot has no change history", device, e)
+            return None
+
+    async def _prepare_store(self, req: control.Configure, vol, store: backing.BackingStore, durability: str, csize: int, count: int,
+                             tclusters: int, limit: int, track: asyncio.Future | None) -> "_Member":
         try:
             vst = os.stat(vol.section.path)
             header = sf.StoreHeader(
@@ -321,12 +343,13 @@ class SnapshotManager:
             raise ControlError(errno.EINVAL, f"{req.device}: {e}") from None
         snap = Snapshot(req.device, vol.section.name, store, cmap, req.unconfig_on_close)
         snap.id = header.snapshot_id  # replaced by <lineage>-<gen> at the barrier if the volume is tracked
-        tr = self.host.tracks().get(vol.section.name)
-        if tr is not None:  # created before any suspend or freeze: the barrier only swaps it in
+        if track is not None:
             try:
-                snap.track_next = await self.host.offload(tr.prepare)
-            except OSError as e:
-                log.error("%s: cannot create the next change map (%s): this snapshot has no change history", req.device, e)
+                snap.track_next = await track
+            except BaseException:
+                cmap.close()
+                ClusterMap.unlink(map_name)
+                raise
         return _Member(req, vol, snap, header, vst)
 
     async def _configure(self, reqs: list[control.Configure], vols: list, stores: list[backing.BackingStore], set_id: str) -> "_Outcome":
@@ -351,14 +374,11 @@ class SnapshotManager:
             else:
                 held = await self._suspended_barrier(members)
             for m in members:
-                await self._track_persist(m.snap)
-            for m in members:
                 self.snaps[m.snap.device] = m.snap
-            for m in members:
-                await self._start_worker(m.snap)
                 m.snap.durability = durability
-            if durability != "none" and self.host.state is not None:
-                await self._save_records(members)
+            # The workers start (a spare is assigned) while the records go to disk, in their
+            # own order; the answer waits for both.
+            await _all(self._start_workers(members), self._persist(members, durability))
         except BaseException:
             for m in members:
                 await self._undo(m)
@@ -380,6 +400,17 @@ class SnapshotManager:
                 log.info("%s: %s", snap.device, snap.note)
         self.host.changed()
         return _Outcome([m.snap for m in members], held, window_ms)
+
+    async def _start_workers(self, members: list["_Member"]) -> None:
+        for m in members:
+            await self._start_worker(m.snap)
+
+    async def _persist(self, members: list["_Member"], durability: str) -> None:
+        """Change tracking's new generations, then the snapshots' records (fsynced, in this order)."""
+        for m in members:
+            await self._track_persist(m.snap)
+        if durability != "none" and self.host.state is not None:
+            await self._save_records(members)
 
     async def _save_records(self, members: list["_Member"]) -> None:
         """Only now, after the barrier: a crash before this leaves a store no record names
@@ -929,6 +960,15 @@ class SnapshotManager:
         if snap.map.set_error(f"worker failed repeatedly ({worker.last_error})"):
             log.error("%s: snapshot invalid: worker failed repeatedly (%s)", snap.device, worker.last_error)
         self.host.changed()
+
+
+async def _all(*aws) -> None:
+    """Run them together and wait for every one to end (no half-done step is left running
+    behind an undo), then raise the first failure."""
+    got = await asyncio.gather(*aws, return_exceptions=True)
+    for g in got:
+        if isinstance(g, BaseException):
+            raise g
 
 
 def _processes(vol) -> list[Worker]:

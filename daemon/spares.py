@@ -5,8 +5,11 @@ on a busy machine; the rest of a configure takes a few. The supervisor keeps
 one `fssd: fss spare` process (workers/spare.py) started in the background,
 holding nothing and serving nothing. A configure takes it (`take()`): the
 snapshot's Worker assigns it the snapshot's settings and descriptors
-(Worker.start(spare=...)) and owns the process from then on, and the next spare
-is started in the background. A spare still starting is waited for (it is
+(Worker.start(spare=...)) and owns the process from then on. The next spare is
+started once the configure has been answered (the supervisor calls start()
+after every control reply): a Python start takes a CPU for 100 ms or more, and
+on a small machine it would compete with the snapshot's worker, the
+supervisor and the fssconfig waiting for them. A spare still starting is waited for (it is
 ahead of a new process); none at all (dead, waiting for its restart): the
 snapshot's worker is spawned afresh, as are restarts after a crash and
 snapshots brought back at start-up.
@@ -65,16 +68,14 @@ class SparePool:
 
     def take(self) -> Worker | None:
         """The spare, for a snapshot's Worker to assign (Worker.start waits for its Ready if it
-        is still starting: it is ahead of a fresh spawn). The next one starts in the background
-        once this one is ready, so the two never compete for the CPU. None (no spare, or it is
-        between a death and its restart): spawn afresh."""
+        is still starting: it is ahead of a fresh spawn). The next one is started by start(),
+        once the configure has answered. None (no spare, or it is between a death and its
+        restart): spawn afresh."""
         w = self.spare
         if w is None or not w.alive or w.stopping or w.ready is None:
             return None
         self.spare = None
         w.stopping = True  # a snapshot's from now on: never restarted as a spare
-        loop = asyncio.get_running_loop()
-        w.ready.add_done_callback(lambda _f: loop.call_soon(self.start))
         return w
 
     async def stop(self) -> None:

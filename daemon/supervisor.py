@@ -119,7 +119,9 @@ class Supervisor:
         self.spares = SparePool(self._spare_worker, enabled=cfg.daemon.devices > 0 and not os.environ.get(NO_SPARE_ENV))
         self.snaps = SnapshotManager(self._snapshot_host())
         self.service = Service.of(self)
-        self.control = ControlServer(names.control_socket(self.rundir), cfg.daemon.group, self.service.handle)
+        # A configure that took the spare snapshot worker has answered: start the next one.
+        self.control = ControlServer(names.control_socket(self.rundir), cfg.daemon.group, self.service.handle,
+                                     after_reply=self.spares.start)
         self.stop_event = asyncio.Event()
         self.shutting_down = False
         self._watchdog: asyncio.Task | None = None

@@ -143,6 +143,55 @@ def test_server_carries_requests_to_the_one_handler(tmp_path):
     assert not os.path.exists(names.control_socket(str(tmp_path)))
 
 
+def test_after_reply_runs_once_the_answer_is_sent(tmp_path):
+    """The hook (the supervisor starts the next spare snapshot worker there) runs after each
+    answer is on its way: the client's socket already holds it when the hook runs."""
+    import socket
+
+    from ipc.framing import FrameCodec
+
+    os.chmod(tmp_path, 0o755)
+    seen = []
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ran = asyncio.Event()
+
+    async def handler(req, fds, peer):
+        seen.append("handled")
+        return control.Unconfigured("fss3")
+
+    def after():
+        try:
+            waiting = len(client.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            waiting = 0
+        seen.append(f"after, {waiting} bytes waiting")
+        ran.set()
+
+    async def main():
+        path = names.control_socket(str(tmp_path))
+        srv = ControlServer(path, "", handler, after_reply=after)
+        await srv.start()
+        try:
+            await asyncio.get_running_loop().sock_connect(client, path)
+            codec = FrameCodec(control.Reply)
+            for _ in range(2):
+                ran.clear()
+                client.sendall(codec.encode(control.ListSnapshots()))
+                await asyncio.wait_for(ran.wait(), 10)  # the answer is read only after the hook ran
+                got = []
+                while not got:
+                    got = codec.feed(await asyncio.get_running_loop().sock_recv(client, 65536))
+                assert got == [control.Unconfigured("fss3")]
+        finally:
+            client.close()
+            await srv.stop()
+
+    client.setblocking(False)
+    asyncio.run(main())
+    n = len(FrameCodec(control.Reply).encode(control.Unconfigured("fss3")))
+    assert seen == ["handled", f"after, {n} bytes waiting"] * 2
+
+
 def raw(path, data):
     import socket
 

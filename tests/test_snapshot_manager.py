@@ -378,3 +378,90 @@ def test_the_history_follows_every_process_of_the_volume(tmp_path, answers, hist
         assert [p.key for p in procs if p.killed] == killed
     finally:
         e.cleanup()
+
+
+class RecordWatchingWorker(FakeSnapshotWorker):
+    """A snapshot worker whose start lasts until the snapshot's record is on disk (or 5 s):
+    it sees the record only if the record is written while the worker starts."""
+
+    record: str = ""
+    saw_record = False
+
+    async def start(self, spare=None):
+        for _ in range(500):
+            if os.path.exists(self.record):
+                type(self).saw_record = True
+                break
+            await asyncio.sleep(0.01)
+        await super().start(spare)
+
+
+def test_the_record_is_written_while_the_worker_starts(env, tmp_path, monkeypatch):
+    """The answer waits for both the worker's start and the record (fsynced), which run
+    together: a spare's assignment and the state directory's fsyncs overlap."""
+    from daemon.statedir import StateDir
+
+    state = StateDir(str(tmp_path / "state"))
+    state.open()
+    env.host = dataclasses.replace(env.host, state=state, durability=lambda: "power", spawn=lambda k, key, a: RecordWatchingWorker(k, key, a))
+    env.mgr = SnapshotManager(env.host)
+    RecordWatchingWorker.record = os.path.join(state.snapdir, "fss0.json")
+    RecordWatchingWorker.saw_record = False
+    reply, _fds = env.configure()
+    assert isinstance(reply, control.Configured) and RecordWatchingWorker.saw_record
+    recs, bad = state.load()
+    assert not bad and [r.device for r in recs] == ["fss0"]
+
+    # A record that can't be written undoes the snapshot, worker included, once the start is over.
+    def fail(rec):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state, "save", fail)
+    workers = []
+    env.host = dataclasses.replace(env.host, spawn=lambda k, key, a: workers.append(FakeSnapshotWorker(k, key, a)) or workers[-1])
+    env.mgr.host = env.host
+    with pytest.raises(ControlError, match="cannot record the snapshot"):
+        env.configure("fss1", fds=[env.store("bs1")])
+    assert workers and workers[0].stopped and not env.mgr.info("fss1").in_use
+
+
+def test_the_next_change_map_is_made_while_the_table_is_laid_out(tmp_path, monkeypatch):
+    """Both are fsyncs (the store, the state directory) before the barrier: they overlap. A
+    table that can't be written leaves no prepared map behind (abandoned)."""
+    import threading
+
+    started = threading.Event()
+    overlapped = []
+
+    class SlowTrack(FakeTrack):
+        def prepare(self):
+            started.set()
+            return super().prepare()
+
+    real_write_table = snapshots.write_table
+
+    def write_table(store, header):
+        overlapped.append(started.wait(5))  # the map is being made while the table is written
+        real_write_table(store, header)
+
+    monkeypatch.setattr(snapshots, "write_table", write_table)
+    e = Env(tmp_path)
+    track = SlowTrack(tmp_path)
+    e.host = dataclasses.replace(e.host, tracks=lambda: {"data": track})
+    e.mgr = SnapshotManager(e.host)
+    try:
+        e.configure()
+        assert overlapped == [True] and track.calls == [("advanced", 2), ("persist",)]
+        assert e.mgr.info("fss0").id == "ab" * 16 + "-1"
+
+        def failing(store, header):
+            started.wait(5)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(snapshots, "write_table", failing)
+        track.calls.clear()
+        with pytest.raises(ControlError, match="backing store not writable"):
+            e.configure("fss1", fds=[e.store("bs1")])
+        assert track.calls == [("abandoned", 2)] and not e.mgr.info("fss1").in_use
+    finally:
+        e.cleanup()

@@ -300,7 +300,7 @@ def test_changes_come_in_pages_and_fssconfig_joins_them(tmp_path, monkeypatch, c
     import asyncio
     from types import SimpleNamespace
 
-    from daemon.cli import fssconfig
+    from daemon.cli import fssquery
     from daemon.snapshots import SnapshotManager
     from ipc import control
 
@@ -329,7 +329,7 @@ def test_changes_come_in_pages_and_fssconfig_joins_them(tmp_path, monkeypatch, c
             def request(self, req):
                 return asyncio.run(mgr.changes(req))
 
-        assert fssconfig._changes(Client(), "fss1", base, True) == 0
+        assert fssquery.changes(Client(), "fss1", base, True) == 0
         got = json.loads(capsys.readouterr().out)
         assert got == [{"offset": g * G, "length": G} for g in marks]
     finally:

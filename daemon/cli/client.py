@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import socket
 
+from daemon.cli.lightclient import NotRunning
 from ipc import control, names
 from ipc.channel import Channel, FrameError
 
-
-class NotRunning(Exception):
-    pass
+__all__ = ["ControlClient", "NotRunning"]
 
 
 class ControlClient:

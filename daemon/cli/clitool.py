@@ -1,17 +1,18 @@
-"""What every command-line tool shares at its edge with the shell."""
+"""What every command-line tool shares at its edge with the shell.
+
+Imports only os and sys up front: fssconfig's start is most of a snapshot's
+creation (select and signal load enum, functools collections)."""
 
 from __future__ import annotations
 
-import functools
 import os
-import select
-import signal
 import sys
-from typing import Callable
 
 
 def _stdout_gone() -> bool:
     """The reader of stdout went away (a pipe's write end then polls as an error)."""
+    import select
+
     try:
         p = select.poll()
         p.register(sys.stdout.fileno(), select.POLLOUT)
@@ -20,12 +21,11 @@ def _stdout_gone() -> bool:
         return False
 
 
-def entry(main: Callable[..., int]) -> Callable[..., int]:
+def entry(main):
     """Wrap a tool's main(): `fssconfig -l -v | head -1` ends the tool quietly, with
     the status a C tool killed by SIGPIPE has, instead of a BrokenPipeError traceback.
     A broken pipe anywhere else (a socket to fssd) is not this and still surfaces."""
 
-    @functools.wraps(main)
     def run(*args, **kwargs) -> int:
         try:
             rc = main(*args, **kwargs)
@@ -38,8 +38,11 @@ def entry(main: Callable[..., int]) -> Callable[..., int]:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
+            import signal
+
             return 128 + signal.SIGPIPE
 
+    run.__name__, run.__qualname__, run.__doc__, run.__wrapped__ = main.__name__, main.__qualname__, main.__doc__, main
     return run
 
 

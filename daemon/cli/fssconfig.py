@@ -12,18 +12,15 @@ common: -r RUNDIR (else $FSSD_RUNDIR, else /run/fssd)
 from __future__ import annotations
 
 import errno
-import getopt
 import os
 import sys
-import time
 
-import msgspec
-
-from daemon.cli import clitool
-from daemon.cli import storeopen
-from daemon.cli.client import ControlClient, NotRunning
-from ipc import control, names
-from daemon.units import humanize, strsuftoll
+# Only what the configure path needs (daemon.cli.lightclient: a snapshot's creation is
+# mostly this program starting); the other requests import the typed client when used.
+from daemon.cli import clitool, lightclient, storeopen
+from daemon.cli.lightclient import NotRunning
+from ipc import names
+from daemon.units import strsuftoll
 
 PROG = "fssconfig"
 USAGE = """usage: fssconfig [-Ccxv] [-t timeout] [--no-suspend] [-r rundir] device path backup [cluster [size]]
@@ -76,65 +73,66 @@ def _die(msg: str, status: int = 1) -> int:
     return status
 
 
-def format_snapshot(s: control.SnapshotInfo, verbose: bool) -> str:
-    """NetBSD's list(): `fss0: data` / `fss0: data, taken ..., 16384 cluster of 64K, 128K backup`."""
-    if not s.in_use:
-        return f"{s.device}: not in use"
-    line = f"{s.device}: {s.volume}"
-    if verbose:
-        line += ", taken " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.taken))
-        if s.unconfig_on_close:
-            line += ", unconfig on close"
-        line += f", {s.cluster_count} cluster of {humanize(s.cluster_size)}, {humanize(s.bs_clusters * s.cluster_size)} backup"
-    if s.set_id:
-        line += f", set {s.set_id}"
-    if s.state == "invalid":
-        line += f", invalid: {s.error}"
-    elif s.state != "active":
-        line += f", {s.state}"
-    if verbose:
-        limit = f" of {humanize(s.bs_limit_clusters * s.cluster_size)}" if s.bs_limit_clusters else ""
-        line += (
-            f"\n    pid {s.pid or '-'}, up {_duration(s.uptime)}, {s.restarts} restart(s)"
-            f"{', last error: ' + s.last_error if s.last_error else ''}, {s.clients} client(s)"
-            f"\n    {s.uri}\n    backing store {s.backup}{limit}, {s.copies} cluster(s) copied"
-        )
-        if s.usage_warning:
-            line += f", {s.store_usage:.0f}% full (warned at {s.usage_warning}%)"
-        if s.id:
-            line += f"\n    id {s.id}"
-        if s.durability:
-            line += f"\n    durability {s.durability}"
-            if s.recovered:
-                line += ", recovered " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.recovered))
-        consistency = _consistency(s)
-        if consistency:
-            line += f"\n    {consistency}"
-        if s.set_id:
-            line += f"\n    snapshot set {s.set_id}: {', '.join(s.set_members)}, one instant"
-    return line
+SHORT_OPTS = "Cchlr:t:uvx"
+LONG_OPTS = ["json", "volumes", "rundir=", "help", "no-suspend", "version", "changes=", "since="]
 
 
-def _consistency(s: control.SnapshotInfo) -> str:
-    """How the instant was taken, one line (-l -v)."""
-    if s.consistency == "application":
-        return f"application-consistent (VSS), freeze window {s.window_ms:.1f} ms"
-    if s.consistency == "file-system" and s.suspended:
-        return f"file-system-consistent: suspended {', '.join(s.suspended)} for {s.window_ms:.1f} ms"
-    return s.note
+def _getopt(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """getopt.getopt(argv, SHORT_OPTS, LONG_OPTS) for the usual command lines, without importing
+    getopt (gettext, re: milliseconds of every snapshot's creation). Anything it does not
+    take as it is (an error, an abbreviated long option) goes to getopt itself, so results
+    and messages are getopt's."""
+    opts: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            i += 1
+            break
+        if not a.startswith("-") or a == "-":
+            break
+        if a.startswith("--"):
+            name, eq, val = a[2:].partition("=")
+            if name + "=" in LONG_OPTS:
+                if not eq:
+                    if i + 1 >= len(argv):
+                        return _real_getopt(argv)
+                    i += 1
+                    val = argv[i]
+                opts.append(("--" + name, val))
+            elif name in LONG_OPTS and not eq:
+                opts.append(("--" + name, ""))
+            else:
+                return _real_getopt(argv)
+        else:
+            j = 1
+            while j < len(a):
+                c = a[j]
+                k = SHORT_OPTS.find(c)
+                if c == ":" or k < 0:
+                    return _real_getopt(argv)
+                if SHORT_OPTS[k + 1:k + 2] == ":":
+                    val = a[j + 1:]
+                    if not val:
+                        if i + 1 >= len(argv):
+                            return _real_getopt(argv)
+                        i += 1
+                        val = argv[i]
+                    opts.append(("-" + c, val))
+                    break
+                opts.append(("-" + c, ""))
+                j += 1
+        i += 1
+    return opts, argv[i:]
 
 
-def _duration(sec: float) -> str:
-    sec = int(sec)
-    if sec < 60:
-        return f"{sec}s"
-    if sec < 3600:
-        return f"{sec // 60}m{sec % 60:02d}s"
-    return f"{sec // 3600}h{sec % 3600 // 60:02d}m"
+def _real_getopt(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    import getopt
 
-
-def _json(obj) -> str:
-    return msgspec.json.format(msgspec.json.encode(obj)).decode()
+    try:
+        return getopt.getopt(argv, SHORT_OPTS, LONG_OPTS)
+    except getopt.GetoptError as e:
+        raise Usage(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +158,7 @@ def _run(argv: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    try:
-        opts, args = getopt.getopt(argv, "Cchlr:t:uvx", ["json", "volumes", "rundir=", "help", "no-suspend", "version", "changes=", "since="])
-    except getopt.GetoptError as e:
-        raise Usage(str(e)) from None
+    opts, args = _getopt(argv)
     action = None
     verbose = unlink = uoc = consistent = as_json = no_suspend = False
     rundir = None
@@ -207,7 +202,7 @@ def _main(argv: list[str]) -> int:
 
             print(f"{PROG} {version()}")
             return 0
-    client = ControlClient(names.resolve_rundir(rundir))
+    rundir = names.resolve_rundir(rundir)
     if action in ("-l", "-u", "--volumes", "--changes") and (unlink or uoc or consistent or no_suspend or timeout is not None):
         raise Usage("")
     if (since is None) != (action != "--changes"):
@@ -216,7 +211,9 @@ def _main(argv: list[str]) -> int:
     if action == "--changes":
         if args or verbose:
             raise Usage("")
-        return _changes(client, changes_of, since, as_json)
+        from daemon.cli import fssquery
+
+        return fssquery.changes(fssquery._client(rundir), changes_of, since, as_json)
     if timeout is not None and not consistent:
         raise Usage("-t applies to -C (the VSS phases)")
     if consistent and no_suspend:
@@ -225,49 +222,27 @@ def _main(argv: list[str]) -> int:
     if action == "--volumes":
         if args:
             raise Usage("")
-        reply = _expect(client.request(control.ListVolumes()), control.Volumes)
-        if as_json:
-            print(_json(reply.volumes))
-        else:
-            for v in reply.volumes:
-                mp = f", mounted at {v.mountpoint}" if v.mountpoint else ""
-                print(f"{v.name}: {v.path}, {humanize(v.size)} ({v.size} bytes){mp}, {v.uri}")
-                if verbose:
-                    err = f", last error: {v.last_error}" if v.last_error else ""
-                    snaps = ", ".join(v.snapshots) or "none"
-                    if v.processes > 1:  # "pids 101, 102 (2 processes)"; "-" for one that is down
-                        who = f"pids {', '.join(str(p) if p else '-' for p in v.pids)} ({v.processes} processes)"
-                    else:
-                        who = f"pid {v.pid or '-'}"
-                    print(f"    {who}, up {_duration(v.uptime)}, {v.restarts} restart(s){err}; snapshots: {snaps}")
-        return 0
+        from daemon.cli import fssquery
 
+        return fssquery.volumes(rundir, verbose, as_json)
     if action == "-l":
         if len(args) > 1:
             raise Usage("")
-        reply = _expect(client.request(control.ListSnapshots(args[0] if args else None)), control.Snapshots)
-        if as_json:
-            print(_json(reply.snapshots))
-        else:
-            for s in reply.snapshots:
-                print(format_snapshot(s, verbose))
-        return 0
+        from daemon.cli import fssquery
 
+        return fssquery.list_devices(rundir, args[0] if args else None, verbose, as_json)
     if action == "-u":
         if len(args) != 1:
             raise Usage("")
-        device = args[0]
-        if verbose:
-            listed = client.request(control.ListSnapshots(device))
-            if isinstance(listed, control.Snapshots):
-                for s in listed.snapshots:
-                    print(format_snapshot(s, True))
-        _expect(client.request(control.Unconfigure(device)), control.Unconfigured, device)
-        return 0
+        from daemon.cli import fssquery
+
+        return fssquery.unconfigure(rundir, args[0], verbose)
 
     # configure (the default action)
     if len(args) >= 6:
-        return _configure_set(client, args, unlink, uoc, consistent, timeout, no_suspend, verbose)
+        from daemon.cli import fssquery
+
+        return fssquery.configure_set(fssquery._client(rundir), args, unlink, uoc, consistent, timeout, no_suspend, verbose)
     if len(args) < 3:
         raise Usage("")
     device, path, backup = args[:3]
@@ -277,14 +252,14 @@ def _main(argv: list[str]) -> int:
         path = os.path.abspath(path)
     # The store is opened here, with the caller's own rights; fssd gets the descriptor.
     # Connected first: nothing is created for an fssd that isn't there or won't talk to us.
-    sock = client.connect()
+    sock = lightclient.connect(rundir)
     try:
         store = storeopen.open_store(backup)
     except storeopen.StoreError as e:
         sock.close()
         return _die(str(e))
     keep_name = store.created and not store.nameless and not unlink  # fssd removes it at unconfigure
-    req = control.Configure(
+    req = lightclient.configure_request(
         device=device,
         path=path,
         backup=os.path.abspath(backup),
@@ -300,120 +275,73 @@ def _main(argv: list[str]) -> int:
     )
     ok = False
     try:
-        reply = _expect(client.request(req, [store.fd, store.dirfd] if keep_name else [store.fd], sock), control.Configured, device)
+        reply, raw = lightclient.request(sock, req, [store.fd, store.dirfd] if keep_name else [store.fd])
+        lines = _configured_lines(device, consistent, verbose, reply, raw)
         ok = True
         if unlink:
             storeopen.unlink_name(store, backup)
     finally:
         if not ok:
-            storeopen.remove_created(store)  # a file made for a configure that failed
+            storeopen.remove_created(store)  # a file made for a configure that failed (or that got no sound answer)
         storeopen.close(store)
         sock.close()
-    snap = reply.snapshot
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _configured_lines(device: str, consistent: bool, verbose: bool, reply: dict, raw: bytes) -> list[str]:
+    """What to print for fssd's answer to a configure (an error raises ValueError with its line,
+    a malformed answer NotRunning)."""
+    _expect_light(reply, "configured", device)
+    if verbose:  # the whole snapshot is printed: decoded as the typed Struct
+        import msgspec
+
+        from daemon.cli.fssquery import _expect, format_snapshot
+        from ipc import control
+
+        try:
+            typed = _expect(msgspec.msgpack.decode(raw, type=control.Reply), control.Configured, device)
+        except msgspec.DecodeError as e:
+            raise NotRunning(f"bad answer from fssd: {e}") from None
+        snap = typed.snapshot
+        lines = _summary(device, consistent, typed.freeze_window_ms, typed.suspend_window_ms, typed.barrier_us, snap.suspended)
+        return lines + ([f"{device}: {snap.note}"] if snap.note else []) + [format_snapshot(snap, True)]
+    get = lightclient.field
+    barrier_us = get(reply, "barrier_us", (int,), lightclient.REQUIRED)
+    freeze_ms = get(reply, "freeze_window_ms", (float, int))
+    suspend_ms = get(reply, "suspend_window_ms", (float, int))
+    snap = get(reply, "snapshot", (dict,), lightclient.REQUIRED)
+    suspended = get(snap, "suspended", (list,), [])
+    if not all(type(m) is str for m in suspended):
+        raise NotRunning("bad answer from fssd: suspended is not a list of mounts")
+    return _summary(device, consistent, freeze_ms, suspend_ms, barrier_us, suspended)
+
+
+def _summary(device: str, consistent: bool, freeze_ms, suspend_ms, barrier_us: int, suspended: list[str]) -> list[str]:
     if consistent:
-        print(f"{device}: application-consistent snapshot, freeze window {reply.freeze_window_ms:.1f} ms, barrier {reply.barrier_us} us")
-    elif reply.suspend_window_ms is not None:
-        print(f"{device}: file-system-consistent snapshot, suspended {', '.join(snap.suspended)} for {reply.suspend_window_ms:.1f} ms, "
-              f"barrier {reply.barrier_us} us")
-    if verbose and snap.note:
-        print(f"{device}: {snap.note}")
-    if verbose:
-        print(format_snapshot(reply.snapshot, True))
-    return 0
+        return [f"{device}: application-consistent snapshot, freeze window {freeze_ms:.1f} ms, barrier {barrier_us} us"]
+    if suspend_ms is not None:
+        return [f"{device}: file-system-consistent snapshot, suspended {', '.join(suspended)} for {suspend_ms:.1f} ms, "
+                f"barrier {barrier_us} us"]
+    return []
 
 
-def _changes(client: ControlClient, device: str, since: str, as_json: bool) -> int:
-    """Every page of the answer, then the extents (text or JSON) and, for text, a summary on stderr."""
-    extents: list[tuple[int, int]] = []
-    while True:
-        reply = _expect(client.request(control.Changes(device, since, len(extents))), control.ChangedExtents)
-        extents += reply.extents
-        if not reply.more or not reply.extents:
-            break
-    if as_json:
-        print(_json([{"offset": o, "length": n} for o, n in extents]))
-        return 0
-    out = sys.stdout
-    for o, n in extents:
-        out.write(f"{o} {n}\n")
-    out.flush()
-    pct = 100.0 * reply.changed_bytes / reply.volume_size if reply.volume_size else 0.0
-    print(f"{device}: {len(extents)} extent(s), {reply.changed_bytes} bytes ({humanize(reply.changed_bytes)}, {pct:.1f}% of "
-          f"{humanize(reply.volume_size)}) changed between {since} and {reply.id}", file=sys.stderr)
-    return 0
-
-
-def _configure_set(client: ControlClient, args: list[str], unlink: bool, uoc: bool, consistent: bool,
-                   timeout: float | None, no_suspend: bool, verbose: bool) -> int:
-    """Several `device path backup` triples: one snapshot set. Every store is opened (or made)
-    here before fssd is asked; any trouble removes what was made and configures nothing."""
-    if len(args) % 3:
-        raise Usage(f"{len(args)} arguments: a snapshot set is `device path backup` triples "
-                    "(cluster and size only with a single device)")
-    triples = [args[i:i + 3] for i in range(0, len(args), 3)]
-    if len(triples) > control.SET_MAX:
-        raise Usage(f"a snapshot set has at most {control.SET_MAX} members")
-    devices = [t[0] for t in triples]
-    for d in devices:
-        if devices.count(d) > 1:
-            raise Usage(f"{d} twice in one snapshot set")
-    paths = [os.path.abspath(t[1]) if "/" in t[1] else t[1] for t in triples]
-    for p in paths:
-        if paths.count(p) > 1:
-            raise Usage(f"{p} twice in one snapshot set (one snapshot per volume)")
-    sock = client.connect()
-    stores: list = []
-    ok = False
-    try:
-        for _device, _path, backup in triples:
-            try:
-                stores.append(storeopen.open_store(backup))
-            except storeopen.StoreError as e:
-                return _die(str(e))
-        members, fds = [], []
-        for (device, _p, backup), path, store in zip(triples, paths, stores):
-            keep_name = store.created and not store.nameless and not unlink
-            members.append(control.SetMember(device=device, path=path, backup=os.path.abspath(backup), unlink=unlink or store.nameless,
-                                             name=store.name if keep_name else "", nfds=2 if keep_name else 1))
-            fds += [store.fd, store.dirfd] if keep_name else [store.fd]
-        req = control.ConfigureSet(members=members, unconfig_on_close=uoc, consistent=consistent, timeout=timeout, no_suspend=no_suspend)
-        reply = _expect(client.request(req, fds, sock), control.ConfiguredSet)
-        ok = True
-        if unlink:
-            for (_d, _p, backup), store in zip(triples, stores):
-                storeopen.unlink_name(store, backup)
-    finally:
-        for store in stores:
-            if not ok:
-                storeopen.remove_created(store)  # files made for a set that was not configured
-            storeopen.close(store)
-        sock.close()
-    devs = ", ".join(s.device for s in reply.snapshots)
-    if consistent:
-        how = f"application-consistent snapshot set, freeze window {reply.freeze_window_ms:.1f} ms"
-    elif reply.suspend_window_ms is not None:
-        mounts = [m for s in reply.snapshots for m in s.suspended]
-        how = f"file-system-consistent snapshot set, suspended {', '.join(mounts)} for {reply.suspend_window_ms:.1f} ms"
-    else:
-        how = "snapshot set"
-    print(f"set {reply.set_id}: {devs}: {how}, barrier {reply.barrier_us} us")
-    for s in reply.snapshots:
-        if verbose and s.note:
-            print(f"{s.device}: {s.note}")
-        if verbose:
-            print(format_snapshot(s, True))
-    return 0
-
-
-def _expect(reply, kind, device: str | None = None):
-    if isinstance(reply, control.Error):
-        msg = reply.message
-        if device and not msg.startswith(device) and reply.errno == errno.EPERM:
+def _expect_light(reply: dict, tag: str, device: str) -> None:
+    """_expect for an answer decoded by lightclient: fssd's error as the line to print."""
+    t = reply["t"]
+    if t == "error":
+        code = lightclient.field(reply, "errno", (int,), lightclient.REQUIRED)
+        msg = lightclient.field(reply, "message", (str,), lightclient.REQUIRED)
+        if device and not msg.startswith(device) and code == errno.EPERM:
             msg = f"{device}: {msg}"
         raise ValueError(msg)
-    if not isinstance(reply, kind):
-        raise ValueError(f"unexpected answer from fssd: {type(reply).__name__}")
-    return reply
+    if t != tag:
+        raise ValueError(f"unexpected answer from fssd: {lightclient.REPLY_NAMES[t]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
 
 
 if __name__ == "__main__":

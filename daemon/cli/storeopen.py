@@ -24,19 +24,23 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import NamedTuple
 
 
 class StoreError(Exception):
     pass
 
 
-class OpenedStore(NamedTuple):
-    fd: int
-    dirfd: int  # the created file's directory (O_PATH), else -1
-    name: str  # the created file's name in dirfd, else ""
-    created: bool
-    nameless: bool  # made in a directory: has no name at all
+class OpenedStore:
+    """A plain class, not a NamedTuple: fssconfig's configure path does not import typing."""
+
+    __slots__ = ("fd", "dirfd", "name", "created", "nameless")
+
+    def __init__(self, fd: int, dirfd: int, name: str, created: bool, nameless: bool):
+        self.fd = fd
+        self.dirfd = dirfd  # the created file's directory (O_PATH), else -1
+        self.name = name  # the created file's name in dirfd, else ""
+        self.created = created
+        self.nameless = nameless  # made in a directory: has no name at all
 
 
 _DEV_DIRS = ("/dev",)
