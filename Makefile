@@ -32,7 +32,13 @@ $(STAMP_APT):
 $(STAMP_VENV): pyproject.toml
 	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
 	@$(VPY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-	$(VPY) -m pip install -q -e '.[test]'
+	@# compat: a plain path entry (.pth); the default editable finder costs every Python
+	@# start (each worker, each fssconfig) ~15 ms. Setuptools calls that mode transitional:
+	@# if it is gone, the default install still works.
+	$(VPY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat 2>/dev/null || $(VPY) -m pip install -q -e '.[test]'
+	@# Byte code compiled once, as an installed fssd has it (PYTHONDONTWRITEBYTECODE would
+	@# otherwise make every process start compile every module).
+	@$(VPY) -m compileall -q daemon workers ipc examples >/dev/null
 	@touch $@
 
 deps: $(STAMP_APT)

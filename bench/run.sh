@@ -23,6 +23,10 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 RUNS=3 BARRIER_RUNS=10
 [ "${1:-}" = "--quick" ] && RUNS=1 BARRIER_RUNS=3
 
+# Byte code compiled once, as an installed fssd has it: with PYTHONDONTWRITEBYTECODE set
+# every fssd process and every fssconfig would compile each module it imports at start.
+"$PY" -m compileall -q daemon workers ipc examples >/dev/null
+
 WORK=$(mktemp -d /tmp/fssd-bench-run.XXXXXX)
 export FSSD_BENCH_REGISTRY=$WORK/registry FSSD_BENCH_RESULTS=$WORK/results.jsonl
 : >"$FSSD_BENCH_REGISTRY"; : >"$FSSD_BENCH_RESULTS"
