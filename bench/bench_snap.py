@@ -49,7 +49,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from peers import (  # noqa: E402
-    GiB, Fssd, Qsd, Scratch, emit, fio_nbd, fmt_runs, install_signal_handlers, make_random_image, median, nbdcopy, row,
+    CREATED_RE, GiB, Fssd, Qsd, Scratch, emit, fio_nbd, fmt_runs, install_signal_handlers, make_random_image, median, nbdcopy, row,
     wait_for,
 )
 from daemon.spares import NO_SPARE_ENV  # noqa: E402
@@ -60,9 +60,6 @@ READ_TARGET = 0.95
 BARRIER_TARGET_US = 5000
 CLUSTERS_1G = GiB // 65536
 READY_TARGET_US = 50_000  # issue 15: `fssconfig fssN vol store` to the export answering, median
-# The barrier as the supervisor reports it: with several processes serving the volume (the
-# default: one per CPU) the longest any of them held its writes; with one, its own figure.
-CREATED_RE = re.compile(r"(fss\d+): snapshot of \S+ created \(barrier (\d+) us")
 SPARE_READY_RE = re.compile(r"spare snapshot (?:worker ready|: restarted) \(pid (\d+)\)")
 
 

@@ -13,7 +13,7 @@ so a fresh generation begins and every granule's first mark is paid again
 
   live writes, tracking on vs off   4 KiB random QD32 (fio nbd, 5 s) IOPS;
                                     sequential nbdcopy -C 4 -T 4 of 1 GiB MiB/s
-  barrier, 1 GiB / 1 TiB            the volume worker's "barrier held writes" line, us
+  barrier, 1 GiB / 1 TiB            the supervisor's "created (barrier N us)" line (the longest any of the volume's processes held its writes), us
   incremental backup of 1 GiB       snapshot M, full nbdcopy of M to a file (timed),
                                     5% of the granules rewritten, snapshot N, then
                                     `fssconfig --changes N --since M --json` + nbdcopy
@@ -41,7 +41,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from peers import (  # noqa: E402
-    BARRIER_RE, GiB, MiB, ROOT, Fssd, Scratch, emit, fio_nbd, fmt_runs, install_signal_handlers, make_random_image, median,
+    CREATED_RE, GiB, MiB, ROOT, Fssd, Scratch, emit, fio_nbd, fmt_runs, install_signal_handlers, make_random_image, median,
     nbdcopy, row, run,
 )
 
@@ -122,9 +122,9 @@ class Bench:
     def barriers(self) -> None:
         for vol in ("on", "big"):
             for _ in range(self.args.runs):
-                before = len(BARRIER_RE.findall(self.fssd.log_text()))
+                before = len(CREATED_RE.findall(self.fssd.log_text()))
                 self.snap("fss0", vol)
-                found = BARRIER_RE.findall(self.fssd.log_text())
+                found = CREATED_RE.findall(self.fssd.log_text())
                 if len(found) <= before:
                     raise RuntimeError("no barrier line in the fssd log after fssconfig")
                 self.add(f"barrier {vol}", float(found[-1][1]))

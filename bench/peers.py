@@ -355,7 +355,9 @@ def emit(result_file: str | None, rows: list[dict]) -> None:
                 f.write(json.dumps(r) + "\n")
 
 
-BARRIER_RE = re.compile(r"(fss\d+): snapshot barrier held writes for (\d+) us")
+# The barrier as the supervisor reports it: with several processes serving the volume (the
+# default: one per CPU) the longest any of them held its writes; with one, its own figure.
+CREATED_RE = re.compile(r"(fss\d+): snapshot of \S+ created \(barrier (\d+) us")
 
 
 # -- summary table -------------------------------------------------------------------------
