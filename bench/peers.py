@@ -395,7 +395,7 @@ def summary(result_file: str) -> int:
 def _num(v, unit: str) -> str:
     if v is None:
         return ""
-    if unit == "us" or unit == "ms":
+    if unit in ("us", "ms") or v < 10:  # small figures (CPU seconds per GiB) keep their decimals
         return f"{v:.0f} {unit}" if v >= 100 else f"{v:.2f} {unit}"
     return f"{v:.0f} {unit}"
 
