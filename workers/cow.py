@@ -460,11 +460,6 @@ class CopyOnWrite:
         self._hold_seq = 0
         self._expired = 0  # the last token whose hold opened by itself
 
-    @property
-    def gate_closed(self) -> bool:
-        """A barrier is pending: a write now would wait for it."""
-        return self._gate._closed
-
     def writing(self, offset: int, length: int) -> "CopyOnWrite":
         """Refuse if orphaned, enter the gate, copy for the snapshots; use in a `with`."""
         self.begin(offset, length)
@@ -500,31 +495,38 @@ class CopyOnWrite:
             gate.leave()
             raise
 
+    def would_wait(self, offset: int, length: int) -> bool:
+        """Would a write of this range wait before reaching the volume: a barrier pending, a
+        cluster a snapshot still lacks, a change mark still to be made durable?"""
+        if self._gate._closed:
+            return True
+        for t in self.targets:
+            if t.active and not t.map.all_copied(offset, length):  # needs_copy(), inlined
+                return True
+        track = self.track
+        if track is not None:
+            g = offset >> TRACK_SHIFT
+            if (g != (offset + length - 1) >> TRACK_SHIFT or not track.seen[g]) and track.would_wait(offset, length):
+                return True
+        return False
+
     def begin_quick(self, offset: int, length: int) -> bool:
         """begin() for a caller that must not wait (the NBD selector thread): True, inside the
         gate, when the write may go straight to the volume; False, having done nothing, when
-        it would wait first (orphaned, a barrier pending, a cluster to copy, a change mark
-        to make durable). Pair True with end()."""
+        it would wait first (orphaned, or would_wait()). Pair True with end()."""
         if spawned.orphaned:
             return False
         gate = self._gate
         slot = getattr(gate._local, "slot", None) or gate._slot()
         slot.n += 1
-        if gate._closed:
+        if self.would_wait(offset, length):  # asked inside the gate: no barrier slips past
             gate._step_back(slot)
             return False
-        for t in self.targets:  # inside the gate: the snapshots this write must respect
-            if t.active and not t.map.all_copied(offset, length):
-                gate._step_back(slot)
-                return False
         track = self.track
         if track is not None:
             g = offset >> TRACK_SHIFT
             if g != (offset + length - 1) >> TRACK_SHIFT or not track.seen[g]:
-                if track.would_wait(offset, length):
-                    gate._step_back(slot)
-                    return False
-                track.mark(offset, length)
+                track.mark(offset, length)  # nothing to wait for: would_wait() said so
         return True
 
     def end(self) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import socket
 
+from daemon.cli import lightclient
 from daemon.cli.lightclient import NotRunning
-from ipc import control, names
+from ipc import control
 from ipc.channel import Channel, FrameError
 
 __all__ = ["ControlClient", "NotRunning"]
@@ -18,20 +19,8 @@ class ControlClient:
 
     def connect(self) -> socket.socket:
         """A connection for one or more requests (raises NotRunning with the line to print)."""
-        path = names.control_socket(self.rundir)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(5.0)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            raise NotRunning(f"fssd is not running (no control socket at {path})") from None
-        except PermissionError:
-            sock.close()
-            raise NotRunning(f"{path}: Permission denied") from None
-        except OSError as e:
-            sock.close()
-            raise NotRunning(f"{path}: {e.strerror}") from None
+        sock = socket.socket(fileno=lightclient.connect(self.rundir).detach())
+        sock.settimeout(lightclient.CONNECT_TIMEOUT)  # as before: sends never wait longer
         return sock
 
     def request(self, req: control.Request, fds: list[int] | tuple[int, ...] = (), sock: socket.socket | None = None) -> control.Reply:
